@@ -1,0 +1,204 @@
+"""Structured config schemas (the shape); YAML under ``conf/`` holds the values.
+
+Registered in Hydra's ConfigStore by :func:`register_configs`, so an unknown key or a wrong type is
+rejected while Hydra composes, before any work starts. Below the command layer nothing imports Hydra:
+engine code receives these dataclasses (``OmegaConf.to_object``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class ModelConfig:
+    """A teacher or a student.
+
+    ``name`` is a registry entry (``smollm2-135m-instruct``, ``tiny-random``), a local directory or a
+    hub id. A student with ``from_teacher: true`` is a copy of the teacher keeping ``keep_layers``.
+    """
+
+    name: Optional[str] = None
+    from_teacher: bool = False
+    keep_layers: Optional[list[int]] = None
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    # Sizes used only by the ``tiny-random`` registry entry (tests and smoke runs).
+    tiny_layers: int = 4
+    tiny_hidden: int = 64
+    tiny_seed: int = 0
+
+
+@dataclass
+class DatasetConfig:
+    """Prompts for training (and their gold answers when there are any)."""
+
+    source: str = "reasoning_gym"  # reasoning_gym | file | hub
+    name: str = "chain_sum"  # reasoning-gym task, or hub dataset id
+    path: Optional[str] = None  # local .jsonl / .json / .parquet when source=file
+    split: str = "train"
+    prompt_field: str = "prompt"
+    answer_field: Optional[str] = "answer"
+    size: int = 512
+    seed: int = 1234
+    generator_kwargs: dict[str, Any] = field(default_factory=dict)
+    system_prompt: Optional[str] = None
+    prompt_suffix: str = ""
+    chat_template: bool = True
+    max_prompt_tokens: int = 256
+
+
+@dataclass
+class MethodConfig:
+    """Which objective, and the knobs every objective shares."""
+
+    name: str = "tropd"  # tropd | opd | sft
+    top_k: int = 64
+    clip_eps: Optional[float] = None  # PPO clip; None = plain ratio (REINFORCE on the first epoch)
+    ppo_epochs: int = 1
+    aggregation: str = "token_mean"  # token_mean | seq_mean_token_mean
+    sft_source: str = "dataset"  # dataset | teacher (who writes the SFT targets)
+
+
+@dataclass
+class OutlierConfig:
+    """What happens to tokens outside the trust region (TrOPD's component 2)."""
+
+    strategy: str = "fkl"  # fkl | mask | clip
+    clip_floor: float = -1.3862943611198906  # log(0.2 / 0.8)
+    renormalize: bool = False
+
+
+@dataclass
+class TrustRegionConfig:
+    kind: str = "bernoulli"  # bernoulli | threshold | none
+    tau: float = 0.0
+
+
+@dataclass
+class GuidanceConfig:
+    """Off-policy guidance (TrOPD's component 3): a teacher-written prefix the student continues."""
+
+    enabled: bool = True
+    beta: float = 1e-3
+    schedule: str = "cosine"  # cosine | constant
+    prefix_sampling: str = "min"  # min: l = min(l_max, len); uniform: l ~ U[0, l_max]
+    fraction: float = 1.0  # share of rollouts that get a prefix
+
+
+@dataclass
+class RolloutConfig:
+    batch_size: int = 4  # prompts per optimizer step
+    n_samples_per_prompt: int = 1
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    scoring_temperature: Optional[float] = None  # None = same as rollout temperature
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    micro_batches: int = 1  # gradient accumulation: rollouts are split into this many micro-batches
+    warmup_steps: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "rich"  # rich | wandb | none
+    project: str = "tropd"
+    entity: Optional[str] = None
+    mode: Optional[str] = None  # wandb mode; None = online with an API key, offline without
+    log_every: int = 1
+
+
+@dataclass
+class EvalTaskConfig:
+    name: str = "chain_sum"
+    source: str = "reasoning_gym"  # reasoning_gym | file | hub
+    path: Optional[str] = None
+    split: str = "test"
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    size: int = 50
+    seed: int = 2024
+    generator_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalSuiteConfig:
+    name: str = "math"
+    tasks: list[EvalTaskConfig] = field(default_factory=list)
+    max_new_tokens: int = 96
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    n_samples: int = 1
+    batch_size: int = 16
+    chat_template: bool = True
+    system_prompt: Optional[str] = None
+    prompt_suffix: str = ""
+
+
+@dataclass
+class ScoringConfig:
+    chunk_size: int = 512  # positions per lm_head chunk
+
+
+@dataclass
+class TrainConfig:
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    outlier: OutlierConfig = field(default_factory=OutlierConfig)
+    trust_region: TrustRegionConfig = field(default_factory=TrustRegionConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    eval_suite: EvalSuiteConfig = field(default_factory=EvalSuiteConfig)
+    steps: int = 20
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: Optional[int] = None  # torch intra-op threads; None = torch's default
+    save_every: int = 0  # 0 = only the final checkpoint
+    cache_dir: Optional[str] = None  # model cache; None = $TROPD_CACHE or ~/.cache/tropd
+    output_dir: str = "."  # set by the command layer to Hydra's run dir
+
+
+@dataclass
+class EvalConfig:
+    models: list[str] = field(default_factory=list)
+    eval_suite: EvalSuiteConfig = field(default_factory=EvalSuiteConfig)
+    seed: int = 0
+    device: str = "auto"
+    threads: Optional[int] = None
+    dtype: str = "auto"
+    cache_dir: Optional[str] = None
+    runs_dir: str = "outputs/train"  # where `latest` looks for trained runs
+    output_dir: str = "."
+
+
+@dataclass
+class AblateConfig:
+    ablation: Optional[str] = None
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    output_dir: str = "."
+
+
+def register_configs() -> None:
+    """Register the schemas; YAML files extend them through their defaults lists."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="ablate_schema", node=AblateConfig)

@@ -1,0 +1,158 @@
+"""Prompts (and gold answers) from reasoning-gym generators, local files or hub datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from tropd_cli.errors import UserError
+
+
+@dataclass
+class Example:
+    prompt: str
+    answer: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    uid: str = ""
+
+
+def reasoning_gym_examples(name: str, *, size: int, seed: int, kwargs: dict[str, Any]) -> tuple[list[Example], Any]:
+    """Examples of a seeded reasoning-gym task; also returns the task object (it holds the scorer)."""
+    import reasoning_gym
+
+    try:
+        task = reasoning_gym.create_dataset(name, seed=seed, size=size, **dict(kwargs))
+    except (KeyError, ValueError, TypeError, AssertionError) as exc:
+        raise UserError(f"reasoning-gym task {name!r} could not be created: {exc}") from exc
+    examples = [
+        Example(prompt=e["question"], answer=str(e["answer"]), metadata=dict(e), uid=f"{name}/{i}")
+        for i, e in enumerate(task)
+    ]
+    return examples, task
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: malformed JSON line ({exc.msg}); fix or remove that line") from exc
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def read_records(path: str, split: str = "train") -> list[dict[str, Any]]:
+    """Rows of a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file, read through ``datasets``."""
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise UserError(f"data file not found: {path} (set dataset.path to an existing .jsonl or .parquet file)")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".jsonl":
+        _read_jsonl(path)  # fail with a file:line message before datasets gives a cryptic one
+    builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(ext)
+    if builder is None:
+        raise UserError(f"unsupported data file {path}: use .jsonl, .json, .parquet or .csv")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(builder, data_files={split: path}, split=split)
+    except Exception as exc:  # datasets raises many types for unreadable files
+        raise UserError(f"could not read {path}: {str(exc).splitlines()[0]}") from exc
+    return [dict(r) for r in ds]
+
+
+def hub_records(name: str, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"could not load dataset {name!r} (split {split!r}) from the hub: {first}; "
+            "offline, pass a local file with dataset.source=file dataset.path=FILE"
+        ) from exc
+    return [dict(r) for r in ds]
+
+
+def records_to_examples(
+    rows: list[dict[str, Any]], *, prompt_field: str, answer_field: str | None, origin: str, limit: int | None = None
+) -> list[Example]:
+    if not rows:
+        raise UserError(f"{origin} has no rows; point to a non-empty dataset")
+    if prompt_field not in rows[0]:
+        raise UserError(
+            f"{origin} has no field {prompt_field!r}; available fields: {', '.join(rows[0])} "
+            f"(set prompt_field to one of them)"
+        )
+    out = []
+    for i, row in enumerate(rows[:limit] if limit else rows):
+        answer = row.get(answer_field) if answer_field else None
+        out.append(
+            Example(
+                prompt=str(row[prompt_field]),
+                answer=None if answer is None else str(answer),
+                metadata=row,
+                uid=str(row.get("id", row.get("problem_id", f"{origin}/{i}"))),
+            )
+        )
+    return out
+
+
+def load_examples(
+    *,
+    source: str,
+    name: str,
+    path: str | None,
+    split: str,
+    prompt_field: str,
+    answer_field: str | None,
+    size: int,
+    seed: int,
+    generator_kwargs: dict[str, Any],
+) -> list[Example]:
+    """The examples a dataset or eval-task config names (shared by ``train`` and ``eval``)."""
+    if source == "reasoning_gym":
+        return reasoning_gym_examples(name, size=size, seed=seed, kwargs=generator_kwargs)[0]
+    if source == "file":
+        if not path:
+            raise UserError("source=file needs a path (e.g. dataset.path=data/prompts.jsonl)")
+        rows = read_records(path, split)
+        origin = path
+    elif source == "hub":
+        rows = hub_records(name, split)
+        origin = name
+    else:
+        raise UserError(f"unknown data source {source!r}; choose reasoning_gym, file or hub")
+    return records_to_examples(
+        rows, prompt_field=prompt_field, answer_field=answer_field, origin=origin, limit=size or None
+    )
+
+
+def format_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    *,
+    system_prompt: str | None = None,
+    suffix: str = "",
+    chat_template: bool = True,
+) -> str:
+    """The prompt string the model sees: chat template applied when the tokenizer has one."""
+    text = text + suffix
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": text})
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert isinstance(rendered, str)
+        return rendered
+    return f"{system_prompt}\n\n{text}" if system_prompt else text

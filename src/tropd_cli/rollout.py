@@ -1,0 +1,235 @@
+"""Student rollouts with HF ``generate`` (KV cache, batched, seeded) and off-policy guidance prefixes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class RolloutBatch:
+    """Sequences laid out as ``[prompt (left-padded, P) | response (right-padded, T)]``."""
+
+    input_ids: Tensor  # [B, P + T]
+    attention_mask: Tensor  # [B, P + T]
+    prompt_len: int  # P
+    response_mask: Tensor  # [B, T] bool: generated tokens, up to and including the first EOS
+    prefix_mask: Tensor  # [B, T] bool: tokens written by the teacher (guidance prefix)
+    prompt_index: Tensor  # [B] index of each row's prompt in the step's prompt list
+
+    @property
+    def response_ids(self) -> Tensor:
+        return self.input_ids[:, self.prompt_len :]
+
+    def rows(self, index: Tensor | slice) -> RolloutBatch:
+        return RolloutBatch(
+            input_ids=self.input_ids[index],
+            attention_mask=self.attention_mask[index],
+            prompt_len=self.prompt_len,
+            response_mask=self.response_mask[index],
+            prefix_mask=self.prefix_mask[index],
+            prompt_index=self.prompt_index[index],
+        )
+
+
+def seeded(*keys: int) -> int:
+    """A 63-bit seed from integer keys such as (seed, step, stream): same keys, same randomness."""
+    value = 0x9E3779B97F4A7C15
+    for key in keys:
+        value = (value ^ (int(key) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        value ^= value >> 31
+    return value & 0x7FFFFFFFFFFFFFFF
+
+
+def generator(*keys: int) -> torch.Generator:
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seeded(*keys))
+    return gen
+
+
+def tokenize_prompts(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], *, max_prompt_tokens: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Left-padded prompt ids and attention mask (left padding so generation appends in place)."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(
+        texts,
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=max_prompt_tokens,
+        add_special_tokens=False,  # the chat template already wrote them
+    )
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def completion_mask(tokens: Tensor, eos_token_id: int | list[int] | None) -> Tensor:
+    """1 on generated tokens up to and including the first EOS; 0 after it (padding)."""
+    if eos_token_id is None:
+        return torch.ones_like(tokens, dtype=torch.bool)
+    eos_ids = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=tokens.device)
+    is_eos = torch.isin(tokens, eos_ids).long()
+    ended_before = (is_eos.cumsum(-1) - is_eos) > 0
+    return ~ended_before
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_id: int | list[int] | None,
+    pad_token_id: int,
+    seed: int,
+) -> Tensor:
+    """Sample continuations ``[B, T']`` (padded with ``pad_token_id`` after EOS) from ``model``.
+
+    Sampling is from the full distribution at ``temperature`` (no top-k, and top-p only when asked),
+    so that rollout log-probs match the trainer's scoring. ``temperature <= 0`` means greedy.
+    """
+    do_sample = temperature > 0
+    gen_cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min(min_new_tokens, max_new_tokens),
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_p=top_p if do_sample else None,
+        top_k=0 if do_sample else None,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[input_ids.device] if input_ids.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)
+    finally:
+        model.train(was_training)
+    return out[:, input_ids.shape[1] :]
+
+
+def prefix_cap(step: int, steps: int, max_new_tokens: int, schedule: str = "cosine") -> int:
+    """Longest teacher prefix allowed at ``step``: ``L * 0.5 * (1 + cos(pi * s / S))`` for ``cosine``."""
+    if schedule == "constant":
+        return max_new_tokens
+    if schedule != "cosine":
+        raise ValueError(f"unknown guidance schedule {schedule!r}; choose cosine or constant")
+    return int(max_new_tokens * 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1))))
+
+
+def _left_pad(seqs: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = seqs[0].new_full((len(seqs), width), pad_id)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = s
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def _right_pad(seqs: list[Tensor], pad_id: int, width: int | None = None) -> Tensor:
+    width = width if width is not None else max(1, max(len(s) for s in seqs))
+    out = seqs[0].new_full((len(seqs), width), pad_id)
+    for i, s in enumerate(seqs):
+        s = s[:width]
+        out[i, : len(s)] = s
+    return out
+
+
+def rollout(
+    student: PreTrainedModel,
+    teacher: PreTrainedModel | None,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    *,
+    prompt_index: Tensor,
+    max_new_tokens: int,
+    min_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    prefix_max: int = 0,
+    prefix_sampling: str = "min",
+    guided_rows: Tensor | None = None,
+) -> RolloutBatch:
+    """One batch of rollouts: optionally a teacher prefix per row, then the student continues.
+
+    ``guided_rows`` (bool ``[B]``) selects the rows that get a teacher prefix of at most ``prefix_max``
+    tokens; ``prefix_sampling="min"`` keeps ``min(prefix_max, len(teacher response))`` tokens,
+    ``"uniform"`` draws the length from ``U[0, that]``. Randomness is keyed by ``seed``.
+    """
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    batch, prompt_len = prompt_ids.shape
+    sampling = dict(temperature=temperature, top_p=top_p, eos_token_id=eos, pad_token_id=pad)
+
+    prefixes = [prompt_ids.new_empty(0) for _ in range(batch)]
+    if teacher is not None and prefix_max > 0 and guided_rows is not None and bool(guided_rows.any()):
+        rows = guided_rows.nonzero().squeeze(1)
+        written = sample(
+            teacher, prompt_ids[rows], prompt_mask[rows], max_new_tokens=prefix_max, seed=seeded(seed, 1), **sampling
+        )
+        # The prefix never includes the teacher's EOS: the student must be able to continue.
+        eos_ids = torch.tensor([eos] if not isinstance(eos, list) else eos, device=written.device)
+        body = completion_mask(written, eos) & ~torch.isin(written, eos_ids)
+        lengths = body.sum(-1)
+        if prefix_sampling == "uniform":
+            draw = torch.rand(len(rows), generator=generator(seed, 2))
+            lengths = torch.floor(draw * (lengths.cpu() + 1)).long().to(lengths.device)
+        elif prefix_sampling != "min":
+            raise ValueError(f"unknown prefix_sampling {prefix_sampling!r}; choose min or uniform")
+        for j, row in enumerate(rows.tolist()):
+            prefixes[row] = written[j, : int(lengths[j])]
+
+    prefix_lens = [len(p) for p in prefixes]
+    if max(prefix_lens) == 0:
+        cont_ids, cont_mask = prompt_ids, prompt_mask
+    else:
+        cont_ids, cont_mask = _left_pad(
+            [torch.cat([prompt_ids[i][prompt_mask[i].bool()], prefixes[i]]) for i in range(batch)], pad
+        )
+    budget = max_new_tokens - min(prefix_lens)
+    continuation = (
+        sample(
+            student,
+            cont_ids,
+            cont_mask,
+            max_new_tokens=budget,
+            min_new_tokens=max(0, min_new_tokens - min(prefix_lens)),
+            seed=seeded(seed, 0),
+            **sampling,
+        )
+        if budget > 0
+        else prompt_ids.new_empty(batch, 0)
+    )
+
+    responses, prefix_masks, valid = [], [], []
+    for i in range(batch):
+        cont = continuation[i, : max_new_tokens - prefix_lens[i]]
+        cont_valid = completion_mask(cont[None], eos)[0]
+        responses.append(torch.cat([prefixes[i], cont]))
+        prefix_masks.append(torch.cat([torch.ones_like(prefixes[i], dtype=torch.bool), torch.zeros_like(cont_valid)]))
+        valid.append(torch.cat([torch.ones_like(prefixes[i], dtype=torch.bool), cont_valid]))
+    width = max(1, max(int(v.nonzero().max()) + 1 if v.any() else 0 for v in valid))
+    response_mask = _right_pad(valid, False, width).bool()
+    response_ids = torch.where(response_mask, _right_pad(responses, pad, width), pad)
+    return RolloutBatch(
+        input_ids=torch.cat([prompt_ids, response_ids], dim=1),
+        attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
+        prompt_len=prompt_len,
+        response_mask=response_mask,
+        prefix_mask=_right_pad(prefix_masks, False, width).bool() & response_mask,
+        prompt_index=prompt_index,
+    )

@@ -1,0 +1,179 @@
+"""Log-probabilities, top-k and entropy from hidden states, chunked over positions.
+
+A full-vocabulary logits tensor ``[B, T, V]`` in fp32 is 1.2 GB per 2048 tokens at Qwen's vocabulary.
+Both scorers here project the lm_head only at response positions and only ``chunk_size`` rows at a
+time. The student's scorer is a custom autograd function that recomputes each chunk's logits in
+backward (the Liger-kernel approach), so peak memory is O(chunk x V), never O(N x V).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TeacherScores:
+    """Teacher statistics at N flattened response positions (all detached)."""
+
+    logp: Tensor  # [N] log pi_T of the sampled token
+    topk_ids: Tensor  # [N, k] the teacher's k most likely next tokens
+    topk_logp: Tensor  # [N, k] their full-vocabulary log-probs
+    entropy: Tensor  # [N]
+
+
+def _score_dtype(hidden: Tensor) -> torch.dtype:
+    """fp32 for half-precision models, the model's own dtype when it is wider (fp64 in tests)."""
+    return torch.promote_types(hidden.dtype, torch.float32)
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, inv_temperature: float) -> Tensor:
+    logits = (hidden @ weight.t()).to(_score_dtype(hidden))
+    if inv_temperature != 1.0:
+        logits = logits * inv_temperature
+    return logits
+
+
+def _entropy(logits: Tensor, lse: Tensor) -> Tensor:
+    probs = torch.exp(logits - lse[:, None])
+    return lse - (probs * logits).sum(-1)
+
+
+@torch.no_grad()
+def teacher_scores(
+    hidden: Tensor,
+    weight: Tensor,
+    target_ids: Tensor,
+    *,
+    top_k: int,
+    chunk_size: int = 512,
+    temperature: float = 1.0,
+) -> TeacherScores:
+    """Score ``target_ids`` under the teacher from its final hidden states ``[N, H]``.
+
+    ``weight`` is the lm_head matrix ``[V, H]``. Returns fp32 statistics; ``top_k = 0`` skips top-k.
+    """
+    n = hidden.shape[0]
+    inv_t = 1.0 / temperature
+    logp = torch.empty(n, dtype=_score_dtype(hidden), device=hidden.device)
+    entropy = torch.empty_like(logp)
+    topk_ids = torch.empty(n, top_k, dtype=torch.long, device=hidden.device)
+    topk_logp = torch.empty(n, top_k, dtype=_score_dtype(hidden), device=hidden.device)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        logits = _chunk_logits(hidden[start:stop], weight, inv_t)
+        lse = torch.logsumexp(logits, dim=-1)
+        logp[start:stop] = logits.gather(1, target_ids[start:stop, None]).squeeze(1) - lse
+        entropy[start:stop] = _entropy(logits, lse)
+        if top_k:
+            values, ids = torch.topk(logits, top_k, dim=-1)
+            topk_ids[start:stop] = ids
+            topk_logp[start:stop] = values - lse[:, None]
+    return TeacherScores(logp=logp, topk_ids=topk_ids, topk_logp=topk_logp, entropy=entropy)
+
+
+class _ChunkedStudentScores(torch.autograd.Function):
+    """Forward: log-probs of targets and of top-k ids, plus entropy. Backward: recompute logits."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        target_ids: Tensor,
+        gather_ids: Tensor,
+        chunk_size: int,
+        inv_temperature: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        n, k = gather_ids.shape
+        logp = torch.empty(n, dtype=_score_dtype(hidden), device=hidden.device)
+        gathered = torch.empty(n, k, dtype=_score_dtype(hidden), device=hidden.device)
+        entropy = torch.empty_like(logp)
+        lse_all = torch.empty_like(logp)
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            logits = _chunk_logits(hidden[start:stop], weight, inv_temperature)
+            lse = torch.logsumexp(logits, dim=-1)
+            lse_all[start:stop] = lse
+            logp[start:stop] = logits.gather(1, target_ids[start:stop, None]).squeeze(1) - lse
+            if k:
+                gathered[start:stop] = logits.gather(1, gather_ids[start:stop]) - lse[:, None]
+            entropy[start:stop] = _entropy(logits, lse)
+        ctx.save_for_backward(hidden, weight, target_ids, gather_ids, lse_all)
+        ctx.chunk_size = chunk_size
+        ctx.inv_temperature = inv_temperature
+        ctx.mark_non_differentiable(entropy)
+        return logp, gathered, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor, grad_gathered: Tensor, _grad_entropy: Tensor):  # type: ignore[override]
+        hidden, weight, target_ids, gather_ids, lse_all = ctx.saved_tensors
+        inv_t = ctx.inv_temperature
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=_score_dtype(weight), device=weight.device) if need_weight else None
+        k = gather_ids.shape[1]
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            stop = min(start + ctx.chunk_size, hidden.shape[0])
+            h = hidden[start:stop]
+            logits = _chunk_logits(h, weight, inv_t)
+            probs = torch.exp(logits - lse_all[start:stop, None])
+            g_target = grad_logp[start:stop].to(logits.dtype)
+            # d log p_j / d z = onehot(j) - softmax(z), for the target and each gathered id.
+            g_total = g_target
+            grad_logits = torch.zeros_like(logits)
+            grad_logits.scatter_add_(1, target_ids[start:stop, None], g_target[:, None])
+            if k:
+                g_gathered = grad_gathered[start:stop].to(logits.dtype)
+                g_total = g_total + g_gathered.sum(-1)
+                grad_logits.scatter_add_(1, gather_ids[start:stop], g_gathered)
+            grad_logits -= probs * g_total[:, None]
+            if inv_t != 1.0:
+                grad_logits *= inv_t
+            grad_logits = grad_logits.to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.t() @ h).to(grad_weight.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def student_scores(
+    hidden: Tensor,
+    weight: Tensor,
+    target_ids: Tensor,
+    gather_ids: Tensor | None = None,
+    *,
+    chunk_size: int = 512,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Differentiable student statistics at N flattened response positions.
+
+    Returns ``(logp [N], gathered_logp [N, k], entropy [N])``: the full-vocabulary log-prob of each
+    target, the full-vocabulary log-probs at ``gather_ids`` (the teacher's top-k ids), and the
+    (non-differentiable) entropy. Gradients flow to ``hidden`` and ``weight`` through a recomputing
+    backward, so no ``[N, V]`` tensor outlives one chunk.
+    """
+    if gather_ids is None:
+        gather_ids = torch.empty(hidden.shape[0], 0, dtype=torch.long, device=hidden.device)
+    return _ChunkedStudentScores.apply(
+        hidden, weight, target_ids, gather_ids, chunk_size, 1.0 / temperature
+    )
+
+
+def naive_scores(
+    hidden: Tensor, weight: Tensor, target_ids: Tensor, gather_ids: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference implementation with a full log-softmax (tests and benchmarks only)."""
+    logits = (hidden @ weight.t()).to(_score_dtype(hidden)) / temperature
+    logprobs = torch.log_softmax(logits, dim=-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return (
+        logprobs.gather(1, target_ids[:, None]).squeeze(1),
+        logprobs.gather(1, gather_ids),
+        entropy.detach(),
+    )

@@ -1,0 +1,426 @@
+"""The training loop, top to bottom: rollout -> score -> loss -> step -> log -> checkpoint.
+
+Engine code: no Hydra, no printing. The command layer passes a :class:`TrainConfig` and hooks that
+draw progress and write logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tropd_cli import losses
+from tropd_cli.config import TrainConfig
+from tropd_cli.data import Example, format_prompt, load_examples
+from tropd_cli.methods import TokenInputs, get_method
+from tropd_cli.models import LoadedModel, default_cache_dir, load_pair, resolve_device
+from tropd_cli.rollout import RolloutBatch, generator, prefix_cap, rollout, seeded, tokenize_prompts
+from tropd_cli.scoring import student_scores, teacher_scores
+
+log = logging.getLogger(__name__)
+
+
+class TrainHooks(Protocol):
+    """What the command layer gets told (progress bars, metric files, wandb)."""
+
+    def on_start(self, info: dict[str, Any]) -> None: ...
+    def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
+    def on_end(self, summary: dict[str, Any]) -> None: ...
+
+
+class NoHooks:
+    def on_start(self, info: dict[str, Any]) -> None:
+        pass
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data order
+
+
+class PromptOrder:
+    """Prompts in a fresh seeded permutation each epoch; batch ``s`` is a pure function of (seed, s)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+
+    def batch(self, step: int) -> list[int]:
+        out = []
+        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
+            epoch, offset = divmod(pos, self.n)
+            perm = torch.randperm(self.n, generator=generator(self.seed, epoch, 17))
+            out.append(int(perm[offset]))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring helpers
+
+
+def response_hidden(model: PreTrainedModel, batch: RolloutBatch) -> Tensor:
+    """Final hidden states that predict each response token, flattened to ``[N, H]`` (N = valid tokens)."""
+    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+    out = model.get_decoder()(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state[:, batch.prompt_len - 1 : -1]  # position t-1 predicts token t
+    return hidden[batch.response_mask]
+
+
+def to_grid(values: Tensor, mask: Tensor) -> Tensor:
+    """Scatter flattened per-token values ``[N, ...]`` back to ``[b, T, ...]`` (zeros elsewhere)."""
+    out = values.new_zeros(tuple(mask.shape) + tuple(values.shape[1:]))
+    out[mask] = values
+    return out
+
+
+def lm_head_weight(model: PreTrainedModel) -> Tensor:
+    return model.get_output_embeddings().weight
+
+
+class Metrics:
+    """Masked sums and counts across micro-batches, reduced to means at the end of a step."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, float] = defaultdict(float)
+
+    def add(self, name: str, values: Tensor, mask: Tensor) -> None:
+        mask = mask.bool()
+        self.sums[name] += float(torch.where(mask, values.detach().float(), 0.0).sum())
+        self.counts[name] += float(mask.sum())
+
+    def means(self) -> dict[str, float]:
+        return {k: (self.sums[k] / self.counts[k] if self.counts[k] else 0.0) for k in self.sums}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> Path:
+    """Write a Hugging Face checkpoint atomically: a temp dir beside ``path``, then one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _micro_batches(n: int, parts: int) -> list[slice]:
+    parts = max(1, min(parts, n))
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+class Trainer:
+    """Holds models, optimizer and data for a run; :meth:`step` does one optimizer step."""
+
+    def __init__(self, cfg: TrainConfig, *, teacher: LoadedModel, student: LoadedModel, examples: list[Example]) -> None:
+        self.cfg = cfg
+        self.teacher, self.student = teacher, student
+        self.tokenizer = student.tokenizer
+        self.device = next(student.model.parameters()).device
+        self.method = get_method(cfg)
+        self.examples = examples
+        self.prompts = [
+            format_prompt(
+                self.tokenizer,
+                ex.prompt,
+                system_prompt=cfg.dataset.system_prompt,
+                suffix=cfg.dataset.prompt_suffix,
+                chat_template=cfg.dataset.chat_template,
+            )
+            for ex in examples
+        ]
+        self.order = PromptOrder(len(examples), cfg.rollout.batch_size, cfg.seed)
+        params = [p for p in student.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.optim.lr,
+            betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
+            eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        warmup = cfg.optim.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
+        )
+        self.scoring_temperature = cfg.rollout.scoring_temperature or cfg.rollout.temperature
+        if self.scoring_temperature != cfg.rollout.temperature:
+            log.warning(
+                "rollout.temperature=%s but scoring at %s: rewards are then not on-policy log-ratios",
+                cfg.rollout.temperature,
+                self.scoring_temperature,
+            )
+
+    # -- rollout ------------------------------------------------------------------------------
+    def make_batch(self, step: int) -> RolloutBatch:
+        cfg = self.cfg
+        index = self.order.batch(step)
+        n = cfg.rollout.n_samples_per_prompt
+        texts = [self.prompts[i] for i in index for _ in range(n)]
+        prompt_index = torch.tensor([i for i in index for _ in range(n)], device=self.device)
+        prompt_ids, prompt_mask = tokenize_prompts(
+            self.tokenizer, texts, max_prompt_tokens=cfg.dataset.max_prompt_tokens, device=self.device
+        )
+        if not self.method.on_policy:
+            return self._sft_batch(step, prompt_ids, prompt_mask, prompt_index)
+        guided = None
+        prefix_max = 0
+        if cfg.guidance.enabled:
+            prefix_max = prefix_cap(step, cfg.steps, cfg.rollout.max_new_tokens, cfg.guidance.schedule)
+            draw = torch.rand(len(texts), generator=generator(cfg.seed, step, 3))
+            guided = (draw < cfg.guidance.fraction).to(self.device)
+        return rollout(
+            self.student.model,
+            self.teacher.model,
+            self.tokenizer,
+            prompt_ids,
+            prompt_mask,
+            prompt_index=prompt_index,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            min_new_tokens=cfg.rollout.min_new_tokens,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            seed=seeded(cfg.seed, step),
+            prefix_max=prefix_max,
+            prefix_sampling=cfg.guidance.prefix_sampling,
+            guided_rows=guided,
+        )
+
+    def _sft_batch(self, step: int, prompt_ids: Tensor, prompt_mask: Tensor, prompt_index: Tensor) -> RolloutBatch:
+        """SFT targets: the dataset's answers, or responses the teacher writes."""
+        cfg = self.cfg
+        if cfg.method.sft_source == "teacher":
+            return rollout(
+                self.teacher.model,
+                None,
+                self.tokenizer,
+                prompt_ids,
+                prompt_mask,
+                prompt_index=prompt_index,
+                max_new_tokens=cfg.rollout.max_new_tokens,
+                min_new_tokens=0,
+                temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p,
+                seed=seeded(cfg.seed, step),
+            )
+        eos = self.tokenizer.eos_token or ""
+        answers = [self.examples[int(i)].answer for i in prompt_index.tolist()]
+        if any(a is None for a in answers):
+            from tropd_cli.errors import UserError
+
+            raise UserError("method=sft with sft_source=dataset needs dataset answers; set dataset.answer_field or method.sft_source=teacher")
+        enc = self.tokenizer(
+            [f"{a}{eos}" for a in answers],
+            add_special_tokens=False,
+            truncation=True,
+            max_length=cfg.rollout.max_new_tokens,
+            padding=True,
+            return_tensors="pt",
+            padding_side="right",
+        )
+        response_ids = enc["input_ids"].to(self.device)
+        response_mask = enc["attention_mask"].to(self.device).bool()
+        return RolloutBatch(
+            input_ids=torch.cat([prompt_ids, response_ids], dim=1),
+            attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
+            prompt_len=prompt_ids.shape[1],
+            response_mask=response_mask,
+            prefix_mask=torch.zeros_like(response_mask),
+            prompt_index=prompt_index,
+        )
+
+    # -- one optimizer step ---------------------------------------------------------------------
+    def step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        times: dict[str, float] = defaultdict(float)
+        t0 = time.perf_counter()
+        batch = self.make_batch(step)
+        times["time_generate"] = time.perf_counter() - t0
+
+        student_mask_all = batch.response_mask & ~batch.prefix_mask
+        total_tokens = float(batch.response_mask.sum())
+        n_seqs = batch.response_mask.shape[0]
+        # One draw of trust-region noise per rollout batch, keyed by (seed, step): micro-batching and
+        # PPO epochs see the same mask.
+        noise = torch.rand(batch.response_mask.shape, generator=generator(cfg.seed, step, 5)).to(self.device)
+        metrics = Metrics()
+        loss_total = 0.0
+        temperature = self.scoring_temperature
+        top_k = min(cfg.method.top_k, lm_head_weight(self.teacher.model).shape[0])
+
+        self.optimizer.zero_grad(set_to_none=True)
+        for part in _micro_batches(n_seqs, cfg.optim.micro_batches):
+            mb = batch.rows(part)
+            targets = mb.response_ids[mb.response_mask]
+            t = time.perf_counter()
+            with torch.no_grad():
+                t_hidden = response_hidden(self.teacher.model, mb)
+                tscores = teacher_scores(
+                    t_hidden,
+                    lm_head_weight(self.teacher.model),
+                    targets,
+                    top_k=top_k,
+                    chunk_size=cfg.scoring.chunk_size,
+                    temperature=temperature,
+                )
+                del t_hidden
+            times["time_teacher"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            s_hidden = response_hidden(self.student.model, mb)
+            logp_flat, topk_flat, entropy_flat = student_scores(
+                s_hidden,
+                lm_head_weight(self.student.model),
+                targets,
+                tscores.topk_ids if self.method.needs_topk else None,
+                chunk_size=cfg.scoring.chunk_size,
+                temperature=temperature,
+            )
+            mask = mb.response_mask
+            logp = to_grid(logp_flat, mask)
+            # Single epoch, on-policy: the rollout-time log-prob equals this forward's value.
+            old_logp = logp.detach()
+            teacher_logp = to_grid(tscores.logp, mask)
+            reward = losses.k1_reward(old_logp, teacher_logp)
+            student_mask = mask & ~mb.prefix_mask
+            trust = losses.trust_region_mask(
+                reward, tau=cfg.trust_region.tau, kind=cfg.trust_region.kind, uniform=noise[part]
+            ) & student_mask
+            inputs = TokenInputs(
+                logp=logp,
+                old_logp=old_logp,
+                teacher_logp=teacher_logp,
+                student_topk_logp=to_grid(topk_flat, mask) if self.method.needs_topk else None,
+                teacher_topk_logp=to_grid(tscores.topk_logp, mask) if top_k else None,
+                trust_mask=trust,
+                prefix_mask=mb.prefix_mask,
+                response_mask=mask,
+            )
+            out = self.method.fn(inputs, cfg)
+            loss = self._aggregate(out.loss, mask, total_tokens, n_seqs)
+            times["time_student_fwd"] += time.perf_counter() - t
+            t = time.perf_counter()
+            loss.backward()
+            times["time_student_bwd"] += time.perf_counter() - t
+            loss_total += float(loss.detach())
+
+            metrics.add("reward_mean", reward, student_mask)
+            metrics.add("rkl_estimate", -reward, student_mask)
+            metrics.add("trust_fraction", trust.float(), student_mask)
+            metrics.add("outlier_loss", out.outlier_loss, student_mask & ~trust)
+            if top_k:
+                metrics.add("teacher_topk_mass", to_grid(tscores.topk_logp.exp().sum(-1), mask), student_mask)
+            metrics.add("student_entropy", to_grid(entropy_flat, mask), mask)
+            metrics.add("teacher_entropy", to_grid(tscores.entropy, mask), mask)
+            metrics.add("teacher_nll", -teacher_logp, mask)
+
+        t = time.perf_counter()
+        params = [p for p in self.student.model.parameters() if p.requires_grad]
+        max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        times["time_optimizer"] = time.perf_counter() - t
+
+        result = metrics.means()
+        result.update(
+            step=step + 1,
+            loss=loss_total,
+            grad_norm=grad_norm,
+            lr=lr,
+            prefix_len=float(batch.prefix_mask.sum()) / n_seqs,
+            response_len=total_tokens / n_seqs,
+            tokens=total_tokens,
+            time_step=time.perf_counter() - t0,
+        )
+        result.update(times)
+        return result
+
+    def _aggregate(self, per_token: Tensor, mask: Tensor, total_tokens: float, n_seqs: int) -> Tensor:
+        """Reduce one micro-batch's per-token loss so that micro-batches sum to the step's mean."""
+        if self.cfg.method.aggregation == "token_mean":
+            return losses.masked_mean(per_token, mask, total=total_tokens)
+        # seq_mean_token_mean: mean over each sequence's tokens, then over all sequences of the step.
+        per_seq = torch.where(mask, per_token, 0.0).sum(-1) / mask.sum(-1).clamp_min(1)
+        return per_seq.sum() / n_seqs
+
+
+def train(cfg: TrainConfig, *, output_dir: Path, hooks: TrainHooks | None = None) -> TrainResult:
+    """Run ``cfg.steps`` optimizer steps and save the student as a Hugging Face checkpoint."""
+    hooks = hooks or NoHooks()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    cache = default_cache_dir(cfg.cache_dir)
+    t0 = time.perf_counter()
+    teacher, student = load_pair(cfg.teacher, cfg.student, device=device, cache_dir=cache)
+    d = cfg.dataset
+    examples = load_examples(
+        source=d.source,
+        name=d.name,
+        path=d.path,
+        split=d.split,
+        prompt_field=d.prompt_field,
+        answer_field=d.answer_field,
+        size=d.size,
+        seed=d.seed,
+        generator_kwargs=d.generator_kwargs,
+    )
+    trainer = Trainer(cfg, teacher=teacher, student=student, examples=examples)
+    hooks.on_start(
+        {
+            "teacher": teacher.source,
+            "student": student.source,
+            "teacher_params": sum(p.numel() for p in teacher.model.parameters()),
+            "student_params": sum(p.numel() for p in student.model.parameters()),
+            "prompts": len(examples),
+            "device": str(device),
+            "load_seconds": time.perf_counter() - t0,
+        }
+    )
+    history = []
+    for step in range(cfg.steps):
+        metrics = trainer.step(step)
+        history.append(metrics)
+        hooks.on_step(step, metrics)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(student.model, trainer.tokenizer, output_dir / "checkpoints" / f"step_{step + 1:06d}")
+    final = save_checkpoint(student.model, trainer.tokenizer, output_dir / "checkpoint")
+    hooks.on_end({"checkpoint": str(final), "steps": cfg.steps})
+    return TrainResult(checkpoint=final, history=history)
