@@ -38,6 +38,7 @@ class DatasetConfig:
     source: str = "reasoning_gym"  # reasoning_gym | file | hub
     name: str = "chain_sum"  # reasoning-gym task, or hub dataset id
     path: Optional[str] = None  # local .jsonl / .json / .parquet when source=file
+    subset: Optional[str] = None  # hub dataset config name (e.g. gsm8k's "main")
     split: str = "train"
     prompt_field: str = "prompt"
     answer_field: Optional[str] = "answer"
@@ -124,6 +125,7 @@ class EvalTaskConfig:
     name: str = "chain_sum"
     source: str = "reasoning_gym"  # reasoning_gym | file | hub
     path: Optional[str] = None
+    subset: Optional[str] = None
     split: str = "test"
     prompt_field: str = "prompt"
     answer_field: str = "answer"
@@ -202,3 +204,46 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="ablate_schema", node=AblateConfig)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        from tropd_cli.errors import UserError
+
+        raise UserError(message)
+
+
+def _choice(value: str, options: tuple[str, ...], key: str) -> None:
+    _check(value in options, f"{key}={value!r} is not an option; choose one of: {', '.join(options)}")
+
+
+def validate_train(cfg: TrainConfig) -> None:
+    """Value checks that types alone cannot express; raises UserError naming the key to fix."""
+    from tropd_cli.losses import OUTLIER_STRATEGIES, TRUST_REGION_KINDS
+    from tropd_cli.methods import METHODS
+
+    _choice(cfg.method.name, tuple(METHODS), "method.name")
+    _choice(cfg.outlier.strategy, OUTLIER_STRATEGIES, "outlier.strategy")
+    _choice(cfg.trust_region.kind, TRUST_REGION_KINDS, "trust_region.kind")
+    _choice(cfg.guidance.schedule, ("cosine", "constant"), "guidance.schedule")
+    _choice(cfg.guidance.prefix_sampling, ("min", "uniform"), "guidance.prefix_sampling")
+    _choice(cfg.method.aggregation, ("token_mean", "seq_mean_token_mean"), "method.aggregation")
+    _choice(cfg.method.sft_source, ("dataset", "teacher"), "method.sft_source")
+    _choice(cfg.dataset.source, ("reasoning_gym", "file", "hub"), "dataset.source")
+    _choice(cfg.logger.name, ("rich", "wandb", "none"), "logger.name")
+    _check(cfg.steps > 0, f"steps={cfg.steps} must be a positive number of optimizer steps")
+    _check(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive")
+    _check(cfg.optim.micro_batches >= 1, "optim.micro_batches must be at least 1")
+    _check(cfg.rollout.max_new_tokens > 0, f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} must be positive")
+    _check(cfg.rollout.batch_size > 0, f"rollout.batch_size={cfg.rollout.batch_size} must be positive")
+    _check(cfg.rollout.n_samples_per_prompt > 0, "rollout.n_samples_per_prompt must be positive")
+    _check(cfg.rollout.temperature > 0, "rollout.temperature must be > 0 for training (rewards are log-ratios of sampled tokens)")
+    _check(0.0 < cfg.rollout.top_p <= 1.0, "rollout.top_p must be in (0, 1]")
+    _check(cfg.method.top_k > 0, f"method.top_k={cfg.method.top_k} must be positive")
+    _check(cfg.method.ppo_epochs == 1, "method.ppo_epochs > 1 is not supported yet; use 1")
+    _check(0.0 <= cfg.guidance.fraction <= 1.0, "guidance.fraction must be in [0, 1]")
+    _check(cfg.guidance.beta >= 0, "guidance.beta must be >= 0")
+    _check(cfg.scoring.chunk_size > 0, "scoring.chunk_size must be positive")
+    _check(cfg.dataset.size > 0, f"dataset.size={cfg.dataset.size} must be positive")
+    _check(bool(cfg.teacher.name), "teacher.name is empty; set a registry name, a local directory or a hub id")
+    _check(cfg.student.from_teacher or bool(cfg.student.name), "set student.name or student.from_teacher=true")

@@ -71,11 +71,11 @@ def read_records(path: str, split: str = "train") -> list[dict[str, Any]]:
     return [dict(r) for r in ds]
 
 
-def hub_records(name: str, split: str) -> list[dict[str, Any]]:
+def hub_records(name: str, split: str, subset: str | None = None) -> list[dict[str, Any]]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, subset, split=split)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
@@ -115,6 +115,7 @@ def load_examples(
     name: str,
     path: str | None,
     split: str,
+    subset: str | None = None,
     prompt_field: str,
     answer_field: str | None,
     size: int,
@@ -130,7 +131,7 @@ def load_examples(
         rows = read_records(path, split)
         origin = path
     elif source == "hub":
-        rows = hub_records(name, split)
+        rows = hub_records(name, split, subset)
         origin = name
     else:
         raise UserError(f"unknown data source {source!r}; choose reasoning_gym, file or hub")

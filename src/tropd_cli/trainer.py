@@ -396,6 +396,7 @@ def train(cfg: TrainConfig, *, output_dir: Path, hooks: TrainHooks | None = None
         name=d.name,
         path=d.path,
         split=d.split,
+        subset=d.subset,
         prompt_field=d.prompt_field,
         answer_field=d.answer_field,
         size=d.size,

@@ -1,0 +1,110 @@
+"""The ``tropd`` dispatcher: ``tropd train|eval|ablate [hydra overrides...]``.
+
+Each subcommand is its own ``@hydra.main`` app, so ``-m``, ``--cfg job``, ``--help``, sweepers and
+launchers work unchanged. This module only picks the app and turns bad input into one line + exit 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from tropd_cli import __version__
+
+SUBCOMMANDS = {
+    "train": ("tropd_cli.commands.train", "distill a teacher into a student (TrOPD, OPD, SFT, ...)"),
+    "eval": ("tropd_cli.commands.evaluate", "score models on math and code suites"),
+    "evaluate": ("tropd_cli.commands.evaluate", "alias of eval"),
+    "ablate": ("tropd_cli.commands.ablate", "run an ablation grid with seeds and summarise it"),
+}
+
+USAGE = """usage: tropd <command> [hydra overrides ...]
+
+Trust Region On-Policy Distillation for LLMs.
+
+commands:
+{commands}
+
+examples:
+  tropd train                              # SmolLM2-135M -> 16-layer student with TrOPD
+  tropd train +outlier=mask                # another outlier strategy (clip | mask | fkl)
+  tropd train -m trust_region.tau=-1,0,1   # a sweep over trust-region thresholds
+  tropd eval                               # the last trained student next to its teacher
+  tropd train --cfg job                    # print the composed config and exit
+
+options:
+  -h, --help       show this message (`tropd <command> --help` shows the command's config groups)
+  -V, --version    print the version
+"""
+
+
+def usage() -> str:
+    width = max(len(name) for name in SUBCOMMANDS)
+    lines = [f"  {name.ljust(width)}  {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    return USAGE.format(commands="\n".join(lines))
+
+
+def _one_line(exc: BaseException) -> str:
+    """A compact message from a Hydra/OmegaConf error: its first line plus its cause's first line."""
+    parts = []
+    for err in (exc, exc.__cause__):
+        if err is None:
+            continue
+        text = str(err).strip()
+        first = text.splitlines()[0].strip() if text else type(err).__name__
+        if first and first not in parts:
+            parts.append(first)
+    return ": ".join(parts)
+
+
+def _hint(message: str, command: str) -> str:
+    if "is not in struct" in message or "No match in the defaults list" in message or "Key '" in message:
+        return f" (see `tropd {command} --cfg job` for valid keys, docs/configs.md for groups)"
+    return ""
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        sys.exit(0)
+    if args[0] in ("-V", "--version"):
+        print(f"tropd {__version__}")
+        sys.exit(0)
+    command = args[0]
+    if command not in SUBCOMMANDS:
+        sys.stderr.write(f"error: unknown command {command!r}; choose one of: train, eval, ablate\n")
+        sys.exit(2)
+
+    # We report errors ourselves: one line and exit 2 for bad input, a full trace for bugs.
+    user_wants_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    module = importlib.import_module(SUBCOMMANDS[command][0])
+    sys.argv = [f"tropd-{'eval' if command == 'evaluate' else command}", *args[1:]]
+
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from tropd_cli.errors import UserError
+
+    try:
+        module.main()
+    except UserError as exc:
+        if user_wants_trace:
+            raise
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(2)
+    except (HydraException, OmegaConfBaseException) as exc:
+        if user_wants_trace:
+            raise
+        message = _one_line(exc)
+        sys.stderr.write(f"error: {message}{_hint(message, command)}\n")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""One Hydra app per subcommand; ``tropd_cli.cli`` dispatches to them."""

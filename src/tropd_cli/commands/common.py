@@ -1,0 +1,82 @@
+"""What the subcommands share: where configs live, config checks, output dirs, logging set-up."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+from tropd_cli.config import register_configs
+from tropd_cli.errors import UserError
+
+T = TypeVar("T")
+
+
+def conf_dir() -> str:
+    """Configs ship inside the wheel (``tropd_cli/conf``); a source checkout uses the top-level ``conf/``."""
+    here = Path(__file__).resolve().parent.parent
+    packaged = here / "conf"
+    if packaged.is_dir():
+        return str(packaged)
+    source = here.parent.parent / "conf"
+    if source.is_dir():
+        return str(source)
+    raise UserError("tropd's config directory is missing; reinstall the package")
+
+
+CONF_DIR = conf_dir()
+register_configs()
+
+
+def to_object(cfg: DictConfig, schema: type[T]) -> T:
+    """The composed config as its dataclass (types checked by OmegaConf)."""
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, schema):
+        raise UserError(f"config did not compose into {schema.__name__}")
+    return obj
+
+
+def hydra_output_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for our own progress: silence library progress bars and chatter."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out

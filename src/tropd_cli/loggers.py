@@ -1,0 +1,125 @@
+"""Training hooks: a rich progress bar, ``metrics.jsonl``, and wandb (offline when there is no key)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from tropd_cli.config import LoggerConfig
+
+
+class MetricsFile:
+    """One JSON object per step, flushed as it is written (nothing lost on interruption)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in on_end
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        pass
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self._fh.write(json.dumps(metrics) + "\n")
+        self._fh.flush()
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        self._fh.close()
+
+
+class RichProgress:
+    """A progress bar with live loss, reverse-KL estimate and trust fraction."""
+
+    def __init__(self, total: int, console: Console, description: str = "train") -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[stats]}"),
+            console=console,
+            transient=False,
+        )
+        self.task = self.progress.add_task(description, total=total, stats="loading models")
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        self.console.print(
+            f"teacher [cyan]{info['teacher']}[/] ({info['teacher_params'] / 1e6:.1f}M) -> "
+            f"student [cyan]{info['student']}[/] ({info['student_params'] / 1e6:.1f}M), "
+            f"{info['prompts']} prompts on {info['device']} (loaded in {info['load_seconds']:.1f}s)"
+        )
+        self.progress.start()
+        self.progress.update(self.task, stats="first rollout")
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        stats = (
+            f"loss {metrics['loss']:+.4f}  rkl {metrics['rkl_estimate']:.4f}  "
+            f"trust {metrics['trust_fraction']:.2f}  {metrics['time_step']:.1f}s/step"
+        )
+        self.progress.update(self.task, advance=1, stats=stats)
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        self.progress.stop()
+
+
+class Wandb:
+    """Weights & Biases; offline mode unless an API key is configured, and never an interactive prompt."""
+
+    def __init__(self, cfg: LoggerConfig, output_dir: Path, run_config: dict[str, Any]) -> None:
+        import wandb
+
+        mode = cfg.mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            mode=mode,  # type: ignore[arg-type]
+            dir=str(output_dir),
+            config=run_config,
+            settings=wandb.Settings(console="off", silent=True),
+        )
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        self.run.config.update({"run_info": info}, allow_val_change=True)
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log({f"train/{k}": v for k, v in metrics.items()}, step=step + 1)
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        self.run.finish()
+
+
+class Hooks:
+    """Fans each event out to several hooks."""
+
+    def __init__(self, *hooks: Any) -> None:
+        self.hooks = [h for h in hooks if h is not None]
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        for h in self.hooks:
+            h.on_start(info)
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        for h in self.hooks:
+            h.on_step(step, metrics)
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        for h in self.hooks:
+            h.on_end(summary)
+
+
+def build_hooks(
+    cfg: LoggerConfig, *, steps: int, output_dir: Path, run_config: dict[str, Any], console: Console
+) -> Hooks:
+    hooks: list[Any] = [MetricsFile(output_dir / "metrics.jsonl")]
+    if cfg.name in ("rich", "wandb"):
+        hooks.append(RichProgress(steps, console))
+    if cfg.name == "wandb":
+        hooks.append(Wandb(cfg, output_dir, run_config))
+    return Hooks(*hooks)
