@@ -42,10 +42,3 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     install_project(session)
     session.run("mypy")
-
-
-@nox.session
-def bench(session: nox.Session) -> None:
-    """Speed and memory benchmarks (not in CI); results go to docs/benchmarks.md and benchmarks/results.json."""
-    install_project(session)
-    session.run("python", "benchmarks/run.py", *session.posargs)

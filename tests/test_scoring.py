@@ -64,9 +64,7 @@ def test_student_scores_match_naive_values_and_gradients(dtype, chunk_size):
 def test_teacher_scores_match_naive_and_topk(chunk_size):
     for dtype in (torch.float32, torch.float64):
         hidden, weight, target_ids, gather_ids = make_inputs(dtype, seed=2)
-        scores = teacher_scores(
-            hidden, weight, target_ids, top_k=K, chunk_size=chunk_size, temperature=TEMPERATURE
-        )
+        scores = teacher_scores(hidden, weight, target_ids, top_k=K, chunk_size=chunk_size, temperature=TEMPERATURE)
         ref_logp, _, ref_entropy = naive_scores(hidden, weight, target_ids, gather_ids, temperature=TEMPERATURE)
         full = torch.log_softmax((hidden @ weight.t()) / TEMPERATURE, dim=-1)
         ref_topk_logp, ref_topk_ids = torch.topk(full, K, dim=-1)

@@ -11,6 +11,7 @@ import os
 import sys
 
 from tropd_cli import __version__
+from tropd_cli.errors import TRACE_ENV
 
 SUBCOMMANDS = {
     "train": ("tropd_cli.commands.train", "distill a teacher into a student (TrOPD, OPD, SFT, ...)"),
@@ -52,7 +53,7 @@ def _one_line(exc: BaseException) -> str:
         if err is None:
             continue
         text = str(err).strip()
-        first = text.splitlines()[0].strip() if text else type(err).__name__
+        first = text.splitlines()[0].strip().rstrip(".") if text else type(err).__name__
         if first and first not in parts:
             parts.append(first)
     return ": ".join(parts)
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     # We report errors ourselves: one line and exit 2 for bad input, a full trace for bugs.
     user_wants_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    os.environ[TRACE_ENV] = "1" if user_wants_trace else "0"
     module = importlib.import_module(SUBCOMMANDS[command][0])
     sys.argv = [f"tropd-{'eval' if command == 'evaluate' else command}", *args[1:]]
 
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         module.main()
-    except UserError as exc:
+    except UserError as exc:  # raised outside a job (a job exits itself, see exit_on_user_error)
         if user_wants_trace:
             raise
         sys.stderr.write(f"error: {exc}\n")

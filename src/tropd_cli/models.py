@@ -8,6 +8,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +167,8 @@ def _load_pretrained(name: str, cfg: ModelConfig, dtype: torch.dtype) -> tuple[P
         name = os.path.expanduser(name)
         if not os.path.exists(os.path.join(name, "config.json")):
             raise UserError(f"{name} is not a Hugging Face model directory (no config.json)")
+    else:
+        _require_hub_or_cache(name, cfg.revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
@@ -174,6 +177,33 @@ def _load_pretrained(name: str, cfg: ModelConfig, dtype: torch.dtype) -> tuple[P
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"could not load model {name!r} from the {where}: {first}") from exc
     return model, tokenizer
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _require_hub_or_cache(name: str, revision: str | None) -> None:
+    """Fail fast, in one line, for a hub id that is neither cached nor reachable (no retry storm)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if offline or not _hub_reachable():
+        raise UserError(
+            f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached "
+            f"({'HF_HUB_OFFLINE=1' if offline else 'offline'}); pass a local directory instead"
+        )
 
 
 def load_model(cfg: ModelConfig, *, device: torch.device, cache_dir: Path, frozen: bool) -> LoadedModel:

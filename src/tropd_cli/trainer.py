@@ -200,7 +200,8 @@ class Trainer:
         guided = None
         prefix_max = 0
         if cfg.guidance.enabled:
-            prefix_max = prefix_cap(step, cfg.steps, cfg.rollout.max_new_tokens, cfg.guidance.schedule)
+            # Steps run 0..S-1: anneal over S-1 so that the cap reaches 0 at the last step.
+            prefix_max = prefix_cap(step, cfg.steps - 1, cfg.rollout.max_new_tokens, cfg.guidance.schedule)
             draw = torch.rand(len(texts), generator=generator(cfg.seed, step, 3))
             guided = (draw < cfg.guidance.fraction).to(self.device)
         return rollout(

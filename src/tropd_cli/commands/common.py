@@ -63,7 +63,8 @@ def quiet_libraries() -> None:
         pass
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def require(condition: bool, message: str) -> None:

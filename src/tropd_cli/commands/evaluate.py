@@ -14,16 +14,17 @@ from rich.table import Table
 from tropd_cli import __version__
 from tropd_cli.commands.common import CONF_DIR, hydra_output_dir, quiet_libraries, require, to_object
 from tropd_cli.config import EvalConfig, ModelConfig
-from tropd_cli.errors import UserError
+from tropd_cli.errors import UserError, exit_on_user_error
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     run(cfg)
 
 
 def latest_run(runs_dir: str) -> Path:
-    """The newest ``tropd train`` output dir that holds a finished checkpoint."""
+    """The checkpoint dir of the newest finished ``tropd train`` run under ``runs_dir``."""
     root = Path(runs_dir)
     candidates = sorted(
         (p.parent for p in root.glob("**/checkpoint/config.json")), key=lambda p: p.stat().st_mtime
@@ -33,7 +34,7 @@ def latest_run(runs_dir: str) -> Path:
             f"models contains 'latest' but no finished `tropd train` run is under {runs_dir}/; "
             "run `tropd train` first or pass models=[PATH,...]"
         )
-    return candidates[-1] / "checkpoint"
+    return candidates[-1]
 
 
 def run(cfg: DictConfig) -> dict:
