@@ -8,7 +8,7 @@ engine code receives these dataclasses (``OmegaConf.to_object``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
 @dataclass
@@ -19,11 +19,11 @@ class ModelConfig:
     hub id. A student with ``from_teacher: true`` is a copy of the teacher keeping ``keep_layers``.
     """
 
-    name: Optional[str] = None
+    name: str | None = None
     from_teacher: bool = False
-    keep_layers: Optional[list[int]] = None
+    keep_layers: list[int] | None = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    revision: Optional[str] = None
+    revision: str | None = None
     trust_remote_code: bool = False
     # Sizes used only by the ``tiny-random`` registry entry (tests and smoke runs).
     tiny_layers: int = 4
@@ -37,15 +37,15 @@ class DatasetConfig:
 
     source: str = "reasoning_gym"  # reasoning_gym | file | hub
     name: str = "chain_sum"  # reasoning-gym task, or hub dataset id
-    path: Optional[str] = None  # local .jsonl / .json / .parquet when source=file
-    subset: Optional[str] = None  # hub dataset config name (e.g. gsm8k's "main")
+    path: str | None = None  # local .jsonl / .json / .parquet when source=file
+    subset: str | None = None  # hub dataset config name (e.g. gsm8k's "main")
     split: str = "train"
     prompt_field: str = "prompt"
-    answer_field: Optional[str] = "answer"
+    answer_field: str | None = "answer"
     size: int = 512
     seed: int = 1234
     generator_kwargs: dict[str, Any] = field(default_factory=dict)
-    system_prompt: Optional[str] = None
+    system_prompt: str | None = None
     prompt_suffix: str = ""
     chat_template: bool = True
     max_prompt_tokens: int = 256
@@ -57,7 +57,7 @@ class MethodConfig:
 
     name: str = "tropd"  # tropd | opd | sft
     top_k: int = 64
-    clip_eps: Optional[float] = None  # PPO clip; None = plain ratio (REINFORCE on the first epoch)
+    clip_eps: float | None = None  # PPO clip; None = plain ratio (REINFORCE on the first epoch)
     ppo_epochs: int = 1
     aggregation: str = "token_mean"  # token_mean | seq_mean_token_mean
     sft_source: str = "dataset"  # dataset | teacher (who writes the SFT targets)
@@ -97,7 +97,7 @@ class RolloutConfig:
     min_new_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
-    scoring_temperature: Optional[float] = None  # None = same as rollout temperature
+    scoring_temperature: float | None = None  # None = same as rollout temperature
 
 
 @dataclass
@@ -115,8 +115,8 @@ class OptimConfig:
 class LoggerConfig:
     name: str = "rich"  # rich | wandb | none
     project: str = "tropd"
-    entity: Optional[str] = None
-    mode: Optional[str] = None  # wandb mode; None = online with an API key, offline without
+    entity: str | None = None
+    mode: str | None = None  # wandb mode; None = online with an API key, offline without
     log_every: int = 1
 
 
@@ -124,8 +124,8 @@ class LoggerConfig:
 class EvalTaskConfig:
     name: str = "chain_sum"
     source: str = "reasoning_gym"  # reasoning_gym | file | hub
-    path: Optional[str] = None
-    subset: Optional[str] = None
+    path: str | None = None
+    subset: str | None = None
     split: str = "test"
     prompt_field: str = "prompt"
     answer_field: str = "answer"
@@ -144,7 +144,7 @@ class EvalSuiteConfig:
     n_samples: int = 1
     batch_size: int = 16
     chat_template: bool = True
-    system_prompt: Optional[str] = None
+    system_prompt: str | None = None
     prompt_suffix: str = ""
 
 
@@ -170,9 +170,9 @@ class TrainConfig:
     steps: int = 20
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: Optional[int] = None  # torch intra-op threads; None = torch's default
+    threads: int | None = None  # torch intra-op threads; None = torch's default
     save_every: int = 0  # 0 = only the final checkpoint
-    cache_dir: Optional[str] = None  # model cache; None = $TROPD_CACHE or ~/.cache/tropd
+    cache_dir: str | None = None  # model cache; None = $TROPD_CACHE or ~/.cache/tropd
     output_dir: str = "."  # set by the command layer to Hydra's run dir
 
 
@@ -182,16 +182,16 @@ class EvalConfig:
     eval_suite: EvalSuiteConfig = field(default_factory=EvalSuiteConfig)
     seed: int = 0
     device: str = "auto"
-    threads: Optional[int] = None
+    threads: int | None = None
     dtype: str = "auto"
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     runs_dir: str = "outputs/train"  # where `latest` looks for trained runs
     output_dir: str = "."
 
 
 @dataclass
 class AblateConfig:
-    ablation: Optional[str] = None
+    ablation: str | None = None
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     output_dir: str = "."
 
@@ -237,7 +237,10 @@ def validate_train(cfg: TrainConfig) -> None:
     _check(cfg.rollout.max_new_tokens > 0, f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} must be positive")
     _check(cfg.rollout.batch_size > 0, f"rollout.batch_size={cfg.rollout.batch_size} must be positive")
     _check(cfg.rollout.n_samples_per_prompt > 0, "rollout.n_samples_per_prompt must be positive")
-    _check(cfg.rollout.temperature > 0, "rollout.temperature must be > 0 for training (rewards are log-ratios of sampled tokens)")
+    _check(
+        cfg.rollout.temperature > 0,
+        "rollout.temperature must be > 0 for training (rewards are log-ratios of sampled tokens)",
+    )
     _check(0.0 < cfg.rollout.top_p <= 1.0, "rollout.top_p must be in (0, 1]")
     _check(cfg.method.top_k > 0, f"method.top_k={cfg.method.top_k} must be positive")
     _check(cfg.method.ppo_epochs == 1, "method.ppo_epochs > 1 is not supported yet; use 1")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -136,9 +137,12 @@ def evaluate(
         jobs = [(i, k) for i in range(len(prompts)) for k in range(suite.n_samples)]
         jobs.sort(key=lambda job: -len(prompts[job[0]]))  # similar lengths share a batch: less padding
         completions: dict[tuple[int, int], str] = {}
+        samples: list[dict[str, Any]] = []
         for b, start in enumerate(range(0, len(jobs), suite.batch_size)):
             chunk = jobs[start : start + suite.batch_size]
-            ids, mask = tokenize_prompts(tokenizer, [prompts[i] for i, _ in chunk], max_prompt_tokens=4096, device=device)
+            ids, mask = tokenize_prompts(
+                tokenizer, [prompts[i] for i, _ in chunk], max_prompt_tokens=4096, device=device
+            )
             out = sample(
                 model,
                 ids,
@@ -153,10 +157,9 @@ def evaluate(
             valid = completion_mask(out, tokenizer.eos_token_id)
             for row, job in enumerate(chunk):
                 tokens = out[row][valid[row]]
-                completions[job] = tokenizer.decode(tokens, skip_special_tokens=True)
+                completions[job] = str(tokenizer.decode(tokens, skip_special_tokens=True))
             if on_batch is not None:
                 on_batch(len(chunk))
-        samples = []
         for i, k in sorted(completions):
             ex = task.examples[i]
             text = completions[(i, k)]
@@ -173,7 +176,7 @@ def evaluate(
                     "score": task.scorer(answer, ex),
                 }
             )
-        accuracy = sum(s["score"] for s in samples) / max(1, len(samples))
+        accuracy = sum(float(s["score"]) for s in samples) / max(1, len(samples))
         results.append(TaskResult(task.name, accuracy, len(task.examples), time.perf_counter() - t0, samples))
     return results
 

@@ -33,10 +33,7 @@ def masked_mean(values: Tensor, mask: Tensor, *, total: float | Tensor | None = 
     mask = mask.bool()
     picked = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
     denom = mask.sum() if total is None else total
-    if isinstance(denom, Tensor):
-        denom = denom.to(values.dtype).clamp_min(1)
-    else:
-        denom = max(float(denom), 1.0)
+    denom = denom.to(values.dtype).clamp_min(1) if isinstance(denom, Tensor) else max(float(denom), 1.0)
     return picked.sum() / denom
 
 
@@ -78,9 +75,7 @@ def trust_region_mask(
     return uniform < accept_prob
 
 
-def policy_gradient_loss(
-    logp: Tensor, old_logp: Tensor, advantage: Tensor, *, clip_eps: float | None = None
-) -> Tensor:
+def policy_gradient_loss(logp: Tensor, old_logp: Tensor, advantage: Tensor, *, clip_eps: float | None = None) -> Tensor:
     """Policy-gradient surrogate ``-A * exp(logp - old_logp)`` (PPO-clipped when ``clip_eps`` is set).
 
     On the first pass ``logp == old_logp`` so the ratio is 1 and the gradient is ``-A * grad logp``:
@@ -95,9 +90,7 @@ def policy_gradient_loss(
     return -torch.minimum(unclipped, clipped)
 
 
-def topk_forward_kl(
-    student_topk_logp: Tensor, teacher_topk_logp: Tensor, *, renormalize: bool = False
-) -> Tensor:
+def topk_forward_kl(student_topk_logp: Tensor, teacher_topk_logp: Tensor, *, renormalize: bool = False) -> Tensor:
     """Top-k forward KL ``sum_k pT * (log pT - log pS)`` over the teacher's top-k ids (``[B, T, k] -> [B, T]``).
 
     Teacher probabilities are the raw full-vocabulary ones by default (their sum is the teacher's top-k
@@ -149,9 +142,7 @@ def tropd_loss(
             raise ValueError("outlier='fkl' needs student_topk_logp and teacher_topk_logp")
         outlier_term = topk_forward_kl(student_topk_logp, teacher_topk_logp, renormalize=renormalize)
     elif outlier == "clip":
-        outlier_term = policy_gradient_loss(
-            logp, old_logp, torch.clamp(reward, min=clip_floor), clip_eps=clip_eps
-        )
+        outlier_term = policy_gradient_loss(logp, old_logp, torch.clamp(reward, min=clip_floor), clip_eps=clip_eps)
     else:
         outlier_term = torch.zeros_like(logp)
     # M * pg(R) + (1 - M) * outlier, as a select: a large value in the unused branch stays out.

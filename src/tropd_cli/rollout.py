@@ -113,7 +113,7 @@ def sample(
     try:
         with torch.random.fork_rng(devices=[input_ids.device] if input_ids.device.type == "cuda" else []):
             torch.manual_seed(seed)
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)  # type: ignore[operator]
     finally:
         model.train(was_training)
     return out[:, input_ids.shape[1] :]

@@ -113,7 +113,9 @@ class _ChunkedStudentScores(torch.autograd.Function):
         inv_t = ctx.inv_temperature
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=_score_dtype(weight), device=weight.device) if need_weight else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=_score_dtype(weight), device=weight.device) if need_weight else None
+        )
         k = gather_ids.shape[1]
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             stop = min(start + ctx.chunk_size, hidden.shape[0])
@@ -160,9 +162,7 @@ def student_scores(
     """
     if gather_ids is None:
         gather_ids = torch.empty(hidden.shape[0], 0, dtype=torch.long, device=hidden.device)
-    return _ChunkedStudentScores.apply(
-        hidden, weight, target_ids, gather_ids, chunk_size, 1.0 / temperature
-    )
+    return _ChunkedStudentScores.apply(hidden, weight, target_ids, gather_ids, chunk_size, 1.0 / temperature)
 
 
 def naive_scores(

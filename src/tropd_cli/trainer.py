@@ -141,13 +141,15 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 def _micro_batches(n: int, parts: int) -> list[slice]:
     parts = max(1, min(parts, n))
     bounds = [round(i * n / parts) for i in range(parts + 1)]
-    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
 class Trainer:
     """Holds models, optimizer and data for a run; :meth:`step` does one optimizer step."""
 
-    def __init__(self, cfg: TrainConfig, *, teacher: LoadedModel, student: LoadedModel, examples: list[Example]) -> None:
+    def __init__(
+        self, cfg: TrainConfig, *, teacher: LoadedModel, student: LoadedModel, examples: list[Example]
+    ) -> None:
         self.cfg = cfg
         self.teacher, self.student = teacher, student
         self.tokenizer = student.tokenizer
@@ -243,7 +245,9 @@ class Trainer:
         if any(a is None for a in answers):
             from tropd_cli.errors import UserError
 
-            raise UserError("method=sft with sft_source=dataset needs dataset answers; set dataset.answer_field or method.sft_source=teacher")
+            raise UserError(
+                "method=sft with sft_source=dataset needs dataset answers; set dataset.answer_field or method.sft_source=teacher"
+            )
         enc = self.tokenizer(
             [f"{a}{eos}" for a in answers],
             add_special_tokens=False,
@@ -272,7 +276,6 @@ class Trainer:
         batch = self.make_batch(step)
         times["time_generate"] = time.perf_counter() - t0
 
-        student_mask_all = batch.response_mask & ~batch.prefix_mask
         total_tokens = float(batch.response_mask.sum())
         n_seqs = batch.response_mask.shape[0]
         # One draw of trust-region noise per rollout batch, keyed by (seed, step): micro-batching and
@@ -318,9 +321,12 @@ class Trainer:
             teacher_logp = to_grid(tscores.logp, mask)
             reward = losses.k1_reward(old_logp, teacher_logp)
             student_mask = mask & ~mb.prefix_mask
-            trust = losses.trust_region_mask(
-                reward, tau=cfg.trust_region.tau, kind=cfg.trust_region.kind, uniform=noise[part]
-            ) & student_mask
+            trust = (
+                losses.trust_region_mask(
+                    reward, tau=cfg.trust_region.tau, kind=cfg.trust_region.kind, uniform=noise[part]
+                )
+                & student_mask
+            )
             inputs = TokenInputs(
                 logp=logp,
                 old_logp=old_logp,
@@ -353,7 +359,7 @@ class Trainer:
         params = [p for p in self.student.model.parameters() if p.requires_grad]
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()
         times["time_optimizer"] = time.perf_counter() - t

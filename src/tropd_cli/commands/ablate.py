@@ -12,6 +12,4 @@ from tropd_cli.errors import UserError, exit_on_user_error
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="ablate")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    raise UserError(
-        "tropd ablate is not built yet; meanwhile sweep with `tropd train -m method=opd,tropd seed=0,1,2`"
-    )
+    raise UserError("tropd ablate is not built yet; meanwhile sweep with `tropd train -m method=opd,tropd seed=0,1,2`")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -26,9 +27,11 @@ def main(cfg: DictConfig) -> None:
 def latest_run(runs_dir: str) -> Path:
     """The checkpoint dir of the newest finished ``tropd train`` run under ``runs_dir``."""
     root = Path(runs_dir)
-    candidates = sorted(
-        (p.parent for p in root.glob("**/checkpoint/config.json")), key=lambda p: p.stat().st_mtime
-    ) if root.exists() else []
+    candidates = (
+        sorted((p.parent for p in root.glob("**/checkpoint/config.json")), key=lambda p: p.stat().st_mtime)
+        if root.exists()
+        else []
+    )
     if not candidates:
         raise UserError(
             f"models contains 'latest' but no finished `tropd train` run is under {runs_dir}/; "
@@ -60,9 +63,16 @@ def run(cfg: DictConfig) -> dict:
     tasks = [load_task(t) for t in suite.tasks]
     console = Console(stderr=True)
     results: dict[str, dict[str, float]] = {}
-    with open(output_dir / "generations.jsonl", "w", encoding="utf-8") as gen_file, Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    ) as progress:
+    with (
+        open(output_dir / "generations.jsonl", "w", encoding="utf-8") as gen_file,
+        Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress,
+    ):
         for name in names:
             loaded = load_model(
                 ModelConfig(name=name, dtype=eval_cfg.dtype),
@@ -77,7 +87,7 @@ def run(cfg: DictConfig) -> dict:
                 tasks,
                 suite,
                 seed=eval_cfg.seed,
-                on_batch=lambda n, bar=bar: progress.advance(bar, n),
+                on_batch=partial(progress.advance, bar),
             )
             results[name] = {r.task: r.accuracy for r in per_task}
             results[name]["average"] = sum(r.accuracy for r in per_task) / len(per_task)
@@ -103,8 +113,10 @@ def run(cfg: DictConfig) -> dict:
     }
     (output_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    table = Table(title=f"accuracy on {suite.name} ({'greedy' if suite.temperature == 0 else f'T={suite.temperature}'}, "
-                  f"avg@{suite.n_samples})")
+    table = Table(
+        title=f"accuracy on {suite.name} ({'greedy' if suite.temperature == 0 else f'T={suite.temperature}'}, "
+        f"avg@{suite.n_samples})"
+    )
     table.add_column("model")
     columns = [t.name for t in tasks] + ["average"]
     for column in columns:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from tropd_cli.commands.common import CONF_DIR, hydra_output_dir, quiet_libraries, to_object
-from tropd_cli.errors import exit_on_user_error
 from tropd_cli.config import TrainConfig, validate_train
+from tropd_cli.errors import exit_on_user_error
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -19,15 +20,14 @@ def main(cfg: DictConfig) -> None:
     run(cfg)
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
+def run(cfg: DictConfig) -> dict[str, Any]:
     quiet_libraries()
     train_cfg = to_object(cfg, TrainConfig)
     validate_train(train_cfg)
     output_dir = hydra_output_dir()
     train_cfg.output_dir = str(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(resolved, dict)
+    resolved = {str(k): v for k, v in OmegaConf.to_container(cfg, resolve=True).items()}  # type: ignore[union-attr]
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     from tropd_cli.loggers import build_hooks
