@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> None:
         message = _one_line(exc)
         sys.stderr.write(f"error: {message}{_hint(message, command)}\n")
         sys.exit(2)
+    except ValueError as exc:
+        if user_wants_trace or "can be specified" not in str(exc):
+            raise
+        sys.stderr.write(f"error: {exc}\n")  # Hydra's own flag conflicts (e.g. -m with --cfg)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)

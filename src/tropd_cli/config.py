@@ -36,7 +36,7 @@ class DatasetConfig:
     """Prompts for training (and their gold answers when there are any)."""
 
     source: str = "reasoning_gym"  # reasoning_gym | file | hub
-    name: str = "chain_sum"  # reasoning-gym task, or hub dataset id
+    name: str | None = "chain_sum"  # reasoning-gym task, or hub dataset id
     path: str | None = None  # local .jsonl / .json / .parquet when source=file
     subset: str | None = None  # hub dataset config name (e.g. gsm8k's "main")
     split: str = "train"
@@ -117,7 +117,6 @@ class LoggerConfig:
     project: str = "tropd"
     entity: str | None = None
     mode: str | None = None  # wandb mode; None = online with an API key, offline without
-    log_every: int = 1
 
 
 @dataclass
@@ -166,14 +165,12 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
-    eval_suite: EvalSuiteConfig = field(default_factory=EvalSuiteConfig)
     steps: int = 20
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch intra-op threads; None = torch's default
     save_every: int = 0  # 0 = only the final checkpoint
     cache_dir: str | None = None  # model cache; None = $TROPD_CACHE or ~/.cache/tropd
-    output_dir: str = "."  # set by the command layer to Hydra's run dir
 
 
 @dataclass
@@ -186,14 +183,12 @@ class EvalConfig:
     dtype: str = "auto"
     cache_dir: str | None = None
     runs_dir: str = "outputs/train"  # where `latest` looks for trained runs
-    output_dir: str = "."
 
 
 @dataclass
 class AblateConfig:
     ablation: str | None = None
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    output_dir: str = "."
 
 
 def register_configs() -> None:
@@ -248,5 +243,10 @@ def validate_train(cfg: TrainConfig) -> None:
     _check(cfg.guidance.beta >= 0, "guidance.beta must be >= 0")
     _check(cfg.scoring.chunk_size > 0, "scoring.chunk_size must be positive")
     _check(cfg.dataset.size > 0, f"dataset.size={cfg.dataset.size} must be positive")
+    _check(
+        cfg.dataset.source == "file" or bool(cfg.dataset.name),
+        f"dataset.source={cfg.dataset.source} needs dataset.name (a reasoning-gym task or a hub dataset id)",
+    )
+    _check(cfg.dataset.source != "file" or bool(cfg.dataset.path), "dataset=file needs dataset.path=FILE")
     _check(bool(cfg.teacher.name), "teacher.name is empty; set a registry name, a local directory or a hub id")
     _check(cfg.student.from_teacher or bool(cfg.student.name), "set student.name or student.from_teacher=true")

@@ -112,7 +112,7 @@ def records_to_examples(
 def load_examples(
     *,
     source: str,
-    name: str,
+    name: str | None,
     path: str | None,
     split: str,
     subset: str | None = None,
@@ -123,7 +123,10 @@ def load_examples(
     generator_kwargs: dict[str, Any],
 ) -> list[Example]:
     """The examples a dataset or eval-task config names (shared by ``train`` and ``eval``)."""
+    if source in ("reasoning_gym", "hub") and not name:
+        raise UserError(f"source={source} needs a name (a reasoning-gym task or a hub dataset id)")
     if source == "reasoning_gym":
+        assert name is not None
         return reasoning_gym_examples(name, size=size, seed=seed, kwargs=generator_kwargs)[0]
     if source == "file":
         if not path:
@@ -131,6 +134,7 @@ def load_examples(
         rows = read_records(path, split)
         origin = path
     elif source == "hub":
+        assert name is not None
         rows = hub_records(name, split, subset)
         origin = name
     else:

@@ -249,6 +249,8 @@ def drop_layers(model: PreTrainedModel, keep_layers: list[int]) -> PreTrainedMod
     layers = decoder.layers
     n = len(layers)
     bad = [i for i in keep_layers if not -n <= i < n]
+    if len({i % n for i in keep_layers if -n <= i < n}) != len(keep_layers) and not bad:
+        raise UserError(f"student.keep_layers {list(keep_layers)} repeats a layer; list each kept layer once")
     if bad or not keep_layers:
         raise UserError(
             f"student.keep_layers {list(keep_layers)} must be non-empty indices into the teacher's {n} layers"

@@ -56,6 +56,7 @@ def tokenize_prompts(
 ) -> tuple[Tensor, Tensor]:
     """Left-padded prompt ids and attention mask (left padding so generation appends in place)."""
     tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"  # an over-long prompt loses its start, never the assistant header
     enc = tokenizer(
         texts,
         return_tensors="pt",

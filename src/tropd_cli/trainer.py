@@ -284,7 +284,7 @@ class Trainer:
         metrics = Metrics()
         loss_total = 0.0
         temperature = self.scoring_temperature
-        top_k = min(cfg.method.top_k, lm_head_weight(self.teacher.model).shape[0])
+        top_k = min(cfg.method.top_k, lm_head_weight(self.teacher.model).shape[0]) if self.method.needs_topk else 0
 
         self.optimizer.zero_grad(set_to_none=True)
         for part in _micro_batches(n_seqs, cfg.optim.micro_batches):

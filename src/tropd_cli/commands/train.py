@@ -25,7 +25,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     train_cfg = to_object(cfg, TrainConfig)
     validate_train(train_cfg)
     output_dir = hydra_output_dir()
-    train_cfg.output_dir = str(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = {str(k): v for k, v in OmegaConf.to_container(cfg, resolve=True).items()}  # type: ignore[union-attr]
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
