@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny in-process configs and models, the repo's config dir, a ``tropd`` runner."""
+"""Shared fixtures: tiny in-process configs and models, a shared tiny training run, a ``tropd`` runner."""
 
 from __future__ import annotations
 
@@ -25,9 +25,8 @@ from tropd_cli.config import (
 )
 from tropd_cli.data import Example, load_examples
 from tropd_cli.models import LoadedModel, load_pair
+from tropd_cli.trainer import TrainResult, train
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO_ROOT / "conf"
 CPU = torch.device("cpu")
 
 
@@ -57,7 +56,6 @@ def tiny_config(tmp_path: Path, **sections: Any) -> TrainConfig:
         seed=0,
         device="cpu",
         cache_dir=str(tmp_path / "cache"),
-        output_dir=str(tmp_path),
     )
     for name, value in sections.items():
         if isinstance(value, dict):
@@ -83,20 +81,6 @@ def load_models() -> Callable[[TrainConfig], tuple[LoadedModel, LoadedModel]]:
 
 
 @pytest.fixture(scope="session")
-def conf_dir() -> Path:
-    return CONF_DIR
-
-
-@pytest.fixture(scope="session")
-def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The checkpoint of one two-step tiny run (seed 0), shared by the tests that only read it."""
-    from tropd_cli.trainer import train
-
-    out = tmp_path_factory.mktemp("tiny-run")
-    return train(tiny_config(out), output_dir=out).checkpoint
-
-
-@pytest.fixture(scope="session")
 def tiny_examples() -> list[Example]:
     """Eight short chain_sum prompts (reasoning-gym generates them offline)."""
     return load_examples(
@@ -110,6 +94,14 @@ def tiny_examples() -> list[Example]:
         seed=1234,
         generator_kwargs={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainResult, TrainConfig]:
+    """Two optimizer steps of the default tiny config (seed 0), shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("tiny-run")
+    cfg = tiny_config(out)
+    return train(cfg, output_dir=out), cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,11 +128,13 @@ def run_tropd(*args: str, cwd: Path, env: dict[str, str], timeout: float = 300) 
     )
 
 
+@pytest.fixture(scope="session")
+def tropd_in(tropd_env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``tropd_in(cwd, *args)``: run ``tropd *args`` in ``cwd`` (for module-scoped fixtures)."""
+    return lambda cwd, *args: run_tropd(*args, cwd=cwd, env=tropd_env)
+
+
 @pytest.fixture
-def tropd(tropd_env: dict[str, str], tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
-    """``tropd(*args, cwd=tmp_path)``: run the command in a subprocess, capture text output."""
-
-    def call(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-        return run_tropd(*args, cwd=cwd or tmp_path, env=tropd_env)
-
-    return call
+def tropd(tropd_in, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``tropd(*args)``: run the command in a subprocess in ``tmp_path``, capture text output."""
+    return lambda *args: tropd_in(tmp_path, *args)

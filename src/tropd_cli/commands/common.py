@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -32,11 +33,27 @@ CONF_DIR = conf_dir()
 register_configs()
 
 
+def _stray_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Attributes a dataclass holds that its schema lacks (Hydra's ``+key=value`` bypasses struct mode)."""
+    out: list[str] = []
+    if dataclasses.is_dataclass(obj):
+        names = {f.name for f in dataclasses.fields(obj)}
+        for key, value in vars(obj).items():
+            out += [prefix + key] if key not in names else _stray_keys(value, f"{prefix}{key}.")
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            out += _stray_keys(value, f"{prefix}{i}.")
+    return out
+
+
 def to_object(cfg: DictConfig, schema: type[T]) -> T:
-    """The composed config as its dataclass (types checked by OmegaConf)."""
+    """The composed config as its dataclass (types checked by OmegaConf, stray ``+keys`` refused)."""
     obj = OmegaConf.to_object(cfg)
     if not isinstance(obj, schema):
         raise UserError(f"config did not compose into {schema.__name__}")
+    stray = _stray_keys(obj)
+    if stray:
+        raise UserError(f"unknown config key(s): {', '.join(stray)}; see `--cfg job` for the valid keys")
     return obj
 
 

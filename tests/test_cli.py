@@ -1,0 +1,222 @@
+"""The ``tropd`` command in a subprocess: dispatch, train (single run, outlier groups, -m sweeps), eval, errors.
+
+Every run uses the tiny random models (``experiment=tiny``, ``eval_suite=tiny``) in a temporary working
+directory, with wandb disabled and the hub offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+METRIC_KEYS = {
+    "rkl_estimate",
+    "trust_fraction",
+    "grad_norm",
+    "student_entropy",
+    "teacher_entropy",
+    "prefix_len",
+    "response_len",
+    "lr",
+    "outlier_loss",
+    "teacher_topk_mass",
+}
+
+
+def only_run_dir(root: Path) -> Path:
+    """The single ``<date>/<time>`` run directory Hydra made under ``root``."""
+    runs = sorted(p for p in root.glob("*/*") if p.is_dir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def assert_ok(proc: subprocess.CompletedProcess[str]) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{proc.stderr}"
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_train(tmp_path_factory: pytest.TempPathFactory, tropd_in):
+    """``tropd train experiment=tiny`` once; returns (process, working dir, run dir)."""
+    cwd = tmp_path_factory.mktemp("cli-train")
+    proc = tropd_in(cwd, "train", "experiment=tiny")
+    assert_ok(proc)
+    return proc, cwd, only_run_dir(cwd / "outputs" / "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatcher
+
+
+def test_version(tropd):
+    from tropd_cli import __version__
+
+    proc = tropd("--version")
+    assert_ok(proc)
+    assert proc.stdout.strip() == f"tropd {__version__}"
+
+
+def test_help_lists_the_commands(tropd):
+    proc = tropd("--help")
+    assert_ok(proc)
+    for command in ("train", "eval", "ablate"):
+        assert f"\n  {command} " in proc.stdout
+
+
+def test_command_help_shows_config_groups(tropd):
+    proc = tropd("train", "--help")
+    assert_ok(proc)
+    for group in ("teacher", "student", "method", "experiment"):
+        assert group in proc.stdout
+
+
+def test_unknown_command_exits_2(tropd):
+    proc = tropd("nosuchcommand")
+    assert_one_line_error(proc, "nosuchcommand")
+
+
+def test_ablate_is_not_built_yet_and_says_so(tropd):
+    assert_one_line_error(tropd("ablate"), "tropd ablate is not built yet", "tropd train -m")
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+def test_train_tiny_writes_checkpoint_metrics_and_config(tiny_train):
+    _, _, run_dir = tiny_train
+    config = json.loads((run_dir / "checkpoint" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2
+    assert (run_dir / "checkpoint" / "model.safetensors").is_file()
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # experiment=tiny runs two steps
+    for step, line in enumerate(lines, start=1):
+        metrics = json.loads(line)
+        assert metrics.keys() >= METRIC_KEYS, METRIC_KEYS - metrics.keys()
+        assert metrics["step"] == step
+
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    assert saved.teacher.name == "tiny-random" and saved.steps == 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and Path(summary["checkpoint"]) == run_dir / "checkpoint"
+
+
+@pytest.mark.parametrize("strategy", ["fkl", "mask", "clip"])
+def test_train_with_each_outlier_strategy(tropd, tmp_path, strategy):
+    proc = tropd("train", "experiment=tiny", f"+outlier={strategy}")
+    assert_ok(proc)
+    run_dir = only_run_dir(tmp_path / "outputs" / "train")
+    assert OmegaConf.load(run_dir / "config.yaml").outlier.strategy == strategy
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2
+    if strategy == "mask":
+        assert all(m["outlier_loss"] == 0.0 for m in metrics)  # masked outliers contribute nothing
+
+
+def test_multirun_sweep_makes_one_run_per_value(tropd, tmp_path):
+    proc = tropd("train", "-m", "experiment=tiny", "trust_region.tau=-1,0")
+    assert_ok(proc)
+    sweep = only_run_dir(tmp_path / "multirun" / "train")
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    taus = []
+    for job in jobs:
+        assert (job / "checkpoint" / "config.json").is_file()
+        assert len((job / "metrics.jsonl").read_text().splitlines()) == 2
+        taus.append(OmegaConf.load(job / "config.yaml").trust_region.tau)
+    assert sorted(taus) == [-1.0, 0.0]
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_cfg_job_prints_the_config_and_runs_nothing(tropd, tmp_path):
+    proc = tropd("train", "experiment=tiny", "trust_region.tau=0.5", "--cfg", "job")
+    assert_ok(proc)
+    printed = OmegaConf.create(proc.stdout)
+    assert printed.teacher.name == "tiny-random"
+    assert printed.trust_region.tau == 0.5
+    assert printed.student.keep_layers == [0, 3]
+    assert not (tmp_path / "outputs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# eval
+
+
+def test_eval_a_checkpoint_prints_a_table_and_writes_results(tropd, tmp_path, tiny_train):
+    checkpoint = tiny_train[2] / "checkpoint"
+    proc = tropd("eval", f"models=[{checkpoint}]", "eval_suite=tiny")
+    assert_ok(proc)
+    assert "chain_sum" in proc.stdout and "average" in proc.stdout
+
+    run_dir = only_run_dir(tmp_path / "outputs" / "eval")
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["suite"] == "tiny"
+    assert results["models"] == [str(checkpoint)]
+    scores = results["scores"][str(checkpoint)]
+    assert 0.0 <= scores["chain_sum"] <= 1.0 and scores["average"] == scores["chain_sum"]
+
+    generations = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    assert len(generations) == results["settings"]["tasks"]["chain_sum"] == 6
+    assert all(g["model"] == str(checkpoint) and "completion" in g and "score" in g for g in generations)
+
+
+def test_eval_latest_finds_the_newest_train_run(tiny_train, tropd_in):
+    _, cwd, run_dir = tiny_train
+    proc = tropd_in(cwd, "eval", "eval_suite=tiny", "models=[latest]")
+    assert_ok(proc)
+    results = json.loads((only_run_dir(cwd / "outputs" / "eval") / "results.json").read_text())
+    assert [(cwd / m).resolve() for m in results["models"]] == [(run_dir / "checkpoint").resolve()]
+
+
+def test_eval_latest_picks_the_most_recently_written_run(tropd, tmp_path, tiny_train):
+    """Of two finished runs, ``latest`` is the one written last (by time, not by directory name)."""
+    source = tiny_train[2] / "checkpoint"
+    older = tmp_path / "outputs" / "train" / "2030-01-01" / "00-00-00" / "checkpoint"
+    newer = tmp_path / "outputs" / "train" / "2020-01-01" / "00-00-00" / "checkpoint"
+    for target, mtime in ((older, 1_600_000_000), (newer, 1_700_000_000)):
+        shutil.copytree(source, target)
+        os.utime(target, (mtime, mtime))
+    proc = tropd("eval", "eval_suite=tiny", "models=[latest]")
+    assert_ok(proc)
+    results = json.loads((only_run_dir(tmp_path / "outputs" / "eval") / "results.json").read_text())
+    assert [(tmp_path / m).resolve() for m in results["models"]] == [newer.resolve()]
+
+
+def test_eval_latest_without_runs_is_a_user_error(tropd):
+    assert_one_line_error(tropd("eval", "eval_suite=tiny", "models=[latest]"), "no finished `tropd train` run")
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: exit 2, one line, no traceback
+
+
+def test_missing_model_exits_2_with_one_line(tropd, tmp_path):
+    proc = tropd("train", "experiment=tiny", "teacher.name=/no/such/model")
+    assert_one_line_error(proc, "/no/such/model")
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [("foo=1", "foo"), ("optim.lr=abc", "optim.lr")],
+    ids=["unknown-key", "wrong-type"],
+)
+def test_bad_overrides_exit_2_with_one_line(tropd, tmp_path, override, needle):
+    proc = tropd("train", "experiment=tiny", override)
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "outputs").exists()  # rejected before any work started

@@ -1,0 +1,263 @@
+"""Config composition with Hydra's compose API: every group option, schema checks, value checks."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import tropd_cli.commands.common as common  # registers the structured-config schemas
+from tropd_cli.config import AblateConfig, EvalConfig, TrainConfig, validate_train
+from tropd_cli.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+PLACEHOLDER = "placeholder-value"
+
+Compose = Callable[..., DictConfig]
+
+
+def default_groups(config: str) -> list[str]:
+    """The config groups in a primary config's defaults list (``train`` -> teacher, student, ...)."""
+    defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{config}.yaml"))["defaults"]  # type: ignore[index]
+    return [next(iter(entry)) for entry in defaults if isinstance(entry, dict)]
+
+
+TRAIN_GROUPS = default_groups("train")
+EVAL_GROUPS = default_groups("eval")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def is_global(path: Path) -> bool:
+    return "# @package _global_" in path.read_text()
+
+
+# Options that name something only the user can supply (a model, a dataset): a run needs the value on
+# the command line. A ``???`` in any YAML is treated the same way.
+USER_SUPPLIED = {
+    ("teacher", "hub"): {"teacher.name": "org/teacher"},
+    ("student", "hub"): {"student.name": "org/student"},
+    ("dataset", "hub"): {"dataset.name": "org/dataset"},
+    ("dataset", "file"): {"dataset.path": "prompts.jsonl"},
+}
+
+
+def required_values(group: str, option: str) -> dict[str, str]:
+    """``{dotted key: value}`` the option needs from the command line before it is a valid run."""
+    path = CONF_DIR / group / f"{option}.yaml"
+    prefix = "" if is_global(path) else f"{group}."
+    values = {f"{prefix}{key}": PLACEHOLDER for key in OmegaConf.missing_keys(OmegaConf.load(path))}
+    values.update(USER_SUPPLIED.get((group, option), {}))
+    return values
+
+
+def group_option_cases() -> list[Any]:
+    cases = [pytest.param(group, option, id=f"{group}={option}") for group in TRAIN_GROUPS for option in options(group)]
+    cases += [pytest.param("+outlier", option, id=f"+outlier={option}") for option in options("outlier")]
+    return cases
+
+
+def yaml_values(group: str, option: str) -> dict[str, Any]:
+    """The values an option's YAML sets, keyed by their dotted place in the composed config."""
+    path = CONF_DIR / group / f"{option}.yaml"
+    data = OmegaConf.to_container(OmegaConf.load(path))
+    assert isinstance(data, dict)
+    data.pop("defaults", None)
+
+    def walk(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                yield from walk(value, f"{prefix}.{key}" if prefix else str(key))
+        elif isinstance(node, list) and node:
+            for index, value in enumerate(node):
+                yield from walk(value, f"{prefix}.{index}")
+        else:
+            yield prefix, node
+
+    return {key: value for key, value in walk(data, "" if is_global(path) else group) if value != "???"}
+
+
+@pytest.fixture
+def compose_in() -> Callable[[Path], Iterator[Compose]]:
+    """A context that points Hydra at a config dir and hands back ``compose``."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def within(config_dir: Path) -> Iterator[Compose]:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            yield lambda name="train", overrides=(): compose(name, overrides=list(overrides))
+
+    return within
+
+
+@pytest.fixture
+def compose_cfg(compose_in) -> Iterator[Compose]:
+    with compose_in(CONF_DIR) as fn:
+        yield fn
+
+
+def as_train(cfg: DictConfig) -> TrainConfig:
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, TrainConfig)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_config_group_is_covered():
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml"))}
+    assert {"teacher", "student", "dataset", "method", "logger", "experiment"} <= set(TRAIN_GROUPS)
+    assert "outlier" not in TRAIN_GROUPS  # so that `+outlier=...` appends it
+    assert groups <= {*TRAIN_GROUPS, *EVAL_GROUPS, "outlier"}, f"a config group has no composition test: {groups}"
+
+
+@pytest.mark.parametrize(("group", "option"), group_option_cases())
+def test_every_group_option_composes_into_the_schema(compose_cfg, group, option):
+    name = group.lstrip("+")
+    required = required_values(name, option)
+    cfg = compose_cfg("train", [f"{group}={option}", *(f"{key}={value}" for key, value in required.items())])
+    train_cfg = as_train(cfg)
+    for key, value in yaml_values(name, option).items():
+        if key not in required:
+            assert OmegaConf.select(cfg, key) == value, f"{key} from {name}/{option}.yaml did not reach the config"
+    for key, value in required.items():
+        assert OmegaConf.select(cfg, key) == value
+    # Every shipped option is a valid run once the user-supplied values are given.
+    validate_train(train_cfg)
+
+
+def test_tiny_experiment_overrides_the_groups(compose_cfg):
+    cfg = as_train(compose_cfg("train", ["experiment=tiny"]))
+    assert cfg.teacher.name == "tiny-random"
+    assert cfg.student.from_teacher and cfg.student.keep_layers == [0, 3]
+    assert cfg.logger.name == "none"
+    assert cfg.steps == 2 and cfg.rollout.max_new_tokens == 12
+
+
+def test_outlier_defaults_to_fkl(compose_cfg):
+    cfg = as_train(compose_cfg("train", []))
+    assert cfg.method.name == "tropd"
+    assert cfg.outlier.strategy == "fkl"
+    assert not cfg.outlier.renormalize
+
+
+@pytest.mark.parametrize("strategy", ["fkl", "mask", "clip"])
+def test_outlier_group_sets_the_strategy(compose_cfg, strategy):
+    assert as_train(compose_cfg("train", [f"+outlier={strategy}"])).outlier.strategy == strategy
+
+
+def test_command_line_values_override_yaml(compose_cfg):
+    cfg = as_train(compose_cfg("train", ["experiment=tiny", "optim.lr=0.25", "trust_region.tau=-1", "seed=7"]))
+    assert (cfg.optim.lr, cfg.trust_region.tau, cfg.seed) == (0.25, -1.0, 7)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "foo=1",
+        "optim.learning_rate=1e-3",
+        "optim.lr=abc",
+        "steps=many",
+        "rollout.max_new_tokens=1.5",
+        "guidance.enabled=maybe",
+        "method=nosuchmethod",
+    ],
+)
+def test_unknown_keys_and_wrong_types_fail_while_composing(compose_cfg, override):
+    with pytest.raises((HydraException, OmegaConfBaseException)):
+        compose_cfg("train", ["experiment=tiny", override])
+
+
+def test_a_typo_in_a_yaml_file_fails_while_composing(compose_in, tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "teacher" / "typo.yaml").write_text("nme: tiny-random\n")
+    (conf / "logger" / "wrongtype.yaml").write_text("log_every: often\n")
+    with compose_in(conf) as compose_fn:
+        for override in ("teacher=typo", "logger=wrongtype"):
+            with pytest.raises((HydraException, OmegaConfBaseException)):
+                compose_fn("train", [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("optim.lr=0", "optim.lr"),
+        ("optim.lr=-1e-5", "optim.lr"),
+        ("steps=0", "steps"),
+        ("steps=-2", "steps"),
+        ("rollout.max_new_tokens=0", "rollout.max_new_tokens"),
+        ("rollout.max_new_tokens=-4", "rollout.max_new_tokens"),
+        ("outlier.strategy=trim", "outlier.strategy"),
+        ("method.name=gkd", "method.name"),
+        ("trust_region.kind=soft", "trust_region.kind"),
+        ("optim.micro_batches=0", "optim.micro_batches"),
+    ],
+)
+def test_validate_train_rejects_bad_values(compose_cfg, override, key):
+    train_cfg = as_train(compose_cfg("train", ["experiment=tiny", override]))
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        validate_train(train_cfg)
+
+
+def test_validate_train_accepts_the_tiny_experiment(compose_cfg):
+    validate_train(as_train(compose_cfg("train", ["experiment=tiny"])))
+
+
+@pytest.mark.parametrize(("group", "option"), sorted(USER_SUPPLIED), ids=lambda v: str(v))
+def test_an_option_without_its_user_supplied_value_is_a_user_error(compose_cfg, group, option):
+    """``dataset=hub`` alone must not fall back to a schema default such as the task name chain_sum."""
+    train_cfg = common.to_object(compose_cfg("train", ["experiment=tiny", f"{group}={option}"]), TrainConfig)
+    (key,) = USER_SUPPLIED[(group, option)]
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        validate_train(train_cfg)
+
+
+def test_an_added_key_the_schema_lacks_is_rejected(compose_cfg):
+    """``+key=value`` bypasses struct mode; to_object must still refuse a key the schema lacks."""
+    cfg = compose_cfg("train", ["experiment=tiny", "+optim.learning_rate=1e-3"])
+    with pytest.raises(UserError, match=r"optim\.learning_rate"):
+        common.to_object(cfg, TrainConfig)
+
+
+@pytest.mark.parametrize(
+    ("group", "option"), [(group, option) for group in EVAL_GROUPS for option in options(group)], ids=str
+)
+def test_every_eval_group_option_composes(compose_cfg, group, option):
+    cfg = compose_cfg("eval", [f"{group}={option}"])
+    assert isinstance(OmegaConf.to_object(cfg), EvalConfig)
+    for key, value in yaml_values(group, option).items():
+        assert OmegaConf.select(cfg, key) == value, f"{key} from {group}/{option}.yaml did not reach the config"
+
+
+@pytest.mark.parametrize("suite", options("eval_suite"))
+def test_eval_config_composes(compose_cfg, suite):
+    cfg = compose_cfg("eval", [f"eval_suite={suite}", "models=[/some/checkpoint,latest]"])
+    eval_cfg = OmegaConf.to_object(cfg)
+    assert isinstance(eval_cfg, EvalConfig)
+    assert eval_cfg.models == ["/some/checkpoint", "latest"]
+    assert eval_cfg.eval_suite.name == suite and eval_cfg.eval_suite.tasks
+    assert all(task.size > 0 for task in eval_cfg.eval_suite.tasks)
+
+
+def test_eval_defaults_and_bad_overrides(compose_cfg):
+    eval_cfg = OmegaConf.to_object(compose_cfg("eval", []))
+    assert isinstance(eval_cfg, EvalConfig)
+    assert "latest" in eval_cfg.models and eval_cfg.runs_dir == "outputs/train"
+    for override in ("foo=1", "eval_suite.max_new_tokens=lots"):
+        with pytest.raises((HydraException, OmegaConfBaseException)):
+            compose_cfg("eval", [override])
+
+
+def test_ablate_config_composes(compose_cfg):
+    assert isinstance(OmegaConf.to_object(compose_cfg("ablate", [])), AblateConfig)

@@ -1,0 +1,331 @@
+"""Engine tests on tiny random HF models built in-process (no hub, CPU, seconds).
+
+The tiny teacher is a random 4-layer Llama over a character tokenizer; the student keeps its layers
+[0, 3]. These tests drive ``trainer.train``, ``trainer.Trainer`` and ``rollout.rollout`` directly.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tropd_cli.config import ModelConfig, TrainConfig
+from tropd_cli.data import format_prompt
+from tropd_cli.models import LoadedModel
+from tropd_cli.rollout import RolloutBatch, rollout, tokenize_prompts
+from tropd_cli.scoring import student_scores
+from tropd_cli.trainer import Trainer, lm_head_weight, response_hidden, train
+
+CPU = torch.device("cpu")
+LOGGED = (
+    "loss",
+    "rkl_estimate",
+    "trust_fraction",
+    "grad_norm",
+    "student_entropy",
+    "teacher_entropy",
+    "prefix_len",
+    "response_len",
+    "lr",
+    "outlier_loss",
+)
+
+
+def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint / "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# train(): finiteness, learning, determinism, checkpoints
+
+
+def test_two_steps_are_finite_and_change_the_student(tiny_run, load_models):
+    result, cfg = tiny_run
+    assert len(result.history) == 2
+    for metrics in result.history:
+        for key in LOGGED:
+            assert math.isfinite(metrics[key]), (key, metrics[key])
+    assert all(m["tokens"] > 0 for m in result.history)
+
+    _, initial = load_models(cfg)
+    before = initial.model.state_dict()
+    after = checkpoint_weights(result.checkpoint)
+    assert after.keys() <= before.keys()
+    changed = [k for k in after if not torch.equal(after[k], before[k])]
+    # Every trainable matrix of the kept layers moves under Adam at lr 1e-3.
+    assert len(changed) > len(after) // 2, changed
+
+
+def test_same_seed_gives_identical_weights_and_another_seed_does_not(tiny_run, make_config, tmp_path):
+    result, _ = tiny_run
+    reference = checkpoint_weights(result.checkpoint)
+
+    again = train(make_config(seed=0), output_dir=tmp_path / "again")
+    repeated = checkpoint_weights(again.checkpoint)
+    assert repeated.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(repeated[key], reference[key]), f"{key} differs between two runs with seed 0"
+    assert [h["loss"] for h in again.history] == [h["loss"] for h in result.history]
+
+    other = checkpoint_weights(train(make_config(seed=1), output_dir=tmp_path / "other").checkpoint)
+    assert any(not torch.equal(other[k], reference[k]) for k in reference)
+
+
+def greedy(model, input_ids: torch.Tensor, *, use_cache: bool, new_tokens: int = 6) -> torch.Tensor:
+    return model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        use_cache=use_cache,
+        pad_token_id=0,
+    )
+
+
+def test_checkpoint_loads_with_kept_layers_and_generates(tiny_run):
+    result, cfg = tiny_run
+    assert cfg.student.keep_layers is not None
+    kept = len(cfg.student.keep_layers)
+    model = AutoModelForCausalLM.from_pretrained(result.checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(result.checkpoint)
+    model.eval()
+    assert model.config.num_hidden_layers == kept
+    assert len(model.get_decoder().layers) == kept
+    assert [layer.self_attn.layer_idx for layer in model.get_decoder().layers] == list(range(kept))
+
+    ids = tokenizer(format_prompt(tokenizer, "1 + 2 ="), return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        cached = greedy(model, ids, use_cache=True)
+        uncached = greedy(model, ids, use_cache=False)
+    assert cached.shape == (1, ids.shape[1] + 6)
+    assert torch.equal(cached, uncached)
+
+
+def test_layer_dropped_student_generates_with_kv_cache(make_config, load_models):
+    """Before saving: the in-memory student renumbers layer_idx so the KV cache has one slot per kept layer."""
+    _, student = load_models(make_config(student=ModelConfig(from_teacher=True, keep_layers=[0, 3])))
+    model = student.model.eval()
+    assert [layer.self_attn.layer_idx for layer in model.get_decoder().layers] == [0, 1]
+    ids = student.tokenizer(format_prompt(student.tokenizer, "7 + 5 ="), return_tensors="pt", add_special_tokens=False)[
+        "input_ids"
+    ]
+    with torch.no_grad():
+        assert torch.equal(greedy(model, ids, use_cache=True), greedy(model, ids, use_cache=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# rollout(): layout, masks and the trainer's scoring path
+
+
+def boost_eos(loaded: LoadedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, nats: float = 2.5) -> None:
+    """Raise the EOS logit by about ``nats`` so that rollouts of a random model end early now and then.
+
+    The final hidden states of the tiny model share a mean direction; adding it to the EOS row of the
+    (tied) lm_head shifts every EOS logit by about the same amount.
+    """
+    model = loaded.model
+    with torch.no_grad():
+        out = model.get_decoder()(input_ids=prompt_ids, attention_mask=prompt_mask)
+        mean = out.last_hidden_state[prompt_mask.bool()].mean(0)
+        lm_head_weight(model)[loaded.tokenizer.eos_token_id] += nats * mean / mean.square().sum()
+
+
+@pytest.fixture
+def rollout_models(make_config, load_models, tiny_examples):
+    """Teacher, EOS-boosted student and four left-padded prompts of different lengths."""
+    cfg = make_config()
+    teacher, student = load_models(cfg)
+    tokenizer = student.tokenizer
+    texts = [
+        format_prompt(tokenizer, ex.prompt + " ?" * extra)
+        for ex, extra in zip(tiny_examples[:4], (0, 9, 3, 17), strict=True)
+    ]
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, texts, max_prompt_tokens=256, device=CPU)
+    lengths = prompt_mask.sum(-1)
+    assert len(set(lengths.tolist())) == 4 and bool((prompt_mask[:, 0] == 0).any())  # really left-padded
+    boost_eos(student, prompt_ids, prompt_mask)
+    return teacher, student, prompt_ids, prompt_mask
+
+
+def make_rollout(rollout_models, *, seed: int, max_new_tokens: int = 16, prefix_max: int = 0, sampling: str = "min"):
+    teacher, student, prompt_ids, prompt_mask = rollout_models
+    rows = prompt_ids.shape[0]
+    return rollout(
+        student.model,
+        teacher.model,
+        student.tokenizer,
+        prompt_ids,
+        prompt_mask,
+        prompt_index=torch.arange(rows),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        temperature=1.0,
+        top_p=1.0,
+        seed=seed,
+        prefix_max=prefix_max,
+        prefix_sampling=sampling,
+        guided_rows=torch.ones(rows, dtype=torch.bool) if prefix_max else None,
+    )
+
+
+def response_lengths(batch: RolloutBatch) -> list[int]:
+    return batch.response_mask.sum(-1).tolist()
+
+
+def assert_masks_are_prefixes(batch: RolloutBatch) -> None:
+    for mask in (batch.response_mask, batch.prefix_mask):
+        for row, n in enumerate(mask.sum(-1).tolist()):
+            assert mask[row, :n].all() and not mask[row, n:].any(), f"row {row}: mask is not a prefix: {mask[row]}"
+
+
+@pytest.mark.parametrize("prefix_max", [0, 5], ids=["on-policy", "guided"])
+def test_trainer_scoring_matches_plain_forward(rollout_models, prefix_max):
+    """response_hidden + student_scores == log_softmax of an unpadded full forward, row by row."""
+    _, student, _, _ = rollout_models
+    batch = make_rollout(rollout_models, seed=3, prefix_max=prefix_max)
+    model = student.model.eval()
+    targets = batch.response_ids[batch.response_mask]
+    with torch.no_grad():
+        logp, _, _ = student_scores(response_hidden(model, batch), lm_head_weight(model), targets, chunk_size=7)
+
+    expected = []
+    prompt_part = batch.attention_mask[:, : batch.prompt_len].bool()
+    with torch.no_grad():
+        for row in range(batch.input_ids.shape[0]):
+            prompt = batch.input_ids[row, : batch.prompt_len][prompt_part[row]]
+            response = batch.response_ids[row][batch.response_mask[row]]
+            logits = model(input_ids=torch.cat([prompt, response])[None]).logits[0]
+            positions = torch.arange(len(response)) + len(prompt) - 1
+            expected.append(torch.log_softmax(logits[positions].double(), -1).gather(1, response[:, None]).squeeze(1))
+    expected_logp = torch.cat(expected)
+    assert logp.shape == expected_logp.shape
+    torch.testing.assert_close(logp.double(), expected_logp, atol=1e-4, rtol=0)
+
+
+def test_response_mask_covers_tokens_through_the_first_eos(rollout_models):
+    _, student, _, _ = rollout_models
+    eos = student.tokenizer.eos_token_id
+    max_new = 16
+    ended = 0
+    for seed in range(6):
+        batch = make_rollout(rollout_models, seed=seed, max_new_tokens=max_new)
+        assert batch.response_ids.shape[1] <= max_new
+        assert batch.input_ids.shape[1] == batch.prompt_len + batch.response_ids.shape[1]
+        assert torch.equal(batch.attention_mask[:, batch.prompt_len :], batch.response_mask.long())
+        assert not batch.prefix_mask.any()
+        assert_masks_are_prefixes(batch)
+        for row, n in enumerate(response_lengths(batch)):
+            tokens = batch.response_ids[row]
+            assert n >= 1
+            assert eos not in tokens[: n - 1].tolist(), "a token after the first EOS is inside response_mask"
+            if n < max_new:
+                assert tokens[n - 1] == eos, "a response that stopped early must end with its EOS"
+                ended += 1
+            else:
+                assert tokens[n - 1] == eos or n == max_new
+    assert ended > 0, "no rollout ended with EOS; the test did not exercise the EOS path"
+
+
+@pytest.mark.parametrize("sampling", ["min", "uniform"])
+@pytest.mark.parametrize("prefix_max", [3, 10])
+def test_guidance_prefix_starts_the_response(rollout_models, prefix_max, sampling):
+    teacher, _, _, _ = rollout_models
+    eos = teacher.tokenizer.eos_token_id
+    max_new = 10
+    for seed in range(3):
+        batch = make_rollout(
+            rollout_models, seed=seed, max_new_tokens=max_new, prefix_max=prefix_max, sampling=sampling
+        )
+        assert batch.response_ids.shape[1] <= max_new
+        assert_masks_are_prefixes(batch)
+        assert not (batch.prefix_mask & ~batch.response_mask).any()
+        prefix_lens = batch.prefix_mask.sum(-1)
+        assert int(prefix_lens.max()) <= prefix_max
+        assert max(response_lengths(batch)) <= max_new
+        assert eos not in batch.response_ids[batch.prefix_mask].tolist(), (
+            "the prefix must not contain the teacher's EOS"
+        )
+        if sampling == "min":
+            # The random teacher rarely stops, so the prefix is the cap in (nearly) every row.
+            assert int(prefix_lens.max()) == prefix_max
+            # After the prefix the student keeps writing (unless the prefix used up the budget).
+            for row, (n_prefix, n) in enumerate(zip(prefix_lens.tolist(), response_lengths(batch), strict=True)):
+                if n_prefix < max_new:
+                    assert n > n_prefix, f"row {row}: no student tokens after the prefix"
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer.step(): micro-batching, every method, a student equal to its teacher
+
+
+def one_step(cfg: TrainConfig, load_models, examples, step: int = 1) -> tuple[dict[str, float], Trainer]:
+    """One optimizer step of a fresh Trainer; step 1 of 3 gets a guidance prefix of about half the budget."""
+    teacher, student = load_models(cfg)
+    trainer = Trainer(cfg, teacher=teacher, student=student, examples=examples)
+    return trainer.step(step), trainer
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
+def test_micro_batches_give_the_same_gradient(make_config, load_models, tiny_examples, aggregation):
+    grads, metrics = {}, {}
+    for parts in (1, 2, 3):
+        cfg = make_config(
+            steps=3,
+            rollout={"batch_size": 4, "max_new_tokens": 10},
+            optim={"micro_batches": parts, "max_grad_norm": 0.0, "lr": 1e-6},
+            method={"aggregation": aggregation},
+        )
+        metrics[parts], trainer = one_step(cfg, load_models, tiny_examples)
+        grads[parts] = {n: p.grad.clone() for n, p in trainer.student.model.named_parameters() if p.grad is not None}
+    assert metrics[1]["prefix_len"] > 0 and metrics[1]["response_len"] > metrics[1]["prefix_len"]
+    for parts in (2, 3):
+        assert grads[parts].keys() == grads[1].keys()
+        for name, grad in grads[1].items():
+            torch.testing.assert_close(grads[parts][name], grad, atol=1e-5, rtol=0, msg=f"{name} with {parts} parts")
+        for key in ("loss", "rkl_estimate", "trust_fraction", "grad_norm", "outlier_loss"):
+            assert metrics[parts][key] == pytest.approx(metrics[1][key], abs=1e-5), key
+
+
+METHOD_CASES = [
+    *[
+        pytest.param({"name": "tropd"}, {"strategy": outlier}, {"kind": kind}, id=f"tropd-{outlier}-{kind}")
+        for outlier in ("fkl", "mask", "clip")
+        for kind in ("bernoulli", "threshold", "none")
+    ],
+    pytest.param({"name": "opd"}, {"strategy": "fkl"}, {"kind": "none"}, id="opd"),
+    pytest.param({"name": "sft", "sft_source": "dataset"}, {}, {"kind": "none"}, id="sft-dataset"),
+    pytest.param({"name": "sft", "sft_source": "teacher"}, {}, {"kind": "none"}, id="sft-teacher"),
+]
+
+
+@pytest.mark.parametrize(("method", "outlier", "trust_region"), METHOD_CASES)
+def test_every_method_runs_one_finite_step(make_config, load_models, tiny_examples, method, outlier, trust_region):
+    cfg = make_config(steps=3, method=method, outlier=outlier, trust_region=trust_region)
+    metrics, _ = one_step(cfg, load_models, tiny_examples)
+    assert metrics["tokens"] > 0
+    for key in LOGGED:
+        assert math.isfinite(metrics[key]), (key, metrics[key])
+    if trust_region["kind"] == "none" and method["name"] != "sft":
+        assert metrics["trust_fraction"] == 1.0
+
+
+def test_student_equal_to_teacher_has_zero_reward_and_full_trust(make_config, load_models, tiny_examples):
+    cfg = make_config(
+        student=ModelConfig(from_teacher=True, keep_layers=None),
+        method={"name": "opd"},
+        guidance={"enabled": False},
+        trust_region={"kind": "bernoulli", "tau": 0.0},
+    )
+    metrics, _ = one_step(cfg, load_models, tiny_examples, step=0)
+    assert metrics["prefix_len"] == 0
+    assert metrics["rkl_estimate"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["reward_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["trust_fraction"] == 1.0
+    assert metrics["student_entropy"] == pytest.approx(metrics["teacher_entropy"], abs=1e-5)
+    assert metrics["grad_norm"] == pytest.approx(0.0, abs=1e-6)  # zero reward: no policy gradient
