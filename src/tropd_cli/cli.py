@@ -11,7 +11,7 @@ import os
 import sys
 
 from tropd_cli import __version__
-from tropd_cli.errors import TRACE_ENV
+from tropd_cli.errors import TRACE_ENV, first_line
 
 SUBCOMMANDS = {
     "train": ("tropd_cli.commands.train", "distill a teacher into a student (TrOPD, OPD, SFT, ...)"),
@@ -52,8 +52,7 @@ def _one_line(exc: BaseException) -> str:
     for err in (exc, exc.__cause__):
         if err is None:
             continue
-        text = str(err).strip()
-        first = text.splitlines()[0].strip().rstrip(".") if text else type(err).__name__
+        first = first_line(err).rstrip(".")
         if first and first not in parts:
             parts.append(first)
     return ": ".join(parts)

@@ -9,7 +9,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from tropd_cli.errors import UserError
+from tropd_cli.errors import UserError, first_line
+from tropd_cli.hub import hub_offline, hub_reachable
 
 
 @dataclass
@@ -57,8 +58,8 @@ def read_records(path: str, split: str = "train") -> list[dict[str, Any]]:
     if not os.path.exists(path):
         raise UserError(f"data file not found: {path} (set dataset.path to an existing .jsonl or .parquet file)")
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".jsonl":
-        _read_jsonl(path)  # fail with a file:line message before datasets gives a cryptic one
+    if ext == ".jsonl" and not _read_jsonl(path):  # a file:line message before datasets' cryptic one
+        raise UserError(f"{path} has no rows; point to a non-empty dataset")
     builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(ext)
     if builder is None:
         raise UserError(f"unsupported data file {path}: use .jsonl, .json, .parquet or .csv")
@@ -67,19 +68,23 @@ def read_records(path: str, split: str = "train") -> list[dict[str, Any]]:
     try:
         ds = datasets.load_dataset(builder, data_files={split: path}, split=split)
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise UserError(f"could not read {path}: {str(exc).splitlines()[0]}") from exc
+        raise UserError(f"could not read {path}: {first_line(exc)}") from exc
     return [dict(r) for r in ds]
 
 
 def hub_records(name: str, split: str, subset: str | None = None) -> list[dict[str, Any]]:
     import datasets
 
+    if not hub_offline() and not hub_reachable():
+        raise UserError(
+            f"dataset {name!r} needs the Hugging Face hub, which cannot be reached; pass a local file with "
+            "dataset.source=file dataset.path=FILE (or set HF_HUB_OFFLINE=1 to use a cached copy)"
+        )
     try:
         ds = datasets.load_dataset(name, subset, split=split)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"could not load dataset {name!r} (split {split!r}) from the hub: {first}; "
+            f"could not load dataset {name!r} (split {split!r}) from the hub: {first_line(exc)}; "
             "offline, pass a local file with dataset.source=file dataset.path=FILE"
         ) from exc
     return [dict(r) for r in ds]

@@ -19,6 +19,12 @@ class UserError(Exception):
     """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
 #: Set by the ``tropd`` dispatcher: "1" when the user asked for full tracebacks (HYDRA_FULL_ERROR=1).
 TRACE_ENV = "TROPD_FULL_ERROR"
 

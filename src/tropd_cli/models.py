@@ -8,7 +8,6 @@ import importlib.util
 import logging
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +18,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tropd_cli.config import ModelConfig
-from tropd_cli.errors import UserError
+from tropd_cli.errors import UserError, first_line
+from tropd_cli.hub import hub_offline, hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -177,21 +177,8 @@ def _load_pretrained(
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
     except OSError as exc:
         where = "local directory" if is_local else "hub (no network or no such repo?)"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"could not load model {name!r} from the {where}: {first}") from exc
+        raise UserError(f"could not load model {name!r} from the {where}: {first_line(exc)}") from exc
     return model, tokenizer
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    from urllib.parse import urlparse
-
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = urlparse(endpoint).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _require_hub_or_cache(name: str, revision: str | None) -> None:
@@ -201,8 +188,8 @@ def _require_hub_or_cache(name: str, revision: str | None) -> None:
     cached = try_to_load_from_cache(name, "config.json", revision=revision)
     if isinstance(cached, str):
         return
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    if offline or not _hub_reachable():
+    offline = hub_offline()
+    if offline or not hub_reachable():
         raise UserError(
             f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached "
             f"({'HF_HUB_OFFLINE=1' if offline else 'offline'}); pass a local directory instead"
