@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tropd_cli.config import LoggerConfig
@@ -50,8 +51,8 @@ class RichProgress:
 
     def on_start(self, info: dict[str, Any]) -> None:
         self.console.print(
-            f"teacher [cyan]{info['teacher']}[/] ({info['teacher_params'] / 1e6:.1f}M) -> "
-            f"student [cyan]{info['student']}[/] ({info['student_params'] / 1e6:.1f}M), "
+            f"teacher [cyan]{escape(info['teacher'])}[/] ({info['teacher_params'] / 1e6:.1f}M) -> "
+            f"student [cyan]{escape(info['student'])}[/] ({info['student_params'] / 1e6:.1f}M), "
             f"{info['prompts']} prompts on {info['device']} (loaded in {info['load_seconds']:.1f}s)"
         )
         self.progress.start()

@@ -273,7 +273,16 @@ def student_from_teacher(
 
 
 def _layer_spec(keep_layers: list[int] | None) -> str:
-    return "all layers" if not keep_layers else f"layers {','.join(map(str, keep_layers))}"
+    """``[0, 1, 2, 7, 8]`` -> ``"layers 0-2,7-8"``."""
+    if not keep_layers:
+        return "all layers"
+    runs: list[list[int]] = []
+    for idx in keep_layers:
+        if runs and idx == runs[-1][-1] + 1:
+            runs[-1].append(idx)
+        else:
+            runs.append([idx])
+    return "layers " + ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def check_tokenizers(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> None:
