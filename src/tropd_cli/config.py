@@ -53,14 +53,23 @@ class DatasetConfig:
 
 @dataclass
 class MethodConfig:
-    """Which objective, and the knobs every objective shares."""
+    """Which objective, and its knobs (each read only by the methods named in its comment)."""
 
-    name: str = "tropd"  # tropd | opd | sft
-    top_k: int = 64
+    name: str = "tropd"  # tropd | opd | eopd | reopold | entropy_opd | fkl_topk | jsd_topk | gkd | sft
+    top_k: int = 64  # teacher top-k ids for fkl / eopd / jsd_topk
     clip_eps: float | None = None  # PPO clip; None = plain ratio (REINFORCE on the first epoch)
-    ppo_epochs: int = 1
+    ppo_epochs: int = 1  # passes over each rollout batch (the trust mask is reused)
+    mini_batches: int = 1  # optimizer steps per epoch (rollouts split into this many parts)
     aggregation: str = "token_mean"  # token_mean | seq_mean_token_mean
-    sft_source: str = "dataset"  # dataset | teacher (who writes the SFT targets)
+    sft_source: str = "dataset"  # sft: dataset | teacher (who writes the targets)
+    entropy_threshold: float = 0.8  # eopd: teacher-entropy gate in nats
+    reward_floor: float = -1.3862943611198906  # reopold: c = log(lambda / (1 - lambda)), lambda = 0.2
+    two_stage: bool = False  # reopold: exploration then refinement
+    switch_fraction: float = 0.5  # reopold: share of training spent exploring
+    refine_top_fraction: float = 0.5  # reopold refinement: share of tokens kept by student entropy
+    entropy_top_fraction: float = 0.2  # entropy_opd: share of tokens kept by student entropy
+    jsd_beta: float = 0.5  # jsd_topk: mixture weight of the teacher
+    gkd_beta: float = 0.5  # gkd: generalized JSD beta (0 forward KL, 1 reverse KL)
 
 
 @dataclass
@@ -238,7 +247,12 @@ def validate_train(cfg: TrainConfig) -> None:
     )
     _check(0.0 < cfg.rollout.top_p <= 1.0, "rollout.top_p must be in (0, 1]")
     _check(cfg.method.top_k > 0, f"method.top_k={cfg.method.top_k} must be positive")
-    _check(cfg.method.ppo_epochs == 1, "method.ppo_epochs > 1 is not supported yet; use 1")
+    _check(cfg.method.ppo_epochs >= 1, "method.ppo_epochs must be at least 1")
+    _check(cfg.method.mini_batches >= 1, "method.mini_batches must be at least 1")
+    _check(cfg.method.clip_eps is None or cfg.method.clip_eps > 0, "method.clip_eps must be positive (or null)")
+    for key in ("jsd_beta", "gkd_beta", "switch_fraction", "refine_top_fraction", "entropy_top_fraction"):
+        value = getattr(cfg.method, key)
+        _check(0.0 <= value <= 1.0, f"method.{key}={value} must be in [0, 1]")
     _check(0.0 <= cfg.guidance.fraction <= 1.0, "guidance.fraction must be in [0, 1]")
     _check(cfg.guidance.beta >= 0, "guidance.beta must be >= 0")
     _check(cfg.scoring.chunk_size > 0, "scoring.chunk_size must be positive")

@@ -150,3 +150,141 @@ def tropd_loss(
 
     prefix_term = beta * (teacher_logp.detach() - logp)
     return torch.where(prefix_mask.bool(), prefix_term, student_term)
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines (METHOD.md, "Other baselines"). Same conventions: per-token, minimised, no reduction.
+
+
+def opd_loss(logp: Tensor, old_logp: Tensor, teacher_logp: Tensor, *, clip_eps: float | None = None) -> Tensor:
+    """OPD (K1): ``pg(R)`` on every token."""
+    return policy_gradient_loss(logp, old_logp, k1_reward(old_logp, teacher_logp), clip_eps=clip_eps)
+
+
+def eopd_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    teacher_logp: Tensor,
+    student_topk_logp: Tensor,
+    teacher_topk_logp: Tensor,
+    teacher_entropy: Tensor,
+    *,
+    entropy_threshold: float = 0.8,
+    clip_eps: float | None = None,
+) -> Tensor:
+    """EOPD: OPD everywhere plus, where the **teacher's** entropy exceeds the threshold (nats), the
+    top-k forward KL with teacher probabilities renormalised over the top-k."""
+    gate = (teacher_entropy.detach() > entropy_threshold).to(logp.dtype)
+    fkl = topk_forward_kl(student_topk_logp, teacher_topk_logp, renormalize=True)
+    return opd_loss(logp, old_logp, teacher_logp, clip_eps=clip_eps) + gate * fkl
+
+
+def reopold_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    teacher_logp: Tensor,
+    *,
+    floor: float = DEFAULT_CLIP_FLOOR,
+    stage: str = "single",
+    keep_mask: Tensor | None = None,
+    clip_eps: float | None = None,
+) -> Tensor:
+    """REOPOLD with reward floor ``c``.
+
+    - ``single``: ``pg(max(R, c))`` on every token (= TrOPD's Clip Outlier row).
+    - ``explore``: ``pg(R)`` only on tokens with ``R >= c`` (the others are dropped).
+    - ``refine``: ``pg(max(R, c))`` only where ``keep_mask`` is set: the trainer passes the top-beta
+      share of tokens by **student** entropy.
+    """
+    reward = k1_reward(old_logp, teacher_logp)
+    if stage == "explore":
+        keep = reward >= floor
+        return torch.where(keep, policy_gradient_loss(logp, old_logp, reward, clip_eps=clip_eps), 0.0)
+    clipped = policy_gradient_loss(logp, old_logp, torch.clamp(reward, min=floor), clip_eps=clip_eps)
+    if stage == "single":
+        return clipped
+    if stage != "refine":
+        raise ValueError(f"unknown REOPOLD stage {stage!r}; choose single, explore or refine")
+    if keep_mask is None:
+        raise ValueError("stage='refine' needs keep_mask (the top share of tokens by student entropy)")
+    return torch.where(keep_mask.bool(), clipped, 0.0)
+
+
+def entropy_opd_loss(
+    logp: Tensor, old_logp: Tensor, teacher_logp: Tensor, *, keep_mask: Tensor, clip_eps: float | None = None
+) -> Tensor:
+    """Entropy OPD: ``pg(R)`` only on ``keep_mask`` (the trainer keeps the top 20% by student entropy)."""
+    return torch.where(keep_mask.bool(), opd_loss(logp, old_logp, teacher_logp, clip_eps=clip_eps), 0.0)
+
+
+def top_fraction_mask(scores: Tensor, valid: Tensor, fraction: float) -> Tensor:
+    """Bool mask of the ``fraction`` highest ``scores`` among ``valid`` positions (at least one when any)."""
+    valid = valid.bool()
+    n_valid = int(valid.sum())
+    if n_valid == 0 or fraction <= 0:
+        return torch.zeros_like(valid)
+    n_keep = max(1, min(n_valid, round(fraction * n_valid)))
+    threshold = torch.topk(scores[valid].float(), n_keep).values[-1]
+    return valid & (scores >= threshold)
+
+
+def jsd_topk_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    teacher_logp: Tensor,
+    student_topk_logp: Tensor,
+    teacher_topk_logp: Tensor,
+    *,
+    beta: float = 0.5,
+    clip_eps: float | None = None,
+) -> Tensor:
+    """Top-k JSD with mixture ``pM = beta * pT + (1 - beta) * pS``.
+
+    ``beta * sum_k pT * log(pT / pM)`` over the teacher's top-k ids (gradient through pS inside pM)
+    ``+ (1 - beta) * pg(-sg(log pS(x) - log pM(x)))`` at the sampled token x. Both terms vanish at
+    beta = 0 (pM = pS) and beta = 1 (pM = pT).
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
+    teacher_topk_logp = teacher_topk_logp.detach()
+    teacher_p = teacher_topk_logp.exp()
+    forward = torch.zeros_like(logp)
+    reverse = torch.zeros_like(logp)
+    if beta > 0:
+        mix_topk = torch.logaddexp(
+            teacher_topk_logp + math.log(beta),
+            student_topk_logp + (math.log1p(-beta) if beta < 1 else -math.inf),
+        )
+        terms = torch.where(teacher_p > 0, teacher_p * (teacher_topk_logp - mix_topk), 0.0)
+        forward = beta * terms.sum(-1)
+    if beta < 1:
+        old = old_logp.detach()
+        mix_x = torch.logaddexp(
+            teacher_logp.detach() + (math.log(beta) if beta > 0 else -math.inf), old + math.log1p(-beta)
+        )
+        advantage = -(old - mix_x)
+        reverse = (1.0 - beta) * policy_gradient_loss(logp, old_logp, advantage, clip_eps=clip_eps)
+    return forward + reverse
+
+
+def sft_loss(logp: Tensor) -> Tensor:
+    """Token negative log-likelihood of given responses."""
+    return -logp
+
+
+def generalized_jsd(student_logprobs: Tensor, teacher_logprobs: Tensor, *, beta: float = 0.5) -> Tensor:
+    """Full-vocabulary generalized JSD as in TRL's GKDTrainer (``[..., V] -> [...]``).
+
+    ``beta * KL(pT || pM) + (1 - beta) * KL(pS || pM)`` with ``pM = beta * pT + (1 - beta) * pS``
+    (TRL's weighting); ``beta = 0`` is the forward KL(pT || pS), ``beta = 1`` the reverse KL(pS || pT).
+    Callers pass chunks of positions (see ``scoring.generalized_jsd_chunked``), never a whole batch.
+    """
+    teacher_logprobs = teacher_logprobs.detach()
+    if beta == 0.0:
+        return (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1)
+    if beta == 1.0:
+        return (student_logprobs.exp() * (student_logprobs - teacher_logprobs)).sum(-1)
+    mix = torch.logaddexp(teacher_logprobs + math.log(beta), student_logprobs + math.log1p(-beta))
+    kl_teacher = (teacher_logprobs.exp() * (teacher_logprobs - mix)).sum(-1)
+    kl_student = (student_logprobs.exp() * (student_logprobs - mix)).sum(-1)
+    return beta * kl_teacher + (1.0 - beta) * kl_student

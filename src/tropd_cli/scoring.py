@@ -177,3 +177,88 @@ def naive_scores(
         logprobs.gather(1, gather_ids),
         entropy.detach(),
     )
+
+
+class _ChunkedGeneralizedJSD(torch.autograd.Function):
+    """Per-token full-vocabulary generalized JSD from both models' hidden states, chunked.
+
+    Neither model's ``[N, V]`` logits exist at once: each chunk's student and teacher logits are
+    computed, reduced to a per-token loss and dropped; backward recomputes them chunk by chunk.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor,
+        beta: float,
+        chunk_size: int,
+        inv_temperature: float,
+    ) -> Tensor:
+        from tropd_cli.losses import generalized_jsd
+
+        n = student_hidden.shape[0]
+        out = torch.empty(n, dtype=_score_dtype(student_hidden), device=student_hidden.device)
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            s_lp = torch.log_softmax(_chunk_logits(student_hidden[start:stop], student_weight, inv_temperature), -1)
+            t_lp = torch.log_softmax(_chunk_logits(teacher_hidden[start:stop], teacher_weight, inv_temperature), -1)
+            out[start:stop] = generalized_jsd(s_lp, t_lp.to(s_lp.dtype), beta=beta)
+        ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, teacher_weight)
+        ctx.beta, ctx.chunk_size, ctx.inv_temperature = beta, chunk_size, inv_temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        from tropd_cli.losses import generalized_jsd
+
+        s_hidden, s_weight, t_hidden, t_weight = ctx.saved_tensors
+        inv_t = ctx.inv_temperature
+        grad_hidden = torch.zeros_like(s_hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = (
+            torch.zeros(s_weight.shape, dtype=_score_dtype(s_weight), device=s_weight.device)
+            if ctx.needs_input_grad[1]
+            else None
+        )
+        for start in range(0, s_hidden.shape[0], ctx.chunk_size):
+            stop = min(start + ctx.chunk_size, s_hidden.shape[0])
+            h = s_hidden[start:stop]
+            with torch.no_grad():
+                t_lp = torch.log_softmax(_chunk_logits(t_hidden[start:stop], t_weight, inv_t), -1)
+            with torch.enable_grad():
+                logits = _chunk_logits(h, s_weight, 1.0).detach().requires_grad_(True)
+                s_lp = torch.log_softmax(logits * inv_t, -1)
+                loss = generalized_jsd(s_lp, t_lp.to(s_lp.dtype), beta=ctx.beta)
+                (grad_logits,) = torch.autograd.grad(loss, logits, grad_out[start:stop].to(loss.dtype))
+            grad_logits = grad_logits.to(h.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = grad_logits @ s_weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.t() @ h).to(grad_weight.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(s_weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def generalized_jsd_chunked(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    *,
+    beta: float = 0.5,
+    chunk_size: int = 512,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Per-token generalized JSD ``[N]`` (GKD's loss) with O(chunk x V) memory; grads reach the student only."""
+    return _ChunkedGeneralizedJSD.apply(
+        student_hidden,
+        student_weight,
+        teacher_hidden.detach(),
+        teacher_weight.detach(),
+        beta,
+        chunk_size,
+        1.0 / temperature,
+    )

@@ -27,7 +27,7 @@ from tropd_cli.data import Example, format_prompt, load_examples
 from tropd_cli.methods import TokenInputs, get_method
 from tropd_cli.models import LoadedModel, default_cache_dir, load_pair, resolve_device
 from tropd_cli.rollout import RolloutBatch, generator, prefix_cap, rollout, seeded, tokenize_prompts
-from tropd_cli.scoring import student_scores, teacher_scores
+from tropd_cli.scoring import TeacherScores, generalized_jsd_chunked, student_scores, teacher_scores
 
 log = logging.getLogger(__name__)
 
@@ -270,106 +270,87 @@ class Trainer:
 
     # -- one optimizer step ---------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
+        """One training step: rollouts, teacher scoring, then ``ppo_epochs x mini_batches`` optimizer steps."""
         cfg = self.cfg
         times: dict[str, float] = defaultdict(float)
         t0 = time.perf_counter()
         batch = self.make_batch(step)
         times["time_generate"] = time.perf_counter() - t0
 
-        total_tokens = float(batch.response_mask.sum())
         n_seqs = batch.response_mask.shape[0]
+        parts = _micro_batches(n_seqs, cfg.method.mini_batches * cfg.optim.micro_batches)
+        minis = [parts[s] for s in _micro_batches(len(parts), cfg.method.mini_batches)]
         # One draw of trust-region noise per rollout batch, keyed by (seed, step): micro-batching and
         # PPO epochs see the same mask.
         noise = torch.rand(batch.response_mask.shape, generator=generator(cfg.seed, step, 5)).to(self.device)
-        metrics = Metrics()
-        loss_total = 0.0
-        temperature = self.scoring_temperature
-        top_k = min(cfg.method.top_k, lm_head_weight(self.teacher.model).shape[0]) if self.method.needs_topk else 0
-
-        self.optimizer.zero_grad(set_to_none=True)
-        for part in _micro_batches(n_seqs, cfg.optim.micro_batches):
-            mb = batch.rows(part)
-            targets = mb.response_ids[mb.response_mask]
-            t = time.perf_counter()
-            with torch.no_grad():
-                t_hidden = response_hidden(self.teacher.model, mb)
-                tscores = teacher_scores(
-                    t_hidden,
-                    lm_head_weight(self.teacher.model),
-                    targets,
-                    top_k=top_k,
-                    chunk_size=cfg.scoring.chunk_size,
-                    temperature=temperature,
-                )
-                del t_hidden
-            times["time_teacher"] += time.perf_counter() - t
-
-            t = time.perf_counter()
-            s_hidden = response_hidden(self.student.model, mb)
-            logp_flat, topk_flat, entropy_flat = student_scores(
-                s_hidden,
-                lm_head_weight(self.student.model),
-                targets,
-                tscores.topk_ids if self.method.needs_topk else None,
-                chunk_size=cfg.scoring.chunk_size,
-                temperature=temperature,
-            )
-            mask = mb.response_mask
-            logp = to_grid(logp_flat, mask)
-            # Single epoch, on-policy: the rollout-time log-prob equals this forward's value.
-            old_logp = logp.detach()
-            teacher_logp = to_grid(tscores.logp, mask)
-            reward = losses.k1_reward(old_logp, teacher_logp)
-            student_mask = mask & ~mb.prefix_mask
-            trust = (
-                losses.trust_region_mask(
-                    reward, tau=cfg.trust_region.tau, kind=cfg.trust_region.kind, uniform=noise[part]
-                )
-                & student_mask
-            )
-            inputs = TokenInputs(
-                logp=logp,
-                old_logp=old_logp,
-                teacher_logp=teacher_logp,
-                student_topk_logp=to_grid(topk_flat, mask) if self.method.needs_topk else None,
-                teacher_topk_logp=to_grid(tscores.topk_logp, mask) if top_k else None,
-                trust_mask=trust,
-                prefix_mask=mb.prefix_mask,
-                response_mask=mask,
-            )
-            out = self.method.fn(inputs, cfg)
-            loss = self._aggregate(out.loss, mask, total_tokens, n_seqs)
-            times["time_student_fwd"] += time.perf_counter() - t
-            t = time.perf_counter()
-            loss.backward()
-            times["time_student_bwd"] += time.perf_counter() - t
-            loss_total += float(loss.detach())
-
-            metrics.add("reward_mean", reward, student_mask)
-            metrics.add("rkl_estimate", -reward, student_mask)
-            metrics.add("trust_fraction", trust.float(), student_mask)
-            metrics.add("outlier_loss", out.outlier_loss, student_mask & ~trust)
-            if top_k:
-                metrics.add("teacher_topk_mass", to_grid(tscores.topk_logp.exp().sum(-1), mask), student_mask)
-            metrics.add("student_entropy", to_grid(entropy_flat, mask), mask)
-            metrics.add("teacher_entropy", to_grid(tscores.entropy, mask), mask)
-            metrics.add("teacher_nll", -teacher_logp, mask)
 
         t = time.perf_counter()
-        params = [p for p in self.student.model.parameters() if p.requires_grad]
-        max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        lr = float(self.scheduler.get_last_lr()[0])
-        self.optimizer.step()
-        self.scheduler.step()
-        times["time_optimizer"] = time.perf_counter() - t
+        teacher = [self._score_teacher(batch.rows(p)) for p in parts]
+        times["time_teacher"] = time.perf_counter() - t
 
+        # Rollout-time log-probs must be frozen before the first optimizer step when there is more than
+        # one (PPO epochs, mini-batches) or when a batch-level statistic (entropy share) is needed.
+        keep_fraction = self.method.keep_fraction(cfg, step)
+        old_logp: list[Tensor | None] = [None] * len(parts)
+        keep_grid = None
+        if cfg.method.ppo_epochs > 1 or len(minis) > 1 or keep_fraction is not None:
+            t = time.perf_counter()
+            entropy_grid = torch.zeros(batch.response_mask.shape, device=self.device)
+            with torch.no_grad():
+                for i, p in enumerate(parts):
+                    mb = batch.rows(p)
+                    logp_flat, _, ent_flat, _ = self._score_student(mb, None)
+                    old_logp[i] = logp_flat
+                    entropy_grid[p] = to_grid(ent_flat, mb.response_mask)
+            if keep_fraction is not None:
+                keep_grid = losses.top_fraction_mask(
+                    entropy_grid, batch.response_mask & ~batch.prefix_mask, keep_fraction
+                )
+            times["time_old_logp"] = time.perf_counter() - t
+
+        metrics = Metrics()
+        grad_norms, losses_per_step = [], []
+        lr = float(self.scheduler.get_last_lr()[0])
+        for epoch in range(cfg.method.ppo_epochs):
+            for mini in minis:
+                rows = slice(mini[0].start, mini[-1].stop)
+                tokens = float(batch.response_mask[rows].sum())
+                seqs = rows.stop - rows.start
+                self.optimizer.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                for p in mini:
+                    i = parts.index(p)
+                    t = time.perf_counter()
+                    loss = self._micro_loss(
+                        batch.rows(p),
+                        teacher[i],
+                        old_logp[i],
+                        None if keep_grid is None else keep_grid[p],
+                        noise[p],
+                        step,
+                        tokens,
+                        seqs,
+                        metrics if epoch == 0 else None,
+                    )
+                    times["time_student_fwd"] += time.perf_counter() - t
+                    t = time.perf_counter()
+                    loss.backward()
+                    times["time_student_bwd"] += time.perf_counter() - t
+                    step_loss += float(loss.detach())
+                t = time.perf_counter()
+                grad_norms.append(self._optimizer_step())
+                times["time_optimizer"] += time.perf_counter() - t
+                losses_per_step.append(step_loss)
+        self.scheduler.step()
+
+        total_tokens = float(batch.response_mask.sum())
         result = metrics.means()
         result.update(
             step=step + 1,
-            loss=loss_total,
-            grad_norm=grad_norm,
+            loss=losses_per_step[0] if len(losses_per_step) == 1 else sum(losses_per_step) / len(losses_per_step),
+            grad_norm=sum(grad_norms) / len(grad_norms),
             lr=lr,
+            optimizer_steps=float(len(grad_norms)),
             prefix_len=float(batch.prefix_mask.sum()) / n_seqs,
             response_len=total_tokens / n_seqs,
             tokens=total_tokens,
@@ -377,6 +358,114 @@ class Trainer:
         )
         result.update(times)
         return result
+
+    def _score_teacher(self, mb: RolloutBatch) -> tuple[TeacherScores, Tensor | None]:
+        """Teacher statistics at a micro-batch's response positions (and its hidden states for GKD)."""
+        top_k = min(self.cfg.method.top_k, lm_head_weight(self.teacher.model).shape[0]) if self.method.needs_topk else 0
+        with torch.no_grad():
+            hidden = response_hidden(self.teacher.model, mb)
+            scores = teacher_scores(
+                hidden,
+                lm_head_weight(self.teacher.model),
+                mb.response_ids[mb.response_mask],
+                top_k=top_k,
+                chunk_size=self.cfg.scoring.chunk_size,
+                temperature=self.scoring_temperature,
+            )
+        return scores, hidden if self.method.full_vocab else None
+
+    def _score_student(self, mb: RolloutBatch, gather_ids: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        hidden = response_hidden(self.student.model, mb)
+        logp, gathered, entropy = student_scores(
+            hidden,
+            lm_head_weight(self.student.model),
+            mb.response_ids[mb.response_mask],
+            gather_ids,
+            chunk_size=self.cfg.scoring.chunk_size,
+            temperature=self.scoring_temperature,
+        )
+        return logp, gathered, entropy, hidden
+
+    def _micro_loss(
+        self,
+        mb: RolloutBatch,
+        teacher: tuple[TeacherScores, Tensor | None],
+        old_logp_flat: Tensor | None,
+        keep_mask: Tensor | None,
+        noise: Tensor,
+        step: int,
+        total_tokens: float,
+        total_seqs: int,
+        metrics: Metrics | None,
+    ) -> Tensor:
+        """Student forward on one micro-batch and its share of the optimizer step's loss."""
+        cfg = self.cfg
+        tscores, t_hidden = teacher
+        mask = mb.response_mask
+        logp_flat, topk_flat, entropy_flat, s_hidden = self._score_student(
+            mb, tscores.topk_ids if self.method.needs_topk else None
+        )
+        full_vocab = None
+        if self.method.full_vocab:
+            assert t_hidden is not None
+            full_vocab = to_grid(
+                generalized_jsd_chunked(
+                    s_hidden,
+                    lm_head_weight(self.student.model),
+                    t_hidden,
+                    lm_head_weight(self.teacher.model),
+                    beta=cfg.method.gkd_beta,
+                    chunk_size=cfg.scoring.chunk_size,
+                    temperature=self.scoring_temperature,
+                ),
+                mask,
+            )
+        logp = to_grid(logp_flat, mask)
+        # Without a pre-pass this is the first and only pass on-policy: rollout-time log-prob == logp.
+        old_logp = logp.detach() if old_logp_flat is None else to_grid(old_logp_flat, mask)
+        teacher_logp = to_grid(tscores.logp, mask)
+        reward = losses.k1_reward(old_logp, teacher_logp)
+        student_mask = mask & ~mb.prefix_mask
+        trust = (
+            losses.trust_region_mask(reward, tau=cfg.trust_region.tau, kind=cfg.trust_region.kind, uniform=noise)
+            & student_mask
+        )
+        inputs = TokenInputs(
+            logp=logp,
+            old_logp=old_logp,
+            teacher_logp=teacher_logp,
+            student_topk_logp=to_grid(topk_flat, mask) if self.method.needs_topk else None,
+            teacher_topk_logp=to_grid(tscores.topk_logp, mask) if tscores.topk_ids.shape[-1] else None,
+            teacher_entropy=to_grid(tscores.entropy, mask),
+            student_entropy=to_grid(entropy_flat, mask),
+            trust_mask=trust,
+            prefix_mask=mb.prefix_mask,
+            response_mask=mask,
+            keep_mask=keep_mask,
+            full_vocab_loss=full_vocab,
+        )
+        out = self.method.fn(inputs, cfg, step)
+        loss = self._aggregate(out.loss, mask, total_tokens, total_seqs)
+        if metrics is not None:
+            metrics.add("reward_mean", reward, student_mask)
+            metrics.add("rkl_estimate", -reward, student_mask)
+            metrics.add("trust_fraction", trust.float(), student_mask)
+            metrics.add("outlier_loss", out.outlier_loss, student_mask & ~trust)
+            if inputs.teacher_topk_logp is not None:
+                metrics.add("teacher_topk_mass", inputs.teacher_topk_logp.exp().sum(-1), student_mask)
+            if keep_mask is not None:
+                metrics.add("kept_fraction", keep_mask.float(), student_mask)
+            metrics.add("student_entropy", inputs.student_entropy, mask)
+            metrics.add("teacher_entropy", inputs.teacher_entropy, mask)
+            metrics.add("teacher_nll", -teacher_logp, mask)
+        return loss
+
+    def _optimizer_step(self) -> float:
+        params = [p for p in self.student.model.parameters() if p.requires_grad]
+        max_norm = self.cfg.optim.max_grad_norm if self.cfg.optim.max_grad_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.optimizer.step()
+        return grad_norm
 
     def _aggregate(self, per_token: Tensor, mask: Tensor, total_tokens: float, n_seqs: int) -> Tensor:
         """Reduce one micro-batch's per-token loss so that micro-batches sum to the step's mean."""
