@@ -199,7 +199,7 @@ def test_a_typo_in_a_yaml_file_fails_while_composing(compose_in, tmp_path):
         ("rollout.max_new_tokens=0", "rollout.max_new_tokens"),
         ("rollout.max_new_tokens=-4", "rollout.max_new_tokens"),
         ("outlier.strategy=trim", "outlier.strategy"),
-        ("method.name=gkd", "method.name"),
+        ("method.name=nonexistent_method", "method.name"),
         ("trust_region.kind=soft", "trust_region.kind"),
         ("optim.micro_batches=0", "optim.micro_batches"),
     ],

@@ -1,0 +1,50 @@
+"""The loss-memory benchmark's machinery, on tiny shapes: children, peak memory, summary keys, both outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "loss_memory.py"
+
+
+def test_loss_memory_quick_writes_results(tmp_path: Path) -> None:
+    out_json, out_md = tmp_path / "results.json", tmp_path / "benchmarks.md"
+    out_json.write_text(json.dumps({"other_benchmark": 1}))  # keys of other benchmarks survive
+    out_md.write_text("# Benchmarks\n\n<!-- other:start -->\nkept\n<!-- other:end -->\n")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out-json", str(out_json), "--out-md", str(out_md)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    data = json.loads(out_json.read_text())
+    assert data["other_benchmark"] == 1
+    for key in ("loss_peak_mem_ratio_vs_naive", "loss_peak_mem_ratio_vs_trl"):
+        assert data[key] > 0, key
+    assert math.isfinite(data["loss_peak_growth_2x_to_16x"])
+    assert set(data["machine"]) >= {"cpu", "cores", "ram_gib"}
+    assert set(data["versions"]) >= {"python", "torch", "transformers", "trl"}
+    rows = data["loss_memory"]["measurements"]
+    assert {r["path"] for r in rows} == {"tropd", "naive", "trl"}
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["peak_extra_gib"] > 0 and row["seconds"] > 0, row
+    # Same tensors, same objective: the chunked path and the full log-softmax agree.
+    by_path = {(r["path"], r["tokens"]): r for r in rows}
+    tokens = min(r["tokens"] for r in rows)
+    assert by_path["tropd", tokens]["loss"] == pytest.approx(by_path["naive", tokens]["loss"], rel=1e-4)
+    assert by_path["tropd", tokens]["weight_grad_norm"] == pytest.approx(
+        by_path["naive", tokens]["weight_grad_norm"], rel=1e-4
+    )
+
+    md = out_md.read_text()
+    assert "kept" in md and md.count("<!-- loss-memory:start -->") == 1
+    assert "| path | chunk | tokens |" in md
