@@ -20,6 +20,16 @@ from torch import Tensor
 DEFAULT_CLIP_FLOOR = math.log(0.2 / 0.8)
 
 TRUST_REGION_KINDS = ("bernoulli", "threshold", "none")
+
+#: Stand-in for -inf log-probs (padding, masked vocab): finite, so no gradient becomes 0 * inf = NaN.
+LOGP_FLOOR = -1e4
+
+
+def _finite(logp: Tensor) -> Tensor:
+    """Log-probs with -inf/NaN replaced by finite values; non-finite entries get zero gradient."""
+    return torch.nan_to_num(logp, nan=0.0, posinf=0.0, neginf=LOGP_FLOOR)
+
+
 OUTLIER_STRATEGIES = ("fkl", "mask", "clip")
 
 
@@ -39,7 +49,7 @@ def masked_mean(values: Tensor, mask: Tensor, *, total: float | Tensor | None = 
 
 def k1_reward(old_logp: Tensor, teacher_logp: Tensor) -> Tensor:
     """K1 reward ``R = sg(teacher_logp - old_logp)``; its negation is the per-token reverse-KL estimate."""
-    return (teacher_logp - old_logp).detach()
+    return (_finite(teacher_logp) - _finite(old_logp)).detach()
 
 
 def trust_region_mask(
@@ -81,8 +91,8 @@ def policy_gradient_loss(logp: Tensor, old_logp: Tensor, advantage: Tensor, *, c
     On the first pass ``logp == old_logp`` so the ratio is 1 and the gradient is ``-A * grad logp``:
     exactly REINFORCE with a per-token advantage.
     """
-    advantage = advantage.detach()
-    ratio = torch.exp(logp - old_logp.detach())
+    advantage = torch.nan_to_num(advantage.detach(), nan=0.0, posinf=0.0, neginf=LOGP_FLOOR)
+    ratio = torch.exp(_finite(logp) - _finite(old_logp.detach()))
     unclipped = advantage * ratio
     if clip_eps is None:
         return -unclipped
@@ -98,11 +108,11 @@ def topk_forward_kl(student_topk_logp: Tensor, teacher_topk_logp: Tensor, *, ren
     log-probs are always full-vocabulary. The gradient on the student logits is ``pS * mass - pT`` on
     the top-k ids: bounded by 1 whatever the teacher assigns to the sampled token.
     """
-    teacher_topk_logp = teacher_topk_logp.detach()
+    teacher_topk_logp = _finite(teacher_topk_logp.detach())
     if renormalize:
         teacher_topk_logp = torch.log_softmax(teacher_topk_logp, dim=-1)
     teacher_p = torch.exp(teacher_topk_logp)
-    terms = teacher_p * (teacher_topk_logp - student_topk_logp)
+    terms = teacher_p * (teacher_topk_logp - _finite(student_topk_logp))
     # 0 * log 0 = 0: ids the teacher gives no mass contribute nothing (and no NaN).
     terms = torch.where(teacher_p > 0, terms, torch.zeros_like(terms))
     return terms.sum(dim=-1)
@@ -148,7 +158,7 @@ def tropd_loss(
     # M * pg(R) + (1 - M) * outlier, as a select: a large value in the unused branch stays out.
     student_term = torch.where(trust_mask.bool(), trusted_term, outlier_term)
 
-    prefix_term = beta * (teacher_logp.detach() - logp)
+    prefix_term = beta * (_finite(teacher_logp.detach()) - _finite(logp))
     return torch.where(prefix_mask.bool(), prefix_term, student_term)
 
 
@@ -224,7 +234,8 @@ def top_fraction_mask(scores: Tensor, valid: Tensor, fraction: float) -> Tensor:
     if n_valid == 0 or fraction <= 0:
         return torch.zeros_like(valid)
     n_keep = max(1, min(n_valid, round(fraction * n_valid)))
-    threshold = torch.topk(scores[valid].float(), n_keep).values[-1]
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # compare in the dtype we rank in
+    threshold = torch.topk(scores[valid], n_keep).values[-1]
     return valid & (scores >= threshold)
 
 
@@ -246,7 +257,10 @@ def jsd_topk_loss(
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
-    teacher_topk_logp = teacher_topk_logp.detach()
+    teacher_topk_logp = _finite(teacher_topk_logp.detach())
+    student_topk_logp = _finite(student_topk_logp)
+    teacher_logp = _finite(teacher_logp)
+    old_logp = _finite(old_logp)
     teacher_p = teacher_topk_logp.exp()
     forward = torch.zeros_like(logp)
     reverse = torch.zeros_like(logp)
@@ -269,7 +283,7 @@ def jsd_topk_loss(
 
 def sft_loss(logp: Tensor) -> Tensor:
     """Token negative log-likelihood of given responses."""
-    return -logp
+    return -_finite(logp)
 
 
 def generalized_jsd(student_logprobs: Tensor, teacher_logprobs: Tensor, *, beta: float = 0.5) -> Tensor:
@@ -279,7 +293,8 @@ def generalized_jsd(student_logprobs: Tensor, teacher_logprobs: Tensor, *, beta:
     (TRL's weighting); ``beta = 0`` is the forward KL(pT || pS), ``beta = 1`` the reverse KL(pS || pT).
     Callers pass chunks of positions (see ``scoring.generalized_jsd_chunked``), never a whole batch.
     """
-    teacher_logprobs = teacher_logprobs.detach()
+    teacher_logprobs = _finite(teacher_logprobs.detach())
+    student_logprobs = _finite(student_logprobs)
     if beta == 0.0:
         return (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1)
     if beta == 1.0:

@@ -78,6 +78,78 @@ def completion_mask(tokens: Tensor, eos_token_id: int | list[int] | None) -> Ten
     return ~ended_before
 
 
+def _top_p_filter(probs: Tensor, top_p: float) -> Tensor:
+    """Zero the tail outside the smallest set of tokens whose mass reaches ``top_p`` (nucleus sampling)."""
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+
+
+@torch.no_grad()
+def _sample_loop(
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    min_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_ids: Tensor,
+    pad_token_id: int,
+    generator: torch.Generator,
+) -> Tensor:
+    """Autoregressive sampling with a KV cache and nothing else: one model call per token.
+
+    HF ``generate`` does the same work with a general-purpose processor pipeline around it; on a CPU
+    that overhead is a measurable share of a small model's step. Noise comes from ``generator``.
+    """
+    from transformers import DynamicCache
+
+    batch = input_ids.shape[0]
+    cache = DynamicCache()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    tokens = []
+    for t in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if t < min_new_tokens:
+            logits[:, eos_ids] = -math.inf
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            if top_p < 1.0:
+                probs = _top_p_filter(probs, top_p)
+            next_token = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(input_ids.device)
+        else:
+            next_token = logits.argmax(-1)
+        next_token = torch.where(finished, pad_token_id, next_token)
+        tokens.append(next_token)
+        finished |= torch.isin(next_token, eos_ids)
+        if bool(finished.all()) or t == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+        out = model(
+            input_ids=next_token[:, None],
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+    if not tokens:
+        return input_ids.new_empty(batch, 0)
+    return torch.stack(tokens, dim=1)
+
+
 @torch.no_grad()
 def sample(
     model: PreTrainedModel,
@@ -91,33 +163,51 @@ def sample(
     eos_token_id: int | list[int] | None,
     pad_token_id: int,
     seed: int,
+    backend: str = "loop",
 ) -> Tensor:
     """Sample continuations ``[B, T']`` (padded with ``pad_token_id`` after EOS) from ``model``.
 
     Sampling is from the full distribution at ``temperature`` (no top-k, and top-p only when asked),
     so that rollout log-probs match the trainer's scoring. ``temperature <= 0`` means greedy.
+    ``backend``: ``loop`` (a minimal KV-cache loop, the default) or ``generate`` (HF ``generate``).
     """
-    do_sample = temperature > 0
-    gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min(min_new_tokens, max_new_tokens),
-        do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_p=top_p if do_sample else None,
-        top_k=0 if do_sample else None,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        use_cache=True,
-    )
     was_training = model.training
     model.eval()
     try:
+        if backend == "loop":
+            eos = [] if eos_token_id is None else eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
+            return _sample_loop(
+                model,
+                input_ids,
+                attention_mask,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=min(min_new_tokens, max_new_tokens),
+                temperature=temperature,
+                top_p=top_p,
+                eos_ids=torch.tensor(eos, dtype=torch.long, device=input_ids.device),
+                pad_token_id=pad_token_id,
+                generator=generator(seed),
+            )
+        if backend != "generate":
+            raise ValueError(f"unknown sampling backend {backend!r}; choose loop or generate")
+        do_sample = temperature > 0
+        gen_cfg = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min(min_new_tokens, max_new_tokens),
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=top_p if do_sample else None,
+            top_k=0 if do_sample else None,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            use_cache=True,
+        )
         with torch.random.fork_rng(devices=[input_ids.device] if input_ids.device.type == "cuda" else []):
             torch.manual_seed(seed)
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)  # type: ignore[operator]
+        return out[:, input_ids.shape[1] :]
     finally:
         model.train(was_training)
-    return out[:, input_ids.shape[1] :]
 
 
 def prefix_cap(step: int, steps: int, max_new_tokens: int, schedule: str = "cosine") -> int:
