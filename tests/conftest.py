@@ -41,7 +41,7 @@ def tiny_config(tmp_path: Path, **sections: Any) -> TrainConfig:
     fields (``optim={"lr": 1e-3}``).
     """
     cfg = TrainConfig(
-        teacher=ModelConfig(name="tiny-random", tiny_layers=4),
+        teacher=ModelConfig(name="tiny-random", tiny_layers=4, dtype="float32"),
         student=ModelConfig(from_teacher=True, keep_layers=[0, 3]),
         dataset=DatasetConfig(
             size=8,

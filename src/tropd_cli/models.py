@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -48,12 +49,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@functools.cache
+def fast_bf16(device_type: str) -> bool:
+    """Does this device run bf16 matmuls natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX)?"""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(name: str, device: torch.device, *, frozen: bool) -> torch.dtype:
-    """``auto``: bf16 for a frozen model on a GPU that supports it, fp32 otherwise."""
+    """``auto``: bf16 for a frozen model (teacher, sampling copy) where bf16 is fast, fp32 otherwise.
+
+    A trained student stays fp32 under ``auto``: its optimizer needs full-precision weights.
+    """
     if name == "auto":
-        if frozen and device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        return torch.bfloat16 if frozen and fast_bf16(device.type) else torch.float32
     if name not in _DTYPES:
         raise UserError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
     return _DTYPES[name]

@@ -254,6 +254,7 @@ def rollout(
     prefix_max: int = 0,
     prefix_sampling: str = "min",
     guided_rows: Tensor | None = None,
+    backend: str = "loop",
 ) -> RolloutBatch:
     """One batch of rollouts: optionally a teacher prefix per row, then the student continues.
 
@@ -264,7 +265,7 @@ def rollout(
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     batch, prompt_len = prompt_ids.shape
-    sampling = dict(temperature=temperature, top_p=top_p, eos_token_id=eos, pad_token_id=pad)
+    sampling = dict(temperature=temperature, top_p=top_p, eos_token_id=eos, pad_token_id=pad, backend=backend)
 
     prefixes = [prompt_ids.new_empty(0) for _ in range(batch)]
     if teacher is not None and prefix_max > 0 and guided_rows is not None and bool(guided_rows.any()):
