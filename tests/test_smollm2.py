@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +120,50 @@ def test_train_default_configuration_end_to_end_in_process(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(result.checkpoint)
     assert model.config.num_hidden_layers == 16
     assert len(result.history) == 2
+
+
+METHOD_PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "method").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", METHOD_PRESETS)
+def test_every_method_preset_runs_a_step_on_the_default_pair(pair, preset, tmp_path):
+    """`tropd train method=X` on the SmolLM2 pair: one short step per preset, finite and moving."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import tropd_cli.commands.common as common
+    from tropd_cli.data import load_examples
+
+    with initialize_config_dir(config_dir=common.CONF_DIR, version_base="1.3"):
+        raw = compose(
+            "train",
+            overrides=[
+                f"method={preset}",
+                "rollout.batch_size=2",
+                "rollout.max_new_tokens=8",
+                "steps=2",
+                "logger=none",
+            ],
+        )
+    cfg = OmegaConf.to_object(raw)
+    assert isinstance(cfg, TrainConfig)
+    d = cfg.dataset
+    examples = load_examples(
+        source=d.source,
+        name=d.name,
+        path=None,
+        split="train",
+        prompt_field="prompt",
+        answer_field="answer",
+        size=8,
+        seed=d.seed,
+        generator_kwargs=d.generator_kwargs,
+    )
+    teacher, student = pair
+    state = {k: v.clone() for k, v in student.model.state_dict().items()}
+    try:
+        metrics = Trainer(cfg, teacher=teacher, student=student, examples=examples).step(0)
+        assert all(math.isfinite(v) for v in metrics.values()), metrics
+        assert metrics["grad_norm"] > 0
+    finally:
+        student.model.load_state_dict(state)  # the module-scoped pair stays pristine for the next preset
