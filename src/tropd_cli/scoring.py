@@ -32,13 +32,22 @@ def _score_dtype(hidden: Tensor) -> torch.dtype:
 def _chunk_logits(hidden: Tensor, weight: Tensor, inv_temperature: float) -> Tensor:
     logits = (hidden @ weight.t()).to(_score_dtype(hidden))
     if inv_temperature != 1.0:
-        logits = logits * inv_temperature
+        logits.mul_(inv_temperature)
     return logits
 
 
 def _entropy(logits: Tensor, lse: Tensor) -> Tensor:
-    probs = torch.exp(logits - lse[:, None])
-    return lse - (probs * logits).sum(-1)
+    """``H = lse - sum(p * z)`` with one ``[chunk, V]`` temporary (in-place exp and product)."""
+    weighted = (logits - lse[:, None]).exp_().mul_(logits)
+    return lse - weighted.sum(-1)
+
+
+def _accumulate_weight_grad(grad_weight: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:
+    """``grad_weight += grad_logits^T @ hidden`` without a second ``[V, H]`` temporary when dtypes match."""
+    if grad_weight.dtype == grad_logits.dtype == hidden.dtype:
+        grad_weight.addmm_(grad_logits.t(), hidden)
+    else:
+        grad_weight += (grad_logits.t() @ hidden).to(grad_weight.dtype)
 
 
 @torch.no_grad()
@@ -120,25 +129,26 @@ class _ChunkedStudentScores(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             stop = min(start + ctx.chunk_size, hidden.shape[0])
             h = hidden[start:stop]
-            logits = _chunk_logits(h, weight, inv_t)
-            probs = torch.exp(logits - lse_all[start:stop, None])
-            g_target = grad_logp[start:stop].to(logits.dtype)
-            # d log p_j / d z = onehot(j) - softmax(z), for the target and each gathered id.
+            # d log p_j / d z = onehot(j) - softmax(z), for the target and each gathered id; built in
+            # place in the chunk's logits buffer, so backward holds one [chunk, V] tensor.
+            grad_logits = _chunk_logits(h, weight, inv_t)
+            grad_logits.sub_(lse_all[start:stop, None]).exp_()  # softmax probabilities
+            g_target = grad_logp[start:stop].to(grad_logits.dtype)
             g_total = g_target
-            grad_logits = torch.zeros_like(logits)
+            if k:
+                g_gathered = grad_gathered[start:stop].to(grad_logits.dtype)
+                g_total = g_total + g_gathered.sum(-1)
+            grad_logits.mul_(-g_total[:, None])
             grad_logits.scatter_add_(1, target_ids[start:stop, None], g_target[:, None])
             if k:
-                g_gathered = grad_gathered[start:stop].to(logits.dtype)
-                g_total = g_total + g_gathered.sum(-1)
                 grad_logits.scatter_add_(1, gather_ids[start:stop], g_gathered)
-            grad_logits -= probs * g_total[:, None]
             if inv_t != 1.0:
-                grad_logits *= inv_t
+                grad_logits.mul_(inv_t)
             grad_logits = grad_logits.to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[start:stop] = grad_logits @ weight
             if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ h).to(grad_weight.dtype)
+                _accumulate_weight_grad(grad_weight, grad_logits, h)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None
@@ -236,7 +246,7 @@ class _ChunkedGeneralizedJSD(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[start:stop] = grad_logits @ s_weight
             if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ h).to(grad_weight.dtype)
+                _accumulate_weight_grad(grad_weight, grad_logits, h)
         if grad_weight is not None:
             grad_weight = grad_weight.to(s_weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
