@@ -133,7 +133,7 @@ class LoggerConfig:
 @dataclass
 class EvalTaskConfig:
     name: str = "chain_sum"
-    source: str = "reasoning_gym"  # reasoning_gym | file | hub
+    source: str = "reasoning_gym"  # reasoning_gym | file | hub | humaneval
     path: str | None = None
     subset: str | None = None
     split: str = "test"

@@ -69,23 +69,58 @@ def answers_match(predicted: str, gold: str) -> bool:
         return False
 
 
+Grader = Callable[[list[str], list[Example]], list[tuple[str, float]]]
+
+
 @dataclass
 class Task:
-    """Examples of one benchmark plus the function that scores a completion against one of them."""
+    """Examples of one benchmark plus ``grade``: completions -> (extracted answer, score) per sample."""
 
     name: str
     examples: list[Example]
-    scorer: Callable[[str, Example], float]
+    grade: Grader
+    prompts: list[str] | None = None  # what the model is asked, when it differs from ``example.prompt``
+
+
+def answer_grader(scorer: Callable[[str, Example], float]) -> Grader:
+    """Math-style grading: extract the final answer, then score it against the example."""
+
+    def grade(completions: list[str], examples: list[Example]) -> list[tuple[str, float]]:
+        out = []
+        for text, ex in zip(completions, examples, strict=True):
+            answer = extract_answer(text)
+            out.append((answer, scorer(answer, ex)))
+        return out
+
+    return grade
+
+
+CODE_INSTRUCTION = "Complete the following Python function. Reply with the whole function in a ```python block.\n\n"
+
+
+def _humaneval_task(cfg: EvalTaskConfig) -> Task:
+    from tropd_cli.code_eval import extract_code, load_humaneval, score_humaneval
+
+    examples = load_humaneval(cfg.path)[: cfg.size or None]
+
+    def grade(completions: list[str], exs: list[Example]) -> list[tuple[str, float]]:
+        scores = score_humaneval(exs, completions)  # every program in the sandbox, in parallel
+        return [(extract_code(text, ex.prompt), s) for text, ex, s in zip(completions, exs, scores, strict=True)]
+
+    prompts = [f"{CODE_INSTRUCTION}```python\n{ex.prompt}```" for ex in examples]
+    return Task(cfg.name, examples, grade, prompts)
 
 
 def load_task(cfg: EvalTaskConfig) -> Task:
+    if cfg.source == "humaneval":
+        return _humaneval_task(cfg)
     if cfg.source == "reasoning_gym":
         examples, rg_task = reasoning_gym_examples(cfg.name, size=cfg.size, seed=cfg.seed, kwargs=cfg.generator_kwargs)
 
         def rg_score(answer: str, ex: Example) -> float:
             return float(rg_task.score_answer(answer, ex.metadata))
 
-        return Task(cfg.name, examples, rg_score)
+        return Task(cfg.name, examples, answer_grader(rg_score))
     examples = load_examples(
         source=cfg.source,
         name=cfg.name,
@@ -98,7 +133,7 @@ def load_task(cfg: EvalTaskConfig) -> Task:
         seed=cfg.seed,
         generator_kwargs=cfg.generator_kwargs,
     )
-    return Task(cfg.name, examples, lambda answer, ex: float(answers_match(answer, ex.answer or "")))
+    return Task(cfg.name, examples, answer_grader(lambda answer, ex: float(answers_match(answer, ex.answer or ""))))
 
 
 @dataclass
@@ -124,15 +159,16 @@ def evaluate(
     results = []
     for task in tasks:
         t0 = time.perf_counter()
+        asks = task.prompts or [ex.prompt for ex in task.examples]
         prompts = [
             format_prompt(
                 tokenizer,
-                ex.prompt,
+                ask,
                 system_prompt=suite.system_prompt,
                 suffix=suite.prompt_suffix,
                 chat_template=suite.chat_template,
             )
-            for ex in task.examples
+            for ask in asks
         ]
         jobs = [(i, k) for i in range(len(prompts)) for k in range(suite.n_samples)]
         jobs.sort(key=lambda job: -len(prompts[job[0]]))  # similar lengths share a batch: less padding
@@ -160,20 +196,20 @@ def evaluate(
                 completions[job] = str(tokenizer.decode(tokens, skip_special_tokens=True))
             if on_batch is not None:
                 on_batch(len(chunk))
-        for i, k in sorted(completions):
+        order = sorted(completions)
+        graded = task.grade([completions[job] for job in order], [task.examples[i] for i, _ in order])
+        for (i, k), (answer, score) in zip(order, graded, strict=True):
             ex = task.examples[i]
-            text = completions[(i, k)]
-            answer = extract_answer(text)
             samples.append(
                 {
                     "task": task.name,
                     "problem_id": ex.uid,
                     "sample_idx": k,
                     "prompt": ex.prompt,
-                    "completion": text,
+                    "completion": completions[(i, k)],
                     "extracted": answer,
                     "gold": ex.answer,
-                    "score": task.scorer(answer, ex),
+                    "score": score,
                 }
             )
         accuracy = sum(float(s["score"]) for s in samples) / max(1, len(samples))
