@@ -42,3 +42,17 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     install_project(session)
     session.run("mypy")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks (not in the default sessions): loss-path memory, then training-step time vs TRL.
+
+    Both write ``benchmarks/results.json`` and ``docs/benchmarks.md`` (each its own keys and section).
+    Run on an otherwise idle machine: the step-time figures are wall-clock.
+    """
+    install_project(session)
+    session.install("trl==1.16.0", "psutil")
+    session.env.update({"WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
+    session.run("python", "benchmarks/loss_memory.py", *session.posargs)
+    session.run("python", "benchmarks/step_time.py")

@@ -16,14 +16,18 @@ Usage::
 
     python benchmarks/loss_memory.py                  # the full run (about an hour on 2 cores)
     python benchmarks/loss_memory.py --sizes 1 2 --paths tropd naive
+    python benchmarks/loss_memory.py --merge --paths tropd --sizes 2    # re-measure rows, keep the others
+    python benchmarks/loss_memory.py --render-only                      # rewrite the outputs from results.json
     python benchmarks/loss_memory.py --quick --out-json /tmp/r.json --out-md /tmp/b.md   # seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -57,7 +61,7 @@ class Shape:
 
 
 FULL = Shape(vocab=151_936, hidden=1536, top_k=64, seq_len=2048)  # Qwen2.5-1.5B's lm_head, k = 64
-QUICK = Shape(vocab=4096, hidden=64, top_k=8, seq_len=64)
+QUICK = Shape(vocab=16_384, hidden=64, top_k=8, seq_len=32)  # big enough that buffers leave the malloc heap
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class Job:
     shape: Shape
     cap_bytes: int  # the child's allowance above its inputs
     repeat_below_s: float  # repeat (median of 3 after a warm-up) only when one run is this fast
+    threads: int | None = None  # torch's intra-op threads; None = torch's default (all cores)
     seed: int = 0
 
     @property
@@ -299,10 +304,24 @@ def _cap_address_space(extra: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (vm_size + extra, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
+def source_sha() -> str:
+    """Fingerprint of the project code a path runs (scoring and losses), so rows from different versions show."""
+    import hashlib
+
+    from tropd_cli import losses, scoring
+
+    digest = hashlib.sha256()
+    for module in (scoring, losses):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def measure(job: Job) -> dict[str, Any]:
     import torch
 
     fn = LOSSES[job.path]
+    if job.threads:
+        torch.set_num_threads(job.threads)
     if job.path == "trl":
         _trl_jsd()  # import trl (and transformers) before the baseline
     torch.manual_seed(job.seed)
@@ -344,6 +363,7 @@ def measure(job: Job) -> dict[str, Any]:
             "note": f"out of memory under the {job.cap_bytes / GIB:.1f} GiB cap: {str(exc).splitlines()[0][:160]}",
             "baseline_gib": baseline / GIB,
             "peak_extra_gib_before_failure": (peak - baseline) / GIB,
+            "tropd_cli_sha": source_sha(),
             "memory_method": meter.method,
         }
     peak = meter.peak()
@@ -352,6 +372,7 @@ def measure(job: Job) -> dict[str, Any]:
     return {
         "status": "ok",
         "trl_source": _trl_jsd()[1] if job.path == "trl" else None,
+        "tropd_cli_sha": source_sha(),
         "baseline_gib": baseline / GIB,
         "peak_gib": peak / GIB,
         "peak_extra_gib": (peak - baseline) / GIB,
@@ -360,6 +381,7 @@ def measure(job: Job) -> dict[str, Any]:
         "loss": loss_value,
         "weight_grad_norm": grad_norm,
         "memory_method": meter.method,
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -374,11 +396,11 @@ def child_main(spec: str) -> None:
 
 
 def estimate_bytes(path: str, n: int, shape: Shape, chunk_size: int) -> int:
-    """Rough peak extra memory, fitted to measurements at 512 and 2048 tokens on the full shapes.
+    """Rough peak extra memory, fitted to this benchmark's measurements on the full shapes (1x-4x2048).
 
-    ``NV`` is one fp32 [N, V] tensor, ``VH`` one [V, H]. tropd: the lm_head gradient, the [V, H]
-    product added into it per chunk, a few chunk-sized logits buffers. naive: the lm_head gradient and
-    about 2.3 [N, V] buffers (log-softmax, its gradient, the gathers' scatter buffers). TRL: about 16
+    ``NV`` is one fp32 [N, V] tensor, ``VH`` one [V, H]. tropd: the lm_head gradient and a few
+    chunk-sized logits buffers (with a margin). naive: the lm_head gradient and
+    about 2.8 [N, V] buffers (log-softmax, its gradient, the gathers' scatter buffers). TRL: about 16
     [N, V] tensors alive at once (logits, temperature copies, two log-softmaxes, the stacked mixture,
     kl_div terms and their saved exps, the masked copy). Used only to skip sizes that clearly cannot fit.
     """
@@ -386,9 +408,9 @@ def estimate_bytes(path: str, n: int, shape: Shape, chunk_size: int) -> int:
     chunk = min(chunk_size, n) * shape.vocab * FP32
     per_token = n * (2 * shape.hidden + 8 * shape.top_k) * FP32
     if path == "tropd":
-        return 2 * vh + 3 * chunk + per_token
+        return vh + 3 * chunk + per_token
     if path == "naive":
-        return vh + int(2.3 * nv) + per_token
+        return vh + int(2.8 * nv) + per_token
     return vh + 16 * nv + per_token
 
 
@@ -440,7 +462,7 @@ def run_job(job: Job, timeout_s: float) -> dict[str, Any]:
 
 def plan(args: argparse.Namespace, shape: Shape, cap: int) -> list[Job]:
     jobs = [
-        Job(path, batch, args.chunk_size, shape, cap, args.repeat_below)
+        Job(path, batch, args.chunk_size, shape, cap, args.repeat_below, args.threads)
         for batch in args.sizes
         for path in args.paths
         if path == "tropd" or batch in args.baseline_sizes
@@ -448,7 +470,7 @@ def plan(args: argparse.Namespace, shape: Shape, cap: int) -> list[Job]:
     if "tropd" in args.paths:
         for chunk in args.extra_chunks:
             for batch in sorted({2 if 2 in args.sizes else args.sizes[0], max(args.sizes)}):
-                jobs.append(Job("tropd", batch, chunk, shape, cap, args.repeat_below))
+                jobs.append(Job("tropd", batch, chunk, shape, cap, args.repeat_below, args.threads))
     return jobs
 
 
@@ -544,7 +566,7 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "—" if value is None else format(value, spec)
 
 
-def _verdicts(summary: dict[str, Any], largest_run: int) -> list[str]:
+def _verdicts(rows: list[dict[str, Any]], summary: dict[str, Any], shape: Shape, largest_run: int) -> list[str]:
     out = []
     if "all_fit_ratio_vs_naive" in summary:
         n = summary["all_paths_fit_tokens"]
@@ -556,6 +578,14 @@ def _verdicts(summary: dict[str, Any], largest_run: int) -> list[str]:
             f"- **tropd <= 1/8 of naive**: {'met' if r_naive <= 1 / 8 else 'not met'} {where}: tropd's peak extra "
             f"is {r_naive:.3f}x naive's (1/8 = 0.125)."
         )
+        naive_extra = _ok(rows, "naive")[n // shape.seq_len]["peak_extra_gib"]
+        grads = grads_gib(shape, n // shape.seq_len)
+        if grads > naive_extra / 8:
+            out.append(
+                f"  There the gradients every path must hold (lm_head [V, H] + hidden states [N, H], {grads:.2f} GiB) "
+                f"are already {grads / naive_extra:.0%} of naive's {naive_extra:.2f} GiB, so no path that produces "
+                "an fp32 lm_head gradient can be under 1/8 at that size."
+            )
         out.append(
             f"- **tropd below TRL**: {'met' if r_trl < 1 else 'not met'} {where}: tropd's peak extra is "
             f"{r_trl:.3f}x TRL's."
@@ -596,16 +626,26 @@ def markdown_section(rows: list[dict[str, Any]], summary: dict[str, Any], meta: 
         f"{shape['seq_len']} tokens. Student hidden states and lm_head require grad; the teacher's do not. "
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB RAM; Python "
         f"{versions['python']}, torch {versions['torch']}, transformers {versions['transformers']}, "
-        f"TRL loss: {meta['trl_source']}.",
+        f"TRL loss: {meta['trl_source']}. torch threads per child: {meta.get('threads') or 'torch default (all cores)'}.",
         "",
         "```",
-        meta["command"],
+        *meta["commands"],
         "```",
         "",
+        *(
+            [
+                "**Warning:** these rows were measured with different versions of `scoring.py`/`losses.py` "
+                f"(fingerprints {', '.join(meta['tropd_cli_shas'])}, column `tropd_cli_sha` in results.json).",
+                "",
+            ]
+            if len(meta.get("tropd_cli_shas", [])) > 1
+            else []
+        ),
         "- **Paths.** `tropd`: `teacher_scores` (top-k) + `student_scores` with the teacher's top-k ids "
         "(chunked; the backward recomputes each chunk's logits) + `tropd_loss(outlier='fkl')` with a Bernoulli "
         "trust mask + `masked_mean`. `naive`: the same loss from full `[N, V]` logits and `log_softmax` (teacher "
-        "and student; each logits tensor is dropped as soon as its log-softmax exists, no entropy). `trl`: "
+        "and student; each logits tensor is dropped as soon as its log-softmax exists, no entropy: leaner than "
+        "`scoring.naive_scores`, so the comparison favours it). `trl`: "
         "`GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels, beta=0.5)` on full logits, as "
         "`GKDTrainer.compute_loss` calls it.",
         "- **Peak extra memory** = peak resident set size during forward + backward minus the resident set size "
@@ -613,15 +653,16 @@ def markdown_section(rows: list[dict[str, Any]], summary: dict[str, Any], meta: 
         "fresh child process that first runs the path once on tiny tensors (so lazily loaded kernels are in the "
         "baseline), reads `VmRSS`, resets the kernel's high-water mark by writing `5` to `/proc/self/clear_refs`, "
         "runs, and reads `VmHWM`: the kernel's exact maximum, with nothing sampled and nothing missed. (Where "
-        "clear_refs is not writable a 1 ms RSS sampler thread stands in; the table's rows say which was used.) "
+        "clear_refs is not writable a 1 ms RSS sampler thread stands in; `memory_method` in results.json says which was used.) "
         "The extra includes the lm_head gradient (`[V, H]`, "
         f"{shape['vocab'] * shape['hidden'] * FP32 / GIB:.2f} GiB) and the student hidden-state gradient.",
         "- **Time** is forward + backward wall-clock: the median of 3 runs after a warm-up where one run takes "
-        f"under {meta['repeat_below_s']:.0f} s, else a single run (`runs` = 1). The machine is shared, so times "
-        "are indicative.",
+        f"under {meta['repeat_below_s']:.0f} s, else a single run (`runs` = 1). The machine was shared with other "
+        "jobs while these ran, so times are indicative only (compare sizes within one path with care).",
         f"- **Failures.** Each child caps its address space at {meta['cap_gib']:.1f} GiB over its inputs "
         "(`RLIMIT_AS`), so a size that does not fit fails with an allocation error in that child alone; a size "
-        "whose estimate is clearly over the cap is skipped and says what it would need.",
+        "whose estimate is clearly over the cap is skipped and says what it would need. The cap shrinks to the "
+        "machine's free memory less 1 GiB when that is lower (the skip notes give the cap in force).",
         "- **Growth** (tropd, default chunk) = (extra(large) - extra(small) - (N_large - N_small) x H x 4 bytes) "
         "/ extra(small), with small = 2 sequences and large = the largest size run (2x2048 and 16x2048 in the full "
         "run): how much the peak grows with tokens beyond the hidden states themselves, whose gradient (the "
@@ -640,7 +681,20 @@ def markdown_section(rows: list[dict[str, Any]], summary: dict[str, Any], meta: 
             f"{_fmt(extra)} | {_fmt(r.get('seconds'), '.1f')} | {r.get('runs', '—')} | {status} |"
         )
     largest = max((r["tokens"] for r in rows if r["path"] == "tropd" and r["status"] == "ok"), default=0)
-    lines += ["", "Targets:", "", *_verdicts(summary, largest), MD_END]
+    agree = [
+        r["tokens"]
+        for r in rows
+        if r["path"] == "tropd" and r["status"] == "ok" and r["batch"] in _ok(rows, "naive")
+        if math.isclose(r["loss"], _ok(rows, "naive")[r["batch"]]["loss"], rel_tol=1e-4)
+        and math.isclose(r["weight_grad_norm"], _ok(rows, "naive")[r["batch"]]["weight_grad_norm"], rel_tol=1e-4)
+    ]
+    if agree:
+        lines += [
+            "",
+            f"Check: at {', '.join(str(t) for t in sorted(set(agree)))} tokens tropd's loss and lm_head-gradient "
+            "norm equal the naive path's to 1e-4 (`loss`, `weight_grad_norm` in results.json).",
+        ]
+    lines += ["", "Targets:", "", *_verdicts(rows, summary, Shape(**shape), largest), MD_END]
     return "\n".join(lines)
 
 
@@ -669,7 +723,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cap-gib", type=float, default=20.0, help="memory a child may use beyond its inputs")
     p.add_argument("--repeat-below", type=float, default=120.0, help="median of 3 when one run is under this (s)")
     p.add_argument("--timeout", type=float, default=3600.0, help="per child (s)")
+    p.add_argument("--threads", type=int, help="torch threads per child (default: torch's own; --quick: 1)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, seconds; for the test")
+    p.add_argument(
+        "--merge", action="store_true", help="keep rows of --out-json that this run does not re-measure (same shapes)"
+    )
+    p.add_argument(
+        "--render-only", action="store_true", help="rewrite --out-json/--out-md from --out-json's rows, measure nothing"
+    )
     p.add_argument("--out-json", type=Path, default=RESULTS_JSON)
     p.add_argument("--out-md", type=Path, default=BENCHMARKS_MD)
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -678,7 +739,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.sizes = args.sizes or [2, 16]
         args.baseline_sizes = args.baseline_sizes if args.baseline_sizes is not None else [2]
         args.extra_chunks = []
-        args.chunk_size = args.chunk_size or 32
+        args.chunk_size = args.chunk_size or 64
+        # Tiny ops spend their time in OpenMP hand-offs, which stall when the cores are busy elsewhere.
+        args.threads = args.threads or 1
     else:
         from tropd_cli.config import ScoringConfig
 
@@ -696,34 +759,70 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         child_main(args.child)
         return
+    if args.render_only:
+        old = json.loads(args.out_json.read_text())["loss_memory"]
+        args.chunk_size = old["chunk_size"]
+        render(old.pop("measurements"), {k: v for k, v in old.items() if k != "summary"}, args)
+        return
     base = QUICK if args.quick else FULL
     shape = Shape(base.vocab, base.hidden, base.top_k, args.seq_len or base.seq_len)
     machine, versions = environment()
     meta = {
-        "command": " ".join(["python benchmarks/loss_memory.py", *argv]),
+        "commands": [" ".join(["python benchmarks/loss_memory.py", *argv])],
         "shape": asdict(shape),
         "chunk_size": args.chunk_size,
         "cap_gib": args.cap_gib,
         "repeat_below_s": args.repeat_below,
+        "threads": args.threads,
         "machine": machine,
         "versions": versions,
     }
+    jobs = plan(args, shape, int(args.cap_gib * GIB))
+    kept = previous_rows(args.out_json, meta, jobs) if args.merge else []
     rows: list[dict[str, Any]] = []
-    for job in plan(args, shape, int(args.cap_gib * GIB)):
+    for job in jobs:
         # Never ask for more than the machine has free right now: it is shared.
         free = mem_available() - GIB
         if free < job.cap_bytes:
-            job = Job(job.path, job.batch, job.chunk_size, shape, max(free, 0), job.repeat_below_s)
+            job = dataclasses.replace(job, cap_bytes=max(free, 0))
         print(f"{job.path:5s} chunk={job.chunk_size:<5d} {job.batch}x{shape.seq_len} ...", end=" ", flush=True)
         row = run_job(job, args.timeout)
         rows.append(row)
-        meta["trl_source"] = next((r["trl_source"] for r in rows if r.get("trl_source")), "not run")
         print(row["status"], _fmt(row.get("peak_extra_gib")), "GiB", _fmt(row.get("seconds"), ".1f"), "s", flush=True)
         # Written after every child, so a long run that is interrupted keeps what it measured.
-        summary = summarise(rows, shape, args.chunk_size)
-        write_json(args.out_json, rows, summary, meta)
-        write_markdown(args.out_md, markdown_section(rows, summary, meta))
-    print(json.dumps(summarise(rows, shape, args.chunk_size), indent=2))
+        render(sort_rows(kept + rows, args.chunk_size), meta, args)
+    print(json.dumps(summarise(kept + rows, shape, args.chunk_size), indent=2))
+
+
+def previous_rows(path: Path, meta: dict[str, Any], jobs: list[Job]) -> list[dict[str, Any]]:
+    """Rows of an earlier run with the same shapes that this run does not measure again (``--merge``)."""
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text()).get("loss_memory", {})
+    if old.get("shape") != meta["shape"]:
+        return []
+    meta["commands"] = old.get("commands", []) + meta["commands"]
+    redone = {(j.path, j.batch, j.chunk_size if j.path == "tropd" else None) for j in jobs}
+    return [r for r in old.get("measurements", []) if (r["path"], r["batch"], r["chunk_size"]) not in redone]
+
+
+def sort_rows(rows: list[dict[str, Any]], chunk_size: int) -> list[dict[str, Any]]:
+    """Default chunk first, by size and path; then tropd's other chunk sizes."""
+
+    def key(r: dict[str, Any]) -> tuple[bool, int, int, int]:
+        extra = r["chunk_size"] not in (None, chunk_size)
+        return extra, r["chunk_size"] if extra else 0, r["tokens"], PATHS.index(r["path"])
+
+    return sorted(rows, key=key)
+
+
+def render(rows: list[dict[str, Any]], meta: dict[str, Any], args: argparse.Namespace) -> None:
+    shape = Shape(**meta["shape"])
+    meta["trl_source"] = next((r["trl_source"] for r in rows if r.get("trl_source")), "not run")
+    meta["tropd_cli_shas"] = sorted({r["tropd_cli_sha"] for r in rows if r.get("tropd_cli_sha")})
+    summary = summarise(rows, shape, args.chunk_size)
+    write_json(args.out_json, rows, summary, meta)
+    write_markdown(args.out_md, markdown_section(rows, summary, meta))
 
 
 if __name__ == "__main__":

@@ -48,3 +48,38 @@ def test_loss_memory_quick_writes_results(tmp_path: Path) -> None:
     md = out_md.read_text()
     assert "kept" in md and md.count("<!-- loss-memory:start -->") == 1
     assert "| path | chunk | tokens |" in md
+
+
+STEP_TIME = SCRIPT.parent / "step_time.py"
+
+
+def test_step_time_quick_writes_results(tmp_path: Path) -> None:
+    pytest.importorskip("trl")
+    out_json, out_md = tmp_path / "results.json", tmp_path / "benchmarks.md"
+    out_json.write_text(json.dumps({"loss_peak_mem_ratio_vs_naive": 0.5}))  # the other benchmark's keys survive
+    out_md.write_text("# Benchmarks\n\n<!-- loss-memory:start -->\nkept\n<!-- loss-memory:end -->\n")
+    proc = subprocess.run(
+        [sys.executable, str(STEP_TIME), "--quick", "--out-json", str(out_json), "--out-md", str(out_md)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    data = json.loads(out_json.read_text())
+    assert data["loss_peak_mem_ratio_vs_naive"] == 0.5
+    for key in ("step_time_ratio_vs_trl", "step_time_ratio_vs_trl_distillation", "overhead_fraction"):
+        assert isinstance(data[key], float) and math.isfinite(data[key]) and data[key] > 0, key
+    assert set(data["versions"]) >= {"python", "torch", "transformers", "trl"}
+    runners = data["step_time"]["runners"]
+    assert set(runners) == {"tropd", "tropd_fp32", "trl_gkd", "trl_distillation"}
+    for name, r in runners.items():
+        assert r["median_s"] > 0 and r["n_steps"] >= 1, name
+        # Every trainer sampled exactly the requested number of tokens (min_new_tokens = max_new_tokens).
+        assert r["new_tokens_min"] == r["new_tokens_max"] == data["step_time"]["setup"]["new_tokens"], name
+    assert runners["tropd"]["sampler_dtype"] in ("torch.bfloat16", "torch.float32")
+    assert runners["tropd_fp32"]["sampler_dtype"] == runners["tropd_fp32"]["teacher_dtype"] == "torch.float32"
+
+    md = out_md.read_text()
+    assert "kept" in md and md.count("<!-- step-time:start -->") == 1
+    assert "| trainer | median s/step |" in md
