@@ -640,16 +640,17 @@ def markdown_section(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
         f"- **Protocol.** Each trainer runs in a fresh process for {s['warmup']} warm-up + {s['steps']} measured "
         f"steps; the four take turns for {meta['rounds']} rounds (order {', '.join(RUNNERS)}, reversed every other "
-        "round); medians over the pooled measured steps. The machine is shared, so before each run the script "
-        "waits until other processes keep under 10% of the CPUs busy, measures (from `/proc/stat` minus its own "
-        "child's CPU time) how much CPU other processes took during the run, and runs it again when that exceeds "
-        f"10%: {len(meta['discarded_runs'])} run(s) were discarded and rerun, "
-        f"{meta['waited_for_idle_s'] / 60:.1f} min spent waiting; in the kept runs other processes used at most "
-        f"{100 * (meta['foreign_cpu_share_max'] or 0):.0f}% of the CPUs"
+        "round); medians over the pooled measured steps. "
         + (
-            " — so some runs shared the machine and their times are indicative only."
-            if (meta["foreign_cpu_share_max"] or 0) > 0.10
-            else "."
+            "The machine is shared, so before each run the script waits until other processes keep under "
+            f"{100 * meta['max_foreign']:.0f}% of the CPUs busy, measures (from `/proc/stat` minus its own child's "
+            "CPU time) how much CPU other processes took during the run, and drops and reruns a run where that "
+            f"exceeds {100 * meta['max_foreign']:.0f}% (at most {meta['retries']} reruns): "
+            f"{len(meta['discarded_runs'])} run(s) dropped, {meta['waited_for_idle_s'] / 60:.1f} min spent waiting; "
+            "in the kept runs other processes used at most "
+            f"{100 * (meta['foreign_cpu_share_max'] or 0):.0f}% of the CPUs."
+            if meta["max_foreign"] is not None
+            else "No check for other processes' load (--quick): the times are not meaningful."
         )
         + " Tokens sampled per prompt in the measured steps: "
         + f"{', '.join(sorted({str(int(r['new_tokens_min'])) for r in summary.values()}))}.",
@@ -748,7 +749,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.rounds, args.retries, args.max_wait = 1, 0, 0.0
+        args.rounds, args.retries, args.max_wait, args.max_foreign = 1, 0, 0.0, math.inf
     args.steps = args.steps or (1 if args.quick else 4)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     return args
@@ -788,7 +789,7 @@ def main(argv: list[str] | None = None) -> None:
         for rnd in range(args.rounds):
             order = RUNNERS if rnd % 2 == 0 else tuple(reversed(RUNNERS))
             for runner in order:
-                for attempt in range(args.retries + 1):
+                for _ in range(args.retries + 1):
                     print(f"round {rnd + 1}/{args.rounds} {runner:16s} ...", end=" ", flush=True)
                     waited += wait_for_idle(args.max_wait, args.max_foreign) if args.max_wait > 0 else 0.0
                     result = run_child(runner, setup, args.timeout)
@@ -796,11 +797,15 @@ def main(argv: list[str] | None = None) -> None:
                     times = [s["time_step"] for s in result["steps"][setup.warmup :]]
                     share = result["foreign_cpu_share"]
                     print(f"{statistics.median(times):.2f} s/step (others used {100 * (share or 0):.0f}% of the CPUs)")
-                    if share is None or share <= args.max_foreign or attempt == args.retries:
+                    loads += [result["load_before"], result["load_after"]]
+                    if share is None or share <= args.max_foreign:
+                        runs[runner].append(result)
                         break
-                    discarded.append(result)  # another process competed for the cores: run it again
-                runs[runner].append(result)
-                loads += [result["load_before"], result["load_after"]]
+                    # Another process competed for the cores: the run is dropped (and run again while retries last).
+                    discarded.append(result)
+    missing = [r for r in RUNNERS if not runs[r]]
+    if missing:
+        raise SystemExit(f"no run of {missing} was free of other processes' load; rerun on an idle machine")
     meta["load_average"] = [min(loads), max(loads)]
     kept = [r["foreign_cpu_share"] for rs in runs.values() for r in rs if r["foreign_cpu_share"] is not None]
     meta["foreign_cpu_share_max"] = max(kept) if kept else None
@@ -808,6 +813,8 @@ def main(argv: list[str] | None = None) -> None:
         {"runner": r["runner"], "round": r["round"], "foreign_cpu_share": r["foreign_cpu_share"]} for r in discarded
     ]
     meta["waited_for_idle_s"] = waited
+    meta["retries"] = args.retries
+    meta["max_foreign"] = args.max_foreign if math.isfinite(args.max_foreign) else None
     meta["setup"]["trl_dir"] = "(temporary)"
     summary = summarise(runs, setup.warmup)
     write_json(args.out_json, summary, meta, runs)
