@@ -9,6 +9,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from tropd_cli.config import DatasetConfig
 from tropd_cli.errors import UserError, first_line
 from tropd_cli.hub import hub_offline, hub_reachable
 
@@ -166,3 +167,19 @@ def format_prompt(
         assert isinstance(rendered, str)
         return rendered
     return f"{system_prompt}\n\n{text}" if system_prompt else text
+
+
+def examples_from_config(cfg: DatasetConfig) -> list[Example]:
+    """The training prompts a ``dataset`` config names."""
+    return load_examples(
+        source=cfg.source,
+        name=cfg.name,
+        path=cfg.path,
+        split=cfg.split,
+        subset=cfg.subset,
+        prompt_field=cfg.prompt_field,
+        answer_field=cfg.answer_field,
+        size=cfg.size,
+        seed=cfg.seed,
+        generator_kwargs=cfg.generator_kwargs,
+    )

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tropd_cli import losses
 from tropd_cli.config import TrainConfig
-from tropd_cli.data import Example, format_prompt, load_examples
+from tropd_cli.data import Example, examples_from_config, format_prompt
 from tropd_cli.methods import TokenInputs, get_method
 from tropd_cli.models import LoadedModel, default_cache_dir, load_pair, resolve_device, resolve_dtype
 from tropd_cli.rollout import RolloutBatch, generator, prefix_cap, rollout, seeded, tokenize_prompts
@@ -511,19 +511,7 @@ def train(cfg: TrainConfig, *, output_dir: Path, hooks: TrainHooks | None = None
     cache = default_cache_dir(cfg.cache_dir)
     t0 = time.perf_counter()
     teacher, student = load_pair(cfg.teacher, cfg.student, device=device, cache_dir=cache)
-    d = cfg.dataset
-    examples = load_examples(
-        source=d.source,
-        name=d.name,
-        path=d.path,
-        split=d.split,
-        subset=d.subset,
-        prompt_field=d.prompt_field,
-        answer_field=d.answer_field,
-        size=d.size,
-        seed=d.seed,
-        generator_kwargs=d.generator_kwargs,
-    )
+    examples = examples_from_config(cfg.dataset)
     trainer = Trainer(cfg, teacher=teacher, student=student, examples=examples)
     hooks.on_start(
         {
