@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import tropd_cli.commands.common as common  # registers the structured-config schemas
-from tropd_cli.config import AblateConfig, EvalConfig, TrainConfig, validate_train
+from tropd_cli.config import AblateConfig, EvalConfig, TrainConfig, validate_suites, validate_train
 from tropd_cli.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -72,6 +73,8 @@ def yaml_values(group: str, option: str) -> dict[str, Any]:
     data = OmegaConf.to_container(OmegaConf.load(path))
     assert isinstance(data, dict)
     data.pop("defaults", None)
+    if not data:  # an option made only of other options (eval_suite/paper)
+        return {}
 
     def walk(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
         if isinstance(node, dict) and node:
@@ -246,17 +249,54 @@ def test_eval_config_composes(compose_cfg, suite):
     eval_cfg = OmegaConf.to_object(cfg)
     assert isinstance(eval_cfg, EvalConfig)
     assert eval_cfg.models == ["/some/checkpoint", "latest"]
-    assert eval_cfg.eval_suite.name == suite and eval_cfg.eval_suite.tasks
-    assert all(task.size > 0 for task in eval_cfg.eval_suite.tasks)
+    assert eval_cfg.eval_suite and all(s.tasks for s in eval_cfg.eval_suite.values())
+    if suite != "paper":  # a plain suite file holds one suite, keyed by its own name
+        assert list(eval_cfg.eval_suite) == [suite]
+    validate_suites(eval_cfg.eval_suite)  # known benchmarks, pass@k within n_samples
+
+
+def test_eval_suites_combine_and_keep_their_own_sampling(compose_cfg):
+    eval_cfg = OmegaConf.to_object(compose_cfg("eval", ["eval_suite=[math,code_quick]", "eval_suite.math.n_samples=4"]))
+    assert isinstance(eval_cfg, EvalConfig)
+    assert list(eval_cfg.eval_suite) == ["math", "code_quick"]
+    assert eval_cfg.eval_suite["math"].n_samples == 4 and eval_cfg.eval_suite["code_quick"].n_samples == 1
+    paper = OmegaConf.to_object(compose_cfg("eval", ["eval_suite=paper"]))
+    assert isinstance(paper, EvalConfig)
+    assert set(paper.eval_suite) == {"math_competition", "code_competition", "general"}
+    assert paper.eval_suite["math_competition"].n_samples == 32  # the paper's avg@32
+    benchmarks = {t.benchmark for s in paper.eval_suite.values() for t in s.tasks}
+    assert benchmarks == {"aime24", "aime25", "amc23", "livecodebench", "mbpp", "gpqa_diamond", "mmlu_redux", "ifeval", "ifbench"}
 
 
 def test_eval_defaults_and_bad_overrides(compose_cfg):
     eval_cfg = OmegaConf.to_object(compose_cfg("eval", []))
     assert isinstance(eval_cfg, EvalConfig)
     assert "latest" in eval_cfg.models and eval_cfg.runs_dir == "outputs/train"
-    for override in ("foo=1", "eval_suite.max_new_tokens=lots"):
+    assert list(eval_cfg.eval_suite) == ["math"]
+    for override in ("foo=1", "eval_suite.math.max_new_tokens=lots", "eval_suite.math.tasks.0.sizee=3"):
         with pytest.raises((HydraException, OmegaConfBaseException)):
             compose_cfg("eval", [override])
+
+
+def test_bad_suite_values_name_the_key_to_fix(compose_cfg):
+    for override, message in (
+        ("eval_suite.math.pass_k=[4]", "eval_suite.math.pass_k has k=4"),
+        ("eval_suite.math.tasks.0.benchmark=gsm9k", "eval_suite.math.tasks.0.benchmark='gsm9k' is not an option"),
+        ("eval_suite.math.n_samples=0", "eval_suite.math.n_samples=0 must be positive"),
+    ):
+        eval_cfg = OmegaConf.to_object(compose_cfg("eval", [override]))
+        assert isinstance(eval_cfg, EvalConfig)
+        with pytest.raises(UserError, match=re.escape(message)):
+            validate_suites(eval_cfg.eval_suite)
+
+
+def test_train_can_evaluate_every_n_steps(compose_cfg):
+    train_cfg = as_train(compose_cfg("train", ["eval_every=5", "eval_suite=tiny"]))
+    assert train_cfg.eval_every == 5 and list(train_cfg.eval_suite) == ["tiny"]
+    validate_train(train_cfg)
+    assert as_train(compose_cfg("train", [])).eval_suite == {}  # no suite unless asked
+    with pytest.raises(UserError, match="needs a suite to run: add eval_suite=NAME"):
+        validate_train(as_train(compose_cfg("train", ["eval_every=5"])))
 
 
 def test_ablate_config_composes(compose_cfg):

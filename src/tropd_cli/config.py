@@ -132,30 +132,41 @@ class LoggerConfig:
 
 @dataclass
 class EvalTaskConfig:
-    name: str = "chain_sum"
-    source: str = "reasoning_gym"  # reasoning_gym | file | hub | humaneval
-    path: str | None = None
-    subset: str | None = None
-    split: str = "test"
-    prompt_field: str = "prompt"
-    answer_field: str = "answer"
-    size: int = 50
-    seed: int = 2024
+    """One benchmark of a suite (loaders and file schemas: docs/evaluation.md)."""
+
+    name: str = "chain_sum"  # its column in the results table
+    # gsm8k | math500 | aime24 | aime25 | amc23 | math (any file/hub set with prompt_field/answer_field)
+    # | reasoning_gym | humaneval | mbpp | livecodebench | gpqa_diamond | mmlu_redux | ifeval | ifbench
+    benchmark: str = "reasoning_gym"
+    path: str | None = None  # a local .jsonl/.json/.parquet/.csv file instead of the hub dataset
+    hub_name: str | None = None  # hub dataset id; None = the benchmark's usual one
+    subset: str | None = None  # hub dataset config; None = the benchmark's default
+    split: str | None = None  # None = the benchmark's default
+    prompt_field: str | None = None  # benchmark=math: the question field (None = problem/question/prompt)
+    answer_field: str | None = None  # benchmark=math: the gold-answer field (None = answer)
+    task: str | None = None  # benchmark=reasoning_gym: the generator (None = name)
+    size: int = 0  # first `size` problems; 0 = all (reasoning-gym needs a positive size)
+    seed: int = 2024  # reasoning-gym generator seed; choice order for gpqa_diamond
     generator_kwargs: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # per benchmark, e.g. livecodebench start_date
 
 
 @dataclass
 class EvalSuiteConfig:
-    name: str = "math"
+    """Tasks sharing one set of sampling settings; several suites combine (``eval_suite=[math,code]``)."""
+
     tasks: list[EvalTaskConfig] = field(default_factory=list)
     max_new_tokens: int = 96
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
-    n_samples: int = 1
+    n_samples: int = 1  # completions per problem: avg@n, maj@n (math, multiple choice), pass@k
+    pass_k: list[int] = field(default_factory=lambda: [1])  # k values for pass@k (each <= n_samples)
     batch_size: int = 16
     chat_template: bool = True
     system_prompt: str | None = None
     prompt_suffix: str = ""
+    stop: list[str] = field(default_factory=list)  # cut completions here (never inside a \boxed{} or code fence)
+    max_prompt_tokens: int = 4096  # longer prompts are cut from the left
 
 
 @dataclass
@@ -182,12 +193,15 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; None = torch's default
     save_every: int = 0  # 0 = only the final checkpoint
     cache_dir: str | None = None  # model cache; None = $TROPD_CACHE or ~/.cache/tropd
+    eval_every: int = 0  # run eval_suite on the student every N steps (and after the last); 0 = never
+    eval_suite: dict[str, EvalSuiteConfig] = field(default_factory=dict)  # eval_suite=NAME (group)
 
 
 @dataclass
 class EvalConfig:
     models: list[str] = field(default_factory=list)
-    eval_suite: EvalSuiteConfig = field(default_factory=EvalSuiteConfig)
+    eval_suite: dict[str, EvalSuiteConfig] = field(default_factory=dict)  # suite name -> suite
+    generations: str | None = None  # re-score this generations.jsonl instead of generating
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
@@ -268,3 +282,31 @@ def validate_train(cfg: TrainConfig) -> None:
     _check(cfg.dataset.source != "file" or bool(cfg.dataset.path), "dataset=file needs dataset.path=FILE")
     _check(bool(cfg.teacher.name), "teacher.name is empty; set a registry name, a local directory or a hub id")
     _check(cfg.student.from_teacher or bool(cfg.student.name), "set student.name or student.from_teacher=true")
+    _check(cfg.eval_every >= 0, f"eval_every={cfg.eval_every} must be >= 0 (0 = no evaluation during training)")
+    _check(
+        cfg.eval_every == 0 or bool(cfg.eval_suite),
+        f"eval_every={cfg.eval_every} needs a suite to run: add eval_suite=NAME (e.g. eval_suite=tiny)",
+    )
+    validate_suites(cfg.eval_suite)
+
+
+def validate_suites(suites: dict[str, EvalSuiteConfig]) -> None:
+    """Checks of eval suites that types cannot express; raises UserError naming the key."""
+    from tropd_cli.benchmarks import BENCHMARKS
+
+    for name, suite in suites.items():
+        key = f"eval_suite.{name}"
+        _check(bool(suite.tasks), f"{key} has no tasks; add some under {key}.tasks")
+        _check(suite.n_samples > 0, f"{key}.n_samples={suite.n_samples} must be positive")
+        _check(suite.max_new_tokens > 0, f"{key}.max_new_tokens={suite.max_new_tokens} must be positive")
+        _check(suite.batch_size > 0, f"{key}.batch_size={suite.batch_size} must be positive")
+        _check(suite.temperature >= 0, f"{key}.temperature={suite.temperature} must be >= 0 (0 = greedy)")
+        _check(0.0 < suite.top_p <= 1.0, f"{key}.top_p={suite.top_p} must be in (0, 1]")
+        for k in suite.pass_k:
+            _check(
+                1 <= k <= suite.n_samples,
+                f"{key}.pass_k has k={k}, but pass@k needs 1 <= k <= n_samples={suite.n_samples}",
+            )
+        for i, task in enumerate(suite.tasks):
+            _choice(task.benchmark, tuple(BENCHMARKS), f"{key}.tasks.{i}.benchmark")
+            _check(task.size >= 0, f"{key}.tasks.{i}.size={task.size} must be >= 0 (0 = all problems)")

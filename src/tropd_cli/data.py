@@ -53,11 +53,14 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
     return rows
 
 
-def read_records(path: str, split: str = "train") -> list[dict[str, Any]]:
-    """Rows of a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file, read through ``datasets``."""
+def read_records(path: str, split: str = "train", *, option: str = "dataset.path") -> list[dict[str, Any]]:
+    """Rows of a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file, read through ``datasets``.
+
+    ``option`` is the config key that set ``path``, named in the error when the file is missing.
+    """
     path = os.path.expanduser(path)
     if not os.path.exists(path):
-        raise UserError(f"data file not found: {path} (set dataset.path to an existing .jsonl or .parquet file)")
+        raise UserError(f"data file not found: {path} (set {option} to an existing .jsonl or .parquet file)")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".jsonl" and not _read_jsonl(path):  # a file:line message before datasets' cryptic one
         raise UserError(f"{path} has no rows; point to a non-empty dataset")
@@ -73,20 +76,24 @@ def read_records(path: str, split: str = "train") -> list[dict[str, Any]]:
     return [dict(r) for r in ds]
 
 
-def hub_records(name: str, split: str, subset: str | None = None) -> list[dict[str, Any]]:
+def hub_records(
+    name: str, split: str, subset: str | None = None, *, local_option: str = "dataset.source=file dataset.path=FILE"
+) -> list[dict[str, Any]]:
+    """Rows of a hub dataset; ``local_option`` is the override that points to a local file instead (named
+    in the error when the hub cannot be reached)."""
     import datasets
 
     if not hub_offline() and not hub_reachable():
         raise UserError(
             f"dataset {name!r} needs the Hugging Face hub, which cannot be reached; pass a local file with "
-            "dataset.source=file dataset.path=FILE (or set HF_HUB_OFFLINE=1 to use a cached copy)"
+            f"{local_option} (or set HF_HUB_OFFLINE=1 to use a cached copy)"
         )
     try:
         ds = datasets.load_dataset(name, subset, split=split)
     except Exception as exc:
         raise UserError(
             f"could not load dataset {name!r} (split {split!r}) from the hub: {first_line(exc)}; "
-            "offline, pass a local file with dataset.source=file dataset.path=FILE"
+            f"offline, pass a local file with {local_option}"
         ) from exc
     return [dict(r) for r in ds]
 

@@ -1,222 +1,291 @@
-"""Evaluation engine: batched generation on a suite's tasks, answer extraction, scoring."""
+"""Evaluation engine: batched generation for a suite's tasks, stop strings, grading and metrics.
+
+Engine code (no Hydra, no printing). :func:`evaluate` generates and grades; :func:`score_samples`
+grades existing completions (``tropd eval generations=PATH``); :func:`task_metrics` turns graded
+samples into avg@n, pass@k and maj@n.
+"""
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tropd_cli.config import EvalSuiteConfig, EvalTaskConfig
-from tropd_cli.data import Example, format_prompt, load_examples, reasoning_gym_examples
+from tropd_cli.answers import normalize_answer
+from tropd_cli.benchmarks import Task, load_task
+from tropd_cli.code_eval import pass_at_k
+from tropd_cli.config import EvalSuiteConfig
+from tropd_cli.data import format_prompt
+from tropd_cli.errors import UserError
 from tropd_cli.rollout import completion_mask, sample, seeded, tokenize_prompts
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+#: A sample counts as correct for pass@k when its score reaches this (scores are 0/1 but for
+#: reasoning-gym scorers that give partial credit; those count in avg@n, not in pass@k).
+CORRECT = 1.0 - 1e-9
 
 
-def _last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}``, with nested braces."""
-    start = text.rfind("\\boxed")
+# ---------------------------------------------------------------------------------------------
+# Stop strings
+
+
+def _answer_is_open(text: str) -> bool:
+    """Inside an unclosed ``\\boxed{`` or an unclosed ``` fence at the end of ``text``."""
+    if text.count("```") % 2 == 1:
+        return True
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
     if start < 0:
-        return None
-    i = text.find("{", start)
-    if i < 0:
-        return None
+        return False
     depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j].strip()
+    for ch in text[text.index("{", start) :]:
+        depth += 1 if ch == "{" else -1 if ch == "}" else 0
+    return depth > 0
+
+
+def find_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where ``text`` is cut: the first stop string that does not sit inside an open ``\\boxed{}`` or code
+    fence (a stop string there is part of the answer), or None."""
+    if not stops:
+        return None
+    pattern = re.compile("|".join(re.escape(s) for s in sorted(stops, key=len, reverse=True) if s))
+    for match in pattern.finditer(text):
+        if not _answer_is_open(text[: match.start()]):
+            return match.start()
     return None
 
 
-def _clean_number(token: str) -> str:
-    token = token.replace(",", "").rstrip(".")
-    if re.fullmatch(r"-?\d+\.0+", token):
-        token = token.split(".")[0]
-    return token
+def apply_stop(text: str, stops: Sequence[str]) -> str:
+    cut = find_stop(text, stops)
+    return text if cut is None else text[:cut]
 
 
-def extract_answer(text: str) -> str:
-    """The final answer in a completion: ``\\boxed{}``, else the number after the last "answer", else the last number."""
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed
-    lowered = text.lower()
-    at = lowered.rfind("answer")
-    if at >= 0:
-        match = _NUMBER.search(text, at)
-        if match:
-            return _clean_number(match.group())
-    numbers = _NUMBER.findall(text)
-    return _clean_number(numbers[-1]) if numbers else text.strip()
-
-
-def answers_match(predicted: str, gold: str) -> bool:
-    """Exact, then numeric, equality (math-verify based checking for LaTeX answers comes with eval suites)."""
-    if predicted.strip() == gold.strip():
-        return True
-    try:
-        return abs(float(_clean_number(predicted)) - float(_clean_number(gold))) < 1e-6
-    except ValueError:
-        return False
-
-
-Grader = Callable[[list[str], list[Example]], list[tuple[str, float]]]
-
-
-@dataclass
-class Task:
-    """Examples of one benchmark plus ``grade``: completions -> (extracted answer, score) per sample."""
-
-    name: str
-    examples: list[Example]
-    grade: Grader
-    prompts: list[str] | None = None  # what the model is asked, when it differs from ``example.prompt``
-
-
-def answer_grader(scorer: Callable[[str, Example], float]) -> Grader:
-    """Math-style grading: extract the final answer, then score it against the example."""
-
-    def grade(completions: list[str], examples: list[Example]) -> list[tuple[str, float]]:
-        out = []
-        for text, ex in zip(completions, examples, strict=True):
-            answer = extract_answer(text)
-            out.append((answer, scorer(answer, ex)))
-        return out
-
-    return grade
-
-
-CODE_INSTRUCTION = "Complete the following Python function. Reply with the whole function in a ```python block.\n\n"
-
-
-def _humaneval_task(cfg: EvalTaskConfig) -> Task:
-    from tropd_cli.code_eval import extract_code, load_humaneval, score_humaneval
-
-    examples = load_humaneval(cfg.path)[: cfg.size or None]
-
-    def grade(completions: list[str], exs: list[Example]) -> list[tuple[str, float]]:
-        scores = score_humaneval(exs, completions)  # every program in the sandbox, in parallel
-        return [(extract_code(text, ex.prompt), s) for text, ex, s in zip(completions, exs, scores, strict=True)]
-
-    prompts = [f"{CODE_INSTRUCTION}```python\n{ex.prompt}```" for ex in examples]
-    return Task(cfg.name, examples, grade, prompts)
-
-
-def load_task(cfg: EvalTaskConfig) -> Task:
-    if cfg.source == "humaneval":
-        return _humaneval_task(cfg)
-    if cfg.source == "reasoning_gym":
-        examples, rg_task = reasoning_gym_examples(cfg.name, size=cfg.size, seed=cfg.seed, kwargs=cfg.generator_kwargs)
-
-        def rg_score(answer: str, ex: Example) -> float:
-            return float(rg_task.score_answer(answer, ex.metadata))
-
-        return Task(cfg.name, examples, answer_grader(rg_score))
-    examples = load_examples(
-        source=cfg.source,
-        name=cfg.name,
-        path=cfg.path,
-        split=cfg.split,
-        subset=cfg.subset,
-        prompt_field=cfg.prompt_field,
-        answer_field=cfg.answer_field,
-        size=cfg.size,
-        seed=cfg.seed,
-        generator_kwargs=cfg.generator_kwargs,
-    )
-    return Task(cfg.name, examples, answer_grader(lambda answer, ex: float(answers_match(answer, ex.answer or ""))))
+# ---------------------------------------------------------------------------------------------
+# Metrics
 
 
 @dataclass
 class TaskResult:
+    """One (model, suite, task): its metrics and every graded sample (a generations.jsonl line each)."""
+
+    suite: str
     task: str
-    accuracy: float
-    n: int
-    seconds: float
+    metrics: dict[str, float]
+    n_problems: int
+    skipped: int = 0
+    seconds: float = 0.0
     samples: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def score(self) -> float:
+        """The headline number: the mean score over problems and samples (avg@n)."""
+        return self.metrics[next(k for k in self.metrics if k.startswith("avg@"))]
+
+
+def task_metrics(samples: Sequence[dict[str, Any]], *, kind: str, n: int, pass_k: Sequence[int]) -> dict[str, float]:
+    """avg@n, pass@k for each k, maj@n (math and multiple choice, n > 1) and the mean of every extra metric.
+
+    ``samples``: dicts with ``problem_id``, ``score``, ``extracted`` (and any extras under ``extra``).
+    avg@n is the mean score over all samples of all problems (the paper's "average of n"); pass@k is
+    the unbiased estimator of Chen et al. (2021) from each problem's n samples; maj@n scores the most
+    frequent extracted answer per problem (ties: the earliest), compared after normalisation.
+    """
+    by_problem: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for s in samples:
+        by_problem[str(s["problem_id"])].append(s)
+    if not by_problem:
+        return {f"avg@{n}": 0.0}
+    out = {f"avg@{n}": sum(float(s["score"]) for s in samples) / len(samples)}
+    for k in pass_k:
+        out[f"pass@{k}"] = sum(
+            pass_at_k(len(group), sum(float(s["score"]) >= CORRECT for s in group), k) for group in by_problem.values()
+        ) / len(by_problem)
+    if kind in ("math", "choice") and n > 1:
+        total = 0.0
+        for group in by_problem.values():
+            votes = Counter(normalize_answer(str(s["extracted"])) for s in group if str(s["extracted"]).strip())
+            if votes:
+                top = max(votes.values())
+                winner = next(s for s in group if votes.get(normalize_answer(str(s["extracted"]))) == top)
+                total += float(winner["score"])
+        out[f"maj@{n}"] = total / len(by_problem)
+    extras: dict[str, list[float]] = defaultdict(list)
+    for s in samples:
+        for key, value in (s.get("extra") or {}).items():
+            extras[key].append(float(value))
+    out.update({key: sum(values) / len(values) for key, values in extras.items()})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation and grading
+
+
+@dataclass
+class SuiteTasks:
+    """A suite's settings with its loaded tasks."""
+
+    name: str
+    config: EvalSuiteConfig
+    tasks: list[Task]
+
+
+def load_suites(suites: dict[str, EvalSuiteConfig]) -> list[SuiteTasks]:
+    """Load every task of every suite (data files, hub sets, generators) once, before any model runs."""
+    return [
+        SuiteTasks(name, suite, [load_task(t, f"eval_suite.{name}.tasks.{i}") for i, t in enumerate(suite.tasks)])
+        for name, suite in suites.items()
+    ]
+
+
+def count_jobs(suites: Sequence[SuiteTasks]) -> int:
+    """Completions to generate for one model: problems x n_samples over every suite."""
+    return sum(len(t.examples) * s.config.n_samples for s in suites for t in s.tasks)
+
+
+def score_samples(
+    task: Task, suite_name: str, suite: EvalSuiteConfig, completions: dict[tuple[int, int], str]
+) -> TaskResult:
+    """Grade ``completions[(problem index, sample index)]`` and compute the task's metrics."""
+    t0 = time.perf_counter()
+    order = sorted(completions)
+    grades = task.grade([completions[job] for job in order], [task.examples[i] for i, _ in order])
+    samples = []
+    for (i, k), grade in zip(order, grades, strict=True):
+        ex = task.examples[i]
+        samples.append(
+            {
+                "suite": suite_name,
+                "task": task.name,
+                "problem_id": ex.uid,
+                "sample_idx": k,
+                "prompt": task.prompts[i],
+                "completion": completions[(i, k)],
+                "extracted": grade.answer,
+                "gold": ex.answer,
+                "score": grade.score,
+                **({"extra": grade.extra} if grade.extra else {}),
+            }
+        )
+    metrics = task_metrics(samples, kind=task.kind, n=suite.n_samples, pass_k=suite.pass_k)
+    n_problems = len({i for i, _ in order})
+    return TaskResult(suite_name, task.name, metrics, n_problems, task.skipped, time.perf_counter() - t0, samples)
+
+
+def _stop_checker(
+    tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]
+) -> Callable[[Tensor], Tensor] | None:
+    if not stops:
+        return None
+
+    def check(tokens: Tensor) -> Tensor:
+        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return torch.tensor([find_stop(text, stops) is not None for text in texts])
+
+    return check
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    suite: EvalSuiteConfig,
+    *,
+    seed: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[tuple[int, int], str]:
+    """``suite.n_samples`` completions per problem, keyed by (problem index, sample index).
+
+    Jobs are sorted by prompt length (longest first), so a batch holds similar lengths and little
+    padding; batch ``b`` samples with ``seeded(seed, b)``. Completions end at EOS, at
+    ``max_new_tokens`` or at a stop string (:func:`find_stop`).
+    """
+    device = next(model.parameters()).device
+    prompts = [
+        format_prompt(
+            tokenizer, ask, system_prompt=suite.system_prompt, suffix=suite.prompt_suffix, chat_template=suite.chat_template
+        )
+        for ask in task.prompts
+    ]
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    jobs = sorted(((i, k) for i in range(len(prompts)) for k in range(suite.n_samples)), key=lambda j: -lengths[j[0]])
+    stop_check = _stop_checker(tokenizer, suite.stop)
+    completions: dict[tuple[int, int], str] = {}
+    for b, start in enumerate(range(0, len(jobs), suite.batch_size)):
+        chunk = jobs[start : start + suite.batch_size]
+        ids, mask = tokenize_prompts(
+            tokenizer, [prompts[i] for i, _ in chunk], max_prompt_tokens=suite.max_prompt_tokens, device=device
+        )
+        out = sample(
+            model,
+            ids,
+            mask,
+            max_new_tokens=suite.max_new_tokens,
+            temperature=suite.temperature,
+            top_p=suite.top_p,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            seed=seeded(seed, b),
+            stop_check=stop_check,
+        )
+        valid = completion_mask(out, tokenizer.eos_token_id)
+        for row, job in enumerate(chunk):
+            text = str(tokenizer.decode(out[row][valid[row]], skip_special_tokens=True))
+            completions[job] = apply_stop(text, suite.stop)
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return completions
 
 
 def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    tasks: list[Task],
-    suite: EvalSuiteConfig,
+    suites: Sequence[SuiteTasks],
     *,
     seed: int,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[TaskResult]:
-    """Generate ``suite.n_samples`` completions per problem (batched, longest prompts first) and score them."""
-    device = next(model.parameters()).device
+    """Generate for and grade every task of every suite; one :class:`TaskResult` per task, in order."""
     results = []
-    for task in tasks:
-        t0 = time.perf_counter()
-        asks = task.prompts or [ex.prompt for ex in task.examples]
-        prompts = [
-            format_prompt(
-                tokenizer,
-                ask,
-                system_prompt=suite.system_prompt,
-                suffix=suite.prompt_suffix,
-                chat_template=suite.chat_template,
-            )
-            for ask in asks
-        ]
-        jobs = [(i, k) for i in range(len(prompts)) for k in range(suite.n_samples)]
-        jobs.sort(key=lambda job: -len(prompts[job[0]]))  # similar lengths share a batch: less padding
-        completions: dict[tuple[int, int], str] = {}
-        samples: list[dict[str, Any]] = []
-        for b, start in enumerate(range(0, len(jobs), suite.batch_size)):
-            chunk = jobs[start : start + suite.batch_size]
-            ids, mask = tokenize_prompts(
-                tokenizer, [prompts[i] for i, _ in chunk], max_prompt_tokens=4096, device=device
-            )
-            out = sample(
-                model,
-                ids,
-                mask,
-                max_new_tokens=suite.max_new_tokens,
-                temperature=suite.temperature,
-                top_p=suite.top_p,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                seed=seeded(seed, b),
-            )
-            valid = completion_mask(out, tokenizer.eos_token_id)
-            for row, job in enumerate(chunk):
-                tokens = out[row][valid[row]]
-                completions[job] = str(tokenizer.decode(tokens, skip_special_tokens=True))
-            if on_batch is not None:
-                on_batch(len(chunk))
-        order = sorted(completions)
-        graded = task.grade([completions[job] for job in order], [task.examples[i] for i, _ in order])
-        for (i, k), (answer, score) in zip(order, graded, strict=True):
-            ex = task.examples[i]
-            samples.append(
-                {
-                    "task": task.name,
-                    "problem_id": ex.uid,
-                    "sample_idx": k,
-                    "prompt": ex.prompt,
-                    "completion": completions[(i, k)],
-                    "extracted": answer,
-                    "gold": ex.answer,
-                    "score": score,
-                }
-            )
-        accuracy = sum(float(s["score"]) for s in samples) / max(1, len(samples))
-        results.append(TaskResult(task.name, accuracy, len(task.examples), time.perf_counter() - t0, samples))
+    for suite in suites:
+        for task in suite.tasks:
+            t0 = time.perf_counter()
+            completions = generate(model, tokenizer, task, suite.config, seed=seed, on_batch=on_batch)
+            result = score_samples(task, suite.name, suite.config, completions)
+            result.seconds = time.perf_counter() - t0
+            results.append(result)
     return results
 
 
-@torch.no_grad()
-def count_jobs(tasks: list[Task], suite: EvalSuiteConfig) -> int:
-    return sum(len(t.examples) for t in tasks) * suite.n_samples
+def rescore(lines: Sequence[dict[str, Any]], suites: Sequence[SuiteTasks]) -> dict[str, list[TaskResult]]:
+    """Grade the completions of a generations.jsonl again, per model: ``{model: [TaskResult, ...]}``.
+
+    Each line's ``suite``, ``task`` and ``problem_id`` must name a problem of ``suites``.
+    """
+    index = {(s.name, t.name): (s, t, {ex.uid: i for i, ex in enumerate(t.examples)}) for s in suites for t in s.tasks}
+    grouped: dict[str, dict[tuple[str, str], dict[tuple[int, int], str]]] = defaultdict(lambda: defaultdict(dict))
+    for n, line in enumerate(lines, start=1):
+        key = (str(line.get("suite")), str(line.get("task")))
+        if key not in index:
+            raise UserError(
+                f"generations line {n}: suite {key[0]!r} task {key[1]!r} is not in the eval suites "
+                f"({', '.join(f'{a}/{b}' for a, b in index)}); pass the suite it was made with (eval_suite=...)"
+            )
+        uids = index[key][2]
+        if str(line.get("problem_id")) not in uids:
+            raise UserError(f"generations line {n}: problem {line.get('problem_id')!r} is not in task {key[1]!r}")
+        job = (uids[str(line["problem_id"])], int(line.get("sample_idx", 0)))
+        grouped[str(line.get("model", ""))][key][job] = str(line["completion"])
+    out: dict[str, list[TaskResult]] = {}
+    for model, per_task in grouped.items():
+        out[model] = []
+        for key, completions in per_task.items():
+            suite, task, _ = index[key]
+            out[model].append(score_samples(task, suite.name, suite.config, completions))
+    return out

@@ -64,6 +64,10 @@ class RichProgress:
             f"trust {metrics['trust_fraction']:.2f}  {metrics['time_step']:.1f}s/step"
         )
         self.progress.update(self.task, advance=1, stats=stats)
+        scores = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/")}
+        if scores:
+            shown = "  ".join(f"{k} {100 * v:.1f}" for k, v in scores.items())
+            self.progress.console.print(f"step {step + 1} eval (%): {escape(shown)}")
 
     def on_end(self, summary: dict[str, Any]) -> None:
         self.progress.stop()
@@ -90,7 +94,7 @@ class Wandb:
         self.run.config.update({"run_info": info}, allow_val_change=True)
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log({f"train/{k}": v for k, v in metrics.items()}, step=step + 1)
+        self.run.log({k if k.startswith("eval/") else f"train/{k}": v for k, v in metrics.items()}, step=step + 1)
 
     def on_end(self, summary: dict[str, Any]) -> None:
         self.run.finish()

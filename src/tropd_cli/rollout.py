@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -99,11 +100,15 @@ def _sample_loop(
     eos_ids: Tensor,
     pad_token_id: int,
     generator: torch.Generator,
+    stop_check: Callable[[Tensor], Tensor] | None = None,
+    check_every: int = 8,
 ) -> Tensor:
     """Autoregressive sampling with a KV cache and nothing else: one model call per token.
 
     HF ``generate`` does the same work with a general-purpose processor pipeline around it; on a CPU
     that overhead is a measurable share of a small model's step. Noise comes from ``generator``.
+    ``stop_check(tokens [B, t]) -> [B] bool``, asked every ``check_every`` tokens, ends rows early (as
+    if they had written EOS: padding follows), e.g. once a stop string appears.
     """
     from transformers import DynamicCache
 
@@ -134,6 +139,8 @@ def _sample_loop(
         next_token = torch.where(finished, pad_token_id, next_token)
         tokens.append(next_token)
         finished |= torch.isin(next_token, eos_ids)
+        if stop_check is not None and (t + 1) % check_every == 0:
+            finished |= stop_check(torch.stack(tokens, dim=1)).to(finished.device)
         if bool(finished.all()) or t == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
@@ -164,12 +171,14 @@ def sample(
     pad_token_id: int,
     seed: int,
     backend: str = "loop",
+    stop_check: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Sample continuations ``[B, T']`` (padded with ``pad_token_id`` after EOS) from ``model``.
 
     Sampling is from the full distribution at ``temperature`` (no top-k, and top-p only when asked),
     so that rollout log-probs match the trainer's scoring. ``temperature <= 0`` means greedy.
     ``backend``: ``loop`` (a minimal KV-cache loop, the default) or ``generate`` (HF ``generate``).
+    ``stop_check``: see :func:`_sample_loop` (``loop`` only).
     """
     was_training = model.training
     model.eval()
@@ -187,6 +196,7 @@ def sample(
                 eos_ids=torch.tensor(eos, dtype=torch.long, device=input_ids.device),
                 pad_token_id=pad_token_id,
                 generator=generator(seed),
+                stop_check=stop_check,
             )
         if backend != "generate":
             raise ValueError(f"unknown sampling backend {backend!r}; choose loop or generate")

@@ -25,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tropd_cli import losses
 from tropd_cli.config import TrainConfig
 from tropd_cli.data import Example, examples_from_config, format_prompt
+from tropd_cli.evaluation import SuiteTasks, evaluate, load_suites
 from tropd_cli.methods import TokenInputs, get_method
 from tropd_cli.models import LoadedModel, default_cache_dir, load_pair, resolve_device, resolve_dtype
 from tropd_cli.rollout import RolloutBatch, generator, prefix_cap, rollout, seeded, tokenize_prompts
@@ -501,6 +502,18 @@ class Trainer:
         return per_seq.sum() / n_seqs
 
 
+def eval_metrics(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, suites: list[SuiteTasks], *, seed: int
+) -> dict[str, float]:
+    """The student's score on every eval task (``eval/<task>``, avg@n) and their mean (``eval/average``)."""
+    t0 = time.perf_counter()
+    results = evaluate(model, tokenizer, suites, seed=seed)
+    out = {f"eval/{r.suite}/{r.task}": r.score for r in results}
+    out["eval/average"] = sum(out.values()) / len(out)
+    out["time_eval"] = time.perf_counter() - t0
+    return out
+
+
 def train(cfg: TrainConfig, *, output_dir: Path, hooks: TrainHooks | None = None) -> TrainResult:
     """Run ``cfg.steps`` optimizer steps and save the student as a Hugging Face checkpoint."""
     hooks = hooks or NoHooks()
@@ -512,6 +525,7 @@ def train(cfg: TrainConfig, *, output_dir: Path, hooks: TrainHooks | None = None
     t0 = time.perf_counter()
     teacher, student = load_pair(cfg.teacher, cfg.student, device=device, cache_dir=cache)
     examples = examples_from_config(cfg.dataset)
+    eval_suites = load_suites(cfg.eval_suite) if cfg.eval_every else []  # load eval data before training starts
     trainer = Trainer(cfg, teacher=teacher, student=student, examples=examples)
     hooks.on_start(
         {
@@ -527,6 +541,8 @@ def train(cfg: TrainConfig, *, output_dir: Path, hooks: TrainHooks | None = None
     history = []
     for step in range(cfg.steps):
         metrics = trainer.step(step)
+        if eval_suites and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            metrics.update(eval_metrics(student.model, trainer.tokenizer, eval_suites, seed=cfg.seed))
         history.append(metrics)
         hooks.on_step(step, metrics)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
