@@ -166,14 +166,26 @@ def test_eval_a_checkpoint_prints_a_table_and_writes_results(tropd, tmp_path, ti
 
     run_dir = only_run_dir(tmp_path / "outputs" / "eval")
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["suite"] == "tiny"
-    assert results["models"] == [str(checkpoint)]
+    assert list(results["suites"]) == ["tiny"] and results["columns"] == ["chain_sum"]
+    assert results["models"] == {str(checkpoint): str(checkpoint.resolve())}
+    assert {"tropd", "torch", "transformers", "math-verify"} <= set(results["versions"])
+    settings = results["suites"]["tiny"]
+    assert settings["temperature"] == 0.0 and settings["n_samples"] == 1 and settings["max_new_tokens"] == 8
     scores = results["scores"][str(checkpoint)]
     assert 0.0 <= scores["chain_sum"] <= 1.0 and scores["average"] == scores["chain_sum"]
+    assert results["metrics"][str(checkpoint)]["chain_sum"]["avg@1"] == scores["chain_sum"]
 
     generations = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
-    assert len(generations) == results["settings"]["tasks"]["chain_sum"] == 6
-    assert all(g["model"] == str(checkpoint) and "completion" in g and "score" in g for g in generations)
+    assert len(generations) == settings["tasks"]["chain_sum"]["problems"] == 6
+    fields = {"model", "suite", "task", "problem_id", "sample_idx", "prompt", "completion", "extracted", "score"}
+    assert all(fields <= set(g) and g["model"] == str(checkpoint) for g in generations)
+
+    # Re-scoring the generations file loads no model and gives the same scores.
+    again = tropd("eval", f"generations={run_dir / 'generations.jsonl'}", "models=[/no/model/needed]")
+    assert_ok(again)
+    rescored = max((tmp_path / "outputs" / "eval").glob("*/*/results.json"), key=lambda p: p.stat().st_mtime_ns)
+    assert rescored.parent != run_dir
+    assert json.loads(rescored.read_text())["metrics"] == results["metrics"]
 
 
 def test_eval_latest_finds_the_newest_train_run(tiny_train, tropd_in):

@@ -1,14 +1,39 @@
-"""HumanEval support: code extraction, pass@k against hand values, problems checked in the sandbox."""
+"""Code benchmarks: HumanEval code extraction and pass@k against hand values; HumanEval, MBPP and
+LiveCodeBench problems checked in the real sandbox; LiveCodeBench test decoding refusing hostile pickles."""
 
 from __future__ import annotations
 
+import ast
+import base64
 import gzip
 import json
 import math
+import os
+import pickle
+import shlex
+import time
+import zlib
 
 import pytest
 
-from tropd_cli.code_eval import extract_code, humaneval_program, load_humaneval, pass_at_k, score_humaneval
+from tropd_cli.code_eval import (
+    LCB_PASS_LINE,
+    extract_code,
+    extract_fenced,
+    humaneval_program,
+    lcb_func_name,
+    lcb_program,
+    lcb_prompt,
+    lcb_tests,
+    lcb_timeout,
+    load_humaneval,
+    mbpp_program,
+    mbpp_prompt,
+    pass_at_k,
+    score_humaneval,
+    score_livecodebench,
+    score_mbpp,
+)
 from tropd_cli.errors import UserError
 
 PROMPT = 'from typing import List\n\n\ndef total(xs: List[int]) -> int:\n    """Sum of xs."""\n'
@@ -148,3 +173,247 @@ def test_score_humaneval_needs_one_completion_per_example(humaneval):
 def test_all_canonical_solutions_pass(humaneval):
     scores = score_humaneval(humaneval, [ex.answer for ex in humaneval])
     assert [ex.uid for ex, score in zip(humaneval, scores, strict=True) if score != 1.0] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# MBPP
+
+MBPP_ROW = {
+    "task_id": 2,
+    "text": "Write a function to find the similar elements from the given two tuple lists.",
+    "code": "def similar_elements(a, b):\n    return tuple(set(a) & set(b))\n",
+    "test_list": [
+        "assert set(similar_elements((3, 4, 5, 6), (5, 7, 4, 10))) == {4, 5}",
+        "assert set(similar_elements((1, 2, 3, 4), (5, 4, 3, 7))) == {3, 4}",
+    ],
+    "test_setup_code": "",
+    "challenge_test_list": [],
+}
+# The solution relies on the setup code for ``math`` and ``SCALE``.
+MBPP_SETUP_ROW = {
+    "task_id": 900,
+    "text": "Write a function to scale the square root of n.",
+    "code": "def scaled_root(n):\n    return SCALE * math.isqrt(n)\n",
+    "test_list": ["assert scaled_root(16) == 40", "assert scaled_root(1) == 10"],
+    "test_setup_code": "import math\nSCALE = 10",
+    "challenge_test_list": [],
+}
+MBPP_SANITIZED_ROW = {
+    "task_id": 901,
+    "prompt": "Write a function to return the greatest common divisor of two integers.",
+    "code": "def my_gcd(a, b):\n    return gcd(a, b)\n",
+    "test_imports": ["from math import gcd"],
+    "test_list": ["assert my_gcd(12, 18) == 6"],
+}
+
+
+def test_mbpp_prompt_states_the_task_and_its_tests():
+    prompt = mbpp_prompt(MBPP_ROW)
+    assert prompt.startswith("You are an expert Python programmer, and here is your task: Write a function to find")
+    assert "Your code should pass these tests:\n\n" + "\n".join(MBPP_ROW["test_list"]) in prompt
+    assert "```python" in prompt
+    assert "greatest common divisor" in mbpp_prompt(MBPP_SANITIZED_ROW)  # the sanitized config's ``prompt`` field
+
+
+def test_mbpp_program_is_setup_then_extracted_code_then_asserts():
+    fenced = "Here it is:\n```python\ndef scaled_root(n):\n    return 0\n```\nDone."
+    program = mbpp_program(MBPP_SETUP_ROW, fenced)
+    setup, code, tests = (program.index(part) for part in ("SCALE = 10", "def scaled_root", "assert scaled_root(16)"))
+    assert setup < code < tests and "Here it is" not in program and "Done." not in program
+    assert extract_fenced("def f():\n    return 1\n") == "def f():\n    return 1\n"  # unfenced: the raw text
+
+
+def test_score_mbpp_runs_the_asserts():
+    rows = [MBPP_ROW, MBPP_ROW, MBPP_ROW, MBPP_SETUP_ROW, {**MBPP_SETUP_ROW, "test_setup_code": ""}, MBPP_SANITIZED_ROW]
+    completions = [
+        MBPP_ROW["code"],
+        "def similar_elements(a, b):\n    return tuple(a)\n",
+        f"Sure:\n```python\n{MBPP_ROW['code']}```\nIt intersects the sets.",
+        MBPP_SETUP_ROW["code"],
+        MBPP_SETUP_ROW["code"],  # without the setup code: NameError
+        MBPP_SANITIZED_ROW["code"],
+    ]
+    assert score_mbpp(rows, completions, workers=2, timeout_s=5.0) == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+
+
+def test_score_mbpp_needs_one_completion_per_row():
+    with pytest.raises(ValueError, match="one completion each"):
+        score_mbpp([MBPP_ROW], [])
+
+
+# ---------------------------------------------------------------------------------------------
+# LiveCodeBench
+
+
+def encode_private(tests: list[dict]) -> str:
+    """Private tests the way code_generation_lite stores them: base64(zlib(pickle(json string)))."""
+    return base64.b64encode(zlib.compress(pickle.dumps(json.dumps(tests)))).decode("utf-8")
+
+
+def stdin_test(pairs: list[tuple[int, int]]) -> dict:
+    text = f"{len(pairs)}\n" + "".join(f"{a} {b}\n" for a, b in pairs)
+    return {"input": text, "output": "".join(f"{a + b}\n" for a, b in pairs), "testtype": "stdin"}
+
+
+STDIN_ROW = {
+    "question_title": "Pair sums",
+    "question_content": "Read T, then T lines of two integers; print each pair's sum on its own line.",
+    "platform": "atcoder",
+    "question_id": "abc000_a",
+    "contest_id": "abc000",
+    "contest_date": "2024-08-01T00:00:00",
+    "starter_code": "",
+    "difficulty": "easy",
+    "public_test_cases": json.dumps([stdin_test([(1, 2), (3, 4)])]),
+    "private_test_cases": encode_private([stdin_test([(10, -3)]), stdin_test([(0, 0), (5, 5), (-7, 7)])]),
+    "metadata": "{}",
+}
+
+
+def functional_test(nums: list[int], target: int, answer: list[int]) -> dict:
+    return {"input": f"{json.dumps(nums)}\n{target}", "output": json.dumps(answer), "testtype": "functional"}
+
+
+FUNCTIONAL_ROW = {
+    "question_title": "Two sum",
+    "question_content": "Return the indices of the two numbers that add up to target.",
+    "platform": "leetcode",
+    "question_id": "1",
+    "contest_id": "weekly-contest-1",
+    "contest_date": "2024-08-01T00:00:00",
+    "starter_code": "class Solution:\n    def twoSum(self, nums: List[int], target: int) -> List[int]:\n        ",
+    "difficulty": "easy",
+    "public_test_cases": json.dumps([functional_test([2, 7, 11, 15], 9, [0, 1])]),
+    # Some releases store the private tests as plain JSON.
+    "private_test_cases": json.dumps([functional_test([3, 2, 4], 6, [1, 2]), functional_test([3, 3], 6, [0, 1])]),
+    "metadata": json.dumps({"func_name": "twoSum"}),
+}
+
+STDIN_INPUT = """```python
+def main():
+    t = int(input())
+    for _ in range(t):
+        a, b = map(int, input().split())
+        print(a + b)
+
+# A separate thread for a bigger stack, as competitive programmers do: the harness waits for it.
+import threading
+threading.Thread(target=main).start()
+```"""
+STDIN_READ = """```python
+data = sys.stdin.read().split()  # sys comes from LiveCodeBench's import preamble
+t = int(data[0])
+sys.stdout.write("\\n".join(str(int(data[1 + 2 * i]) + int(data[2 + 2 * i])) for i in range(t)) + "\\n")
+sys.exit(0)
+```"""
+# Prints "3.0  " for 3: LiveCodeBench compares lines after stripping, and numbers as Decimals.
+STDIN_OPEN0 = """```python
+import os
+values = open(0).read().split()
+for i in range(int(values[0])):
+    print(f"{int(values[1 + 2 * i]) + int(values[2 + 2 * i]):.1f}  ")
+os._exit(0)
+```"""
+STDIN_WRONG = (
+    "```python\nfor line in open(0).read().splitlines()[1:]:\n    a, b = map(int, line.split())\n    print(a - b)\n```"
+)
+STDIN_EARLY_EXIT = "```python\nimport os\nos._exit(0)  # must not end the harness as a pass\n```"
+STDIN_LOOP = "```python\nwhile True:\n    pass\n```"
+TWO_SUM = """```python
+class Solution:
+    def twoSum(self, nums: List[int], target: int) -> List[int]:
+        seen = {}
+        for i, x in enumerate(nums):
+            if target - x in seen:
+                return (seen[target - x], i)  # a tuple counts as a list
+            seen[x] = i
+```"""
+TWO_SUM_WRONG = TWO_SUM.replace("return (seen[target - x], i)", "return [i, seen[target - x]]")
+
+
+def test_lcb_tests_decode_public_then_private():
+    tests = lcb_tests(STDIN_ROW)
+    assert [t["output"] for t in tests] == ["3\n7\n", "7\n", "0\n10\n0\n"]
+    assert {t["testtype"] for t in tests} == {"stdin"}
+    functional = lcb_tests(FUNCTIONAL_ROW)  # plain-JSON private tests
+    assert [t["output"] for t in functional] == ["[0, 1]", "[1, 2]", "[0, 1]"]
+    assert lcb_func_name(FUNCTIONAL_ROW) == "twoSum" and lcb_func_name(STDIN_ROW) is None
+
+
+def test_lcb_tests_refuse_a_malicious_pickle(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {shlex.quote(str(marker))}",))
+
+    row = {**STDIN_ROW, "private_test_cases": base64.b64encode(zlib.compress(pickle.dumps(Evil()))).decode()}
+    with pytest.raises(ValueError, match=r"refusing to load (posix|os)\.system"):
+        lcb_tests(row)
+    with pytest.raises(ValueError, match="not a plain string"):
+        score_livecodebench([row], ["print(1)"])
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ("definitely not base64!", "neither JSON nor base64"),
+        (base64.b64encode(b"not zlib").decode(), "neither JSON nor base64"),
+        (base64.b64encode(zlib.compress(b"not a pickle")).decode(), "not a plain string"),
+        (base64.b64encode(zlib.compress(pickle.dumps(123))).decode(), "unpickles to int"),
+        (base64.b64encode(zlib.compress(pickle.dumps("{not json"))).decode(), "malformed JSON"),
+        (encode_private([{"input": "1"}]), r"private_test_cases\[0\] is not a test"),
+        (json.dumps({"input": "1", "output": "2"}), "must decode to a list"),
+    ],
+)
+def test_lcb_tests_reject_malformed_payloads(payload, message):
+    with pytest.raises(ValueError, match=message):
+        lcb_tests({**STDIN_ROW, "private_test_cases": payload})
+
+
+def test_lcb_prompt_follows_the_official_template():
+    stdin_prompt = lcb_prompt(STDIN_ROW)
+    assert stdin_prompt.startswith("You are an expert Python programmer.")
+    assert f"### Question:\n{STDIN_ROW['question_content']}\n\n" in stdin_prompt
+    assert "Read the inputs from stdin" in stdin_prompt and "```python\n# YOUR CODE HERE\n```" in stdin_prompt
+    functional_prompt = lcb_prompt(FUNCTIONAL_ROW)
+    assert "use the following starter code" in functional_prompt
+    assert f"```python\n{FUNCTIONAL_ROW['starter_code']}\n```" in functional_prompt
+    assert functional_prompt.endswith("### Answer: (use the provided format with backticks)\n\n")
+
+
+def test_lcb_program_embeds_code_and_tests_as_literals():
+    header = ("CODE", "TESTS_JSON", "FUNC_NAME", "PASS_LINE")
+    code = "print('''\\n''')\n\"\"\"\nimport os; os._exit(0)\n\"\"\"\n# {CODE} %s\n"
+    tests = [{"input": '"""\n{x}', "output": "'''"}]
+    program = lcb_program(code, tests, None)
+    values = {
+        node.targets[0].id: ast.literal_eval(node.value)
+        for node in ast.parse(program).body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) in header
+    }
+    assert values["CODE"] == code and json.loads(values["TESTS_JSON"]) == tests
+    assert values["FUNC_NAME"] is None and values["PASS_LINE"] == LCB_PASS_LINE
+    with pytest.raises(ValueError, match="at least one test"):
+        lcb_program(code, [], None)
+
+
+def test_lcb_timeout_grows_with_the_tests_up_to_a_cap():
+    assert lcb_timeout(0) == 6.0 and lcb_timeout(3) == 9.0 and lcb_timeout(500) == 60.0
+
+
+def test_score_livecodebench_runs_every_test_in_the_sandbox():
+    stdin = [STDIN_INPUT, STDIN_READ, STDIN_OPEN0, STDIN_WRONG, STDIN_EARLY_EXIT, STDIN_LOOP]
+    functional = [TWO_SUM, TWO_SUM_WRONG]
+    start = time.monotonic()
+    scores = score_livecodebench(
+        [STDIN_ROW] * len(stdin) + [FUNCTIONAL_ROW] * len(functional), stdin + functional, workers=2, timeout_s=3.0
+    )
+    assert scores == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    assert time.monotonic() - start < 15.0  # the infinite loop is stopped at its limit
+
+
+def test_score_livecodebench_needs_one_completion_per_row():
+    with pytest.raises(ValueError, match="one completion each"):
+        score_livecodebench([STDIN_ROW], ["print(1)", "print(2)"])

@@ -265,7 +265,17 @@ def test_eval_suites_combine_and_keep_their_own_sampling(compose_cfg):
     assert set(paper.eval_suite) == {"math_competition", "code_competition", "general"}
     assert paper.eval_suite["math_competition"].n_samples == 32  # the paper's avg@32
     benchmarks = {t.benchmark for s in paper.eval_suite.values() for t in s.tasks}
-    assert benchmarks == {"aime24", "aime25", "amc23", "livecodebench", "mbpp", "gpqa_diamond", "mmlu_redux", "ifeval", "ifbench"}
+    assert benchmarks == {
+        "aime24",
+        "aime25",
+        "amc23",
+        "livecodebench",
+        "mbpp",
+        "gpqa_diamond",
+        "mmlu_redux",
+        "ifeval",
+        "ifbench",
+    }
 
 
 def test_eval_defaults_and_bad_overrides(compose_cfg):

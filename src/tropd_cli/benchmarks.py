@@ -174,7 +174,9 @@ def _choice_task(cfg: EvalTaskConfig, items: list[tuple[str, list[str], int, dic
     for i, (question, choices, correct, row) in enumerate(items):
         letters = "ABCDEFGHIJ"[: len(choices)]
         meta = {**row, "_letters": letters, "_choices": choices}
-        examples.append(Example(prompt=question, answer=letters[correct], metadata=meta, uid=_uid(row, f"{cfg.name}/{i}")))
+        examples.append(
+            Example(prompt=question, answer=letters[correct], metadata=meta, uid=_uid(row, f"{cfg.name}/{i}"))
+        )
         prompts.append(_choice_prompt(question, choices))
     return Task(cfg.name, "choice", examples, prompts, _choice_grader())
 
@@ -209,7 +211,9 @@ def _mmlu_redux_task(cfg: EvalTaskConfig, where: str) -> Task:
         try:
             subjects = datasets.get_dataset_config_names(name)
         except Exception as exc:
-            raise UserError(f"could not list the subjects of {name!r} ({exc}); offline, pass {where}.path=FILE") from exc
+            raise UserError(
+                f"could not list the subjects of {name!r} ({exc}); offline, pass {where}.path=FILE"
+            ) from exc
         rows = []
         for subject in subjects:
             sub = hub_records(name, cfg.split or source.split, subject, local_option=f"{where}.path=FILE")
@@ -223,7 +227,11 @@ def _mmlu_redux_task(cfg: EvalTaskConfig, where: str) -> Task:
             continue
         choices = [str(c) for c in _field(row, ("choices",), origin)]
         answer = _field(row, ("answer",), origin)
-        index = "ABCDEFGHIJ".index(answer.strip().upper()) if isinstance(answer, str) and not answer.isdigit() else int(answer)
+        index = (
+            "ABCDEFGHIJ".index(answer.strip().upper())
+            if isinstance(answer, str) and not answer.isdigit()
+            else int(answer)
+        )
         items.append((str(_field(row, ("question",), origin)), choices, index, row))
     if not items:
         raise UserError(f"{origin}: no usable MMLU-Redux rows (all were marked erroneous); see options.keep_errors")
@@ -249,21 +257,24 @@ def _humaneval_task(cfg: EvalTaskConfig, where: str) -> Task:
 
 
 def _mbpp_task(cfg: EvalTaskConfig, where: str) -> Task:
-    from tropd_cli.code_eval import extract_code, mbpp_prompt, score_mbpp
+    from tropd_cli.code_eval import extract_fenced, mbpp_prompt, score_mbpp
 
     rows = _rows(cfg, Source("google-research-datasets/mbpp", "full", "test"), where)
-    examples = [Example(prompt=mbpp_prompt(row), answer=row.get("code"), metadata=row, uid=_uid(row, f"mbpp/{i}")) for i, row in enumerate(rows)]
+    examples = [
+        Example(prompt=mbpp_prompt(row), answer=row.get("code"), metadata=row, uid=_uid(row, f"mbpp/{i}"))
+        for i, row in enumerate(rows)
+    ]
 
     def grade(completions: list[str], exs: list[Example]) -> list[Grade]:
         scores = score_mbpp([ex.metadata for ex in exs], completions)
-        return [Grade(extract_code(text, ""), s) for text, s in zip(completions, scores, strict=True)]
+        return [Grade(extract_fenced(text), s) for text, s in zip(completions, scores, strict=True)]
 
     return Task(cfg.name, "code", examples, [ex.prompt for ex in examples], grade)
 
 
 def _livecodebench_task(cfg: EvalTaskConfig, where: str) -> Task:
     """LiveCodeBench problems released in [options.start_date, options.end_date) (ISO dates, both optional)."""
-    from tropd_cli.code_eval import extract_code, lcb_prompt, score_livecodebench
+    from tropd_cli.code_eval import extract_fenced, lcb_prompt, score_livecodebench
 
     rows = _rows(cfg, Source("livecodebench/code_generation_lite", "release_v6", "test"), where)
     start, end = cfg.options.get("start_date"), cfg.options.get("end_date")
@@ -279,7 +290,7 @@ def _livecodebench_task(cfg: EvalTaskConfig, where: str) -> Task:
 
     def grade(completions: list[str], exs: list[Example]) -> list[Grade]:
         scores = score_livecodebench([ex.metadata for ex in exs], completions)
-        return [Grade(extract_code(text, ""), s) for text, s in zip(completions, scores, strict=True)]
+        return [Grade(extract_fenced(text), s) for text, s in zip(completions, scores, strict=True)]
 
     return Task(cfg.name, "code", examples, [ex.prompt for ex in examples], grade)
 
@@ -313,7 +324,9 @@ def _instructions_task(cfg: EvalTaskConfig, where: str, source: Source) -> Task:
         if missing:
             continue
         row = {**row, "instruction_id_list": ids, "kwargs": kwargs}
-        examples.append(Example(prompt=str(_field(row, ("prompt",), origin)), metadata=row, uid=_uid(row, f"{cfg.name}/{i}")))
+        examples.append(
+            Example(prompt=str(_field(row, ("prompt",), origin)), metadata=row, uid=_uid(row, f"{cfg.name}/{i}"))
+        )
     if not examples:
         raise UserError(f"{origin}: every prompt has an instruction without a checker; nothing to score")
 

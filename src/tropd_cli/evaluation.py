@@ -177,9 +177,7 @@ def score_samples(
     return TaskResult(suite_name, task.name, metrics, n_problems, task.skipped, time.perf_counter() - t0, samples)
 
 
-def _stop_checker(
-    tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]
-) -> Callable[[Tensor], Tensor] | None:
+def _stop_checker(tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]) -> Callable[[Tensor], Tensor] | None:
     if not stops:
         return None
 
@@ -209,7 +207,11 @@ def generate(
     device = next(model.parameters()).device
     prompts = [
         format_prompt(
-            tokenizer, ask, system_prompt=suite.system_prompt, suffix=suite.prompt_suffix, chat_template=suite.chat_template
+            tokenizer,
+            ask,
+            system_prompt=suite.system_prompt,
+            suffix=suite.prompt_suffix,
+            chat_template=suite.chat_template,
         )
         for ask in task.prompts
     ]
