@@ -14,6 +14,7 @@ import pytest
 from tropd_cli.benchmarks import BENCHMARKS, load_task
 from tropd_cli.config import EvalTaskConfig
 from tropd_cli.errors import UserError
+from tropd_cli.evaluation import task_metrics
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
@@ -224,13 +225,17 @@ def test_ifeval_scores_prompt_level_strict_with_extras(tmp_path):
     assert [g.score for g in graded] == [1.0, 1.0]
     graded = task.grade(["Cats, dogs, and birds.", "The sun is bright."], task.examples)
     assert [g.score for g in graded] == [0.0, 0.0]
-    assert graded[0].extra["instruction_strict"] == 0.0 and set(graded[0].extra) == {
-        "prompt_loose",
-        "instruction_strict",
-        "instruction_loose",
-    }
-    half = task.grade(["cats, dogs and birds are pets."], task.examples[:1])[0]
-    assert half.score == 0.0 and half.extra["instruction_strict"] == 0.5  # lowercase holds, no-comma does not
+    assert graded[0].extra["instruction_strict"] == 0.0 and graded[0].extra["instruction_strict_total"] == 2.0
+    half = task.grade(["cats, dogs and birds are pets.", "the moon."], task.examples)
+    assert [g.score for g in half] == [0.0, 1.0]  # lowercase holds, no-comma does not; the moon is there
+    samples = [
+        {"problem_id": ex.uid, "score": g.score, "extracted": "", "extra": g.extra}
+        for ex, g in zip(task.examples, half)
+    ]
+    metrics = task_metrics(samples, kind="instructions", n=1, pass_k=[1])
+    # Instruction level pools instructions (2 of 3 followed), as IFEval does; not a mean of per-prompt shares.
+    assert metrics["instruction_strict"] == pytest.approx(2 / 3) and metrics["avg@1"] == 0.5
+    assert "instruction_strict_total" not in metrics
 
 
 def test_instructions_without_a_checker_are_refused_or_skipped(tmp_path):
@@ -239,6 +244,8 @@ def test_instructions_without_a_checker_are_refused_or_skipped(tmp_path):
         task_from(tmp_path, "ifbench", rows)
     task = task_from(tmp_path, "ifbench", rows, options={"skip_unsupported": True})
     assert len(task.examples) == 2 and task.skipped == 1
+    first = task_from(tmp_path, "ifbench", [rows[2], *rows[:2]], options={"skip_unsupported": True}, size=2)
+    assert [ex.uid for ex in first.examples] == ["1", "2"]  # size counts the prompts kept, after skipping
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,3 +276,24 @@ def test_every_benchmark_has_a_loader_test():
     tested = {"gsm8k", "math500", "aime24", "aime25", "amc23", "math", "reasoning_gym", "humaneval", "mbpp"}
     tested |= {"livecodebench", "gpqa_diamond", "mmlu_redux", "ifeval", "ifbench"}
     assert set(BENCHMARKS) == tested
+
+
+def test_hostile_completions_score_zero_and_the_evaluation_goes_on(tmp_path):
+    """Model-written code that attacks the evaluator is contained and scored as a failure, next to a passing one."""
+    task = load_task(EvalTaskConfig(name="humaneval", benchmark="humaneval", size=1), "t")
+    ex = task.examples[0]
+    victim = tmp_path / "keep-me.txt"
+    victim.write_text("precious")
+    marker = tmp_path / "written-by-sample.txt"
+    hostile = [
+        "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill(1, signal.SIGKILL)",
+        f"open({str(marker)!r}, 'w').write('pwned')",
+        f"import os\nos.remove({str(victim)!r})",
+        "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)",
+        "import os\nwhile True:\n    os.fork()",
+    ]
+    body = ex.prompt + ex.metadata["canonical_solution"]
+    completions = [f"```python\n{code}\n{body}```" for code in hostile] + [f"```python\n{body}```"]
+    graded = task.grade(completions, [ex] * len(completions))
+    assert [g.score for g in graded] == [0.0] * len(hostile) + [1.0]
+    assert victim.read_text() == "precious" and not marker.exists()

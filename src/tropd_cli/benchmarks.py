@@ -62,8 +62,9 @@ class Source:
     split: str
 
 
-def _rows(cfg: EvalTaskConfig, source: Source, where: str) -> list[dict[str, Any]]:
-    """The benchmark's rows: ``cfg.path`` when given, else the hub dataset; the first ``cfg.size`` of them."""
+def _rows(cfg: EvalTaskConfig, source: Source, where: str, *, cut: bool = True) -> list[dict[str, Any]]:
+    """The benchmark's rows: ``cfg.path`` when given, else the hub dataset; the first ``cfg.size`` of them
+    (``cut=False``: all of them, for loaders that filter rows first and then keep ``size``)."""
     if cfg.path:
         rows = read_records(cfg.path, cfg.split or "train", option=f"{where}.path")
         origin = cfg.path
@@ -75,7 +76,11 @@ def _rows(cfg: EvalTaskConfig, source: Source, where: str) -> list[dict[str, Any
         origin = name
     if not rows:
         raise UserError(f"{origin} has no rows; point {where}.path to a non-empty file")
-    return rows[: cfg.size] if cfg.size else rows
+    return _first(rows, cfg.size) if cut else rows
+
+
+def _first(items: list[Any], size: int) -> list[Any]:
+    return items[:size] if size else items
 
 
 def _field(row: dict[str, Any], names: tuple[str, ...], origin: str) -> Any:
@@ -203,7 +208,7 @@ def _mmlu_redux_task(cfg: EvalTaskConfig, where: str) -> Task:
     """
     source = Source("edinburgh-dawg/mmlu-redux-2.0", None, "test")
     if cfg.path or cfg.subset:
-        rows = _rows(cfg, source, where)
+        rows = _rows(cfg, source, where, cut=False)
     else:
         import datasets
 
@@ -218,7 +223,6 @@ def _mmlu_redux_task(cfg: EvalTaskConfig, where: str) -> Task:
         for subject in subjects:
             sub = hub_records(name, cfg.split or source.split, subject, local_option=f"{where}.path=FILE")
             rows += [{**row, "subject": subject} for row in sub]
-        rows = rows[: cfg.size] if cfg.size else rows
     origin = cfg.path or cfg.hub_name or source.hub_name
     keep_errors = bool(cfg.options.get("keep_errors", False))
     items = []
@@ -235,7 +239,7 @@ def _mmlu_redux_task(cfg: EvalTaskConfig, where: str) -> Task:
         items.append((str(_field(row, ("question",), origin)), choices, index, row))
     if not items:
         raise UserError(f"{origin}: no usable MMLU-Redux rows (all were marked erroneous); see options.keep_errors")
-    return _choice_task(cfg, items)
+    return _choice_task(cfg, _first(items, cfg.size))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +280,8 @@ def _livecodebench_task(cfg: EvalTaskConfig, where: str) -> Task:
     """LiveCodeBench problems released in [options.start_date, options.end_date) (ISO dates, both optional)."""
     from tropd_cli.code_eval import extract_fenced, lcb_prompt, score_livecodebench
 
-    rows = _rows(cfg, Source("livecodebench/code_generation_lite", "release_v6", "test"), where)
+    rows = _rows(cfg, Source("livecodebench/code_generation_lite", "release_v6", "test"), where, cut=False)
+    origin = cfg.path or cfg.hub_name or "livecodebench/code_generation_lite"
     start, end = cfg.options.get("start_date"), cfg.options.get("end_date")
     rows = [
         row
@@ -286,10 +291,14 @@ def _livecodebench_task(cfg: EvalTaskConfig, where: str) -> Task:
     ]
     if not rows:
         raise UserError(f"{where}: no LiveCodeBench problems between {start} and {end}; widen {where}.options dates")
+    rows = _first(rows, cfg.size)
     examples = [Example(prompt=lcb_prompt(row), metadata=row, uid=_uid(row, f"lcb/{i}")) for i, row in enumerate(rows)]
 
     def grade(completions: list[str], exs: list[Example]) -> list[Grade]:
-        scores = score_livecodebench([ex.metadata for ex in exs], completions)
+        try:
+            scores = score_livecodebench([ex.metadata for ex in exs], completions)
+        except ValueError as exc:  # a row whose test cases do not decode: the data file is broken
+            raise UserError(f"{origin}: {exc}; fix or remove that problem") from exc
         return [Grade(extract_fenced(text), s) for text, s in zip(completions, scores, strict=True)]
 
     return Task(cfg.name, "code", examples, [ex.prompt for ex in examples], grade)
@@ -307,7 +316,7 @@ def _instructions_task(cfg: EvalTaskConfig, where: str, source: Source) -> Task:
     """
     from tropd_cli.instructions import check_following, unsupported
 
-    rows = _rows(cfg, source, where)
+    rows = _rows(cfg, source, where, cut=False)
     origin = cfg.path or cfg.hub_name or source.hub_name
     examples = []
     for i, row in enumerate(rows):
@@ -329,20 +338,26 @@ def _instructions_task(cfg: EvalTaskConfig, where: str, source: Source) -> Task:
         )
     if not examples:
         raise UserError(f"{origin}: every prompt has an instruction without a checker; nothing to score")
+    skipped = len(rows) - len(examples)
+    examples = _first(examples, cfg.size)
 
     def grade(completions: list[str], exs: list[Example]) -> list[Grade]:
         out = []
         for text, ex in zip(completions, exs, strict=True):
             strict, loose = check_following(text, ex.metadata["instruction_id_list"], ex.metadata["kwargs"], ex.prompt)
+            # IFEval's instruction-level accuracy pools every instruction of the task: sums over the
+            # samples divided by the summed ``_total`` (see evaluation.task_metrics).
             extra = {
                 "prompt_loose": float(all(loose)),
-                "instruction_strict": sum(strict) / len(strict),
-                "instruction_loose": sum(loose) / len(loose),
+                "instruction_strict": float(sum(strict)),
+                "instruction_loose": float(sum(loose)),
+                "instruction_strict_total": float(len(strict)),
+                "instruction_loose_total": float(len(loose)),
             }
             out.append(Grade("", float(all(strict)), extra))
         return out
 
-    return Task(cfg.name, "instructions", examples, [ex.prompt for ex in examples], grade, len(rows) - len(examples))
+    return Task(cfg.name, "instructions", examples, [ex.prompt for ex in examples], grade, skipped)
 
 
 BENCHMARKS: dict[str, Callable[[EvalTaskConfig, str], Task]] = {

@@ -88,7 +88,10 @@ class TaskResult:
 
 
 def task_metrics(samples: Sequence[dict[str, Any]], *, kind: str, n: int, pass_k: Sequence[int]) -> dict[str, float]:
-    """avg@n, pass@k for each k, maj@n (math and multiple choice, n > 1) and the mean of every extra metric.
+    """avg@n, pass@k for each k, maj@n (math and multiple choice, n > 1) and every extra metric.
+
+    An extra ``X`` is the mean over samples, unless an extra ``X_total`` exists: then ``X`` is pooled,
+    sum of ``X`` over sum of ``X_total`` (IFEval's instruction-level accuracy counts instructions).
 
     ``samples``: dicts with ``problem_id``, ``score``, ``extracted`` (and any extras under ``extra``).
     avg@n is the mean score over all samples of all problems (the paper's "average of n"); pass@k is
@@ -118,7 +121,11 @@ def task_metrics(samples: Sequence[dict[str, Any]], *, kind: str, n: int, pass_k
     for s in samples:
         for key, value in (s.get("extra") or {}).items():
             extras[key].append(float(value))
-    out.update({key: sum(values) / len(values) for key, values in extras.items()})
+    for key, values in extras.items():
+        if key.endswith("_total"):
+            continue
+        total = extras.get(f"{key}_total")  # a pooled ratio: sum of counts over sum of totals
+        out[key] = sum(values) / sum(total) if total else sum(values) / len(values)
     return out
 
 
