@@ -230,7 +230,7 @@ def test_ifeval_scores_prompt_level_strict_with_extras(tmp_path):
     assert [g.score for g in half] == [0.0, 1.0]  # lowercase holds, no-comma does not; the moon is there
     samples = [
         {"problem_id": ex.uid, "score": g.score, "extracted": "", "extra": g.extra}
-        for ex, g in zip(task.examples, half)
+        for ex, g in zip(task.examples, half, strict=True)
     ]
     metrics = task_metrics(samples, kind="instructions", n=1, pass_k=[1])
     # Instruction level pools instructions (2 of 3 followed), as IFEval does; not a mean of per-prompt shares.

@@ -124,8 +124,8 @@ def task_metrics(samples: Sequence[dict[str, Any]], *, kind: str, n: int, pass_k
     for key, values in extras.items():
         if key.endswith("_total"):
             continue
-        total = extras.get(f"{key}_total")  # a pooled ratio: sum of counts over sum of totals
-        out[key] = sum(values) / sum(total) if total else sum(values) / len(values)
+        totals = extras.get(f"{key}_total")  # a pooled ratio: sum of counts over sum of totals
+        out[key] = sum(values) / sum(totals) if totals else sum(values) / len(values)
     return out
 
 
