@@ -46,7 +46,7 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks (not in the default sessions): loss-path memory, then training-step time vs TRL.
+    """Benchmarks (not in the default sessions): loss-path memory, training-step time vs TRL, eval throughput.
 
     Both write ``benchmarks/results.json`` and ``docs/benchmarks.md`` (each its own keys and section).
     Run on an otherwise idle machine: the step-time figures are wall-clock.
@@ -56,3 +56,4 @@ def bench(session: nox.Session) -> None:
     session.env.update({"WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
     session.run("python", "benchmarks/loss_memory.py", *session.posargs)
     session.run("python", "benchmarks/step_time.py")
+    session.run("python", "benchmarks/eval_speed.py")

@@ -41,6 +41,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from _report import update_results, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_JSON = ROOT / "benchmarks" / "results.json"
 BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
@@ -549,17 +551,13 @@ def environment() -> tuple[dict[str, Any], dict[str, Any]]:
 
 def write_json(path: Path, rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str, Any]) -> None:
     """Read-modify-write: other benchmarks own other keys of the same file."""
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.update(
-        loss_peak_mem_ratio_vs_naive=summary.get("ratio_vs_naive"),
-        loss_peak_mem_ratio_vs_trl=summary.get("ratio_vs_trl"),
-        loss_peak_growth_2x_to_16x=summary.get("growth"),
-        loss_memory={**meta, "summary": summary, "measurements": rows},
-        machine=meta["machine"],
-        versions=meta["versions"],
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    keys = {
+        "loss_peak_mem_ratio_vs_naive": summary.get("ratio_vs_naive"),
+        "loss_peak_mem_ratio_vs_trl": summary.get("ratio_vs_trl"),
+        "loss_peak_growth_2x_to_16x": summary.get("growth"),
+        "loss_memory": {**meta, "summary": summary, "measurements": rows},
+    }
+    update_results(path, keys, machine=meta["machine"], versions=meta["versions"])
 
 
 def _fmt(value: float | None, spec: str = ".2f") -> str:
@@ -700,14 +698,7 @@ def markdown_section(rows: list[dict[str, Any]], summary: dict[str, Any], meta: 
 
 def write_markdown(path: Path, section: str) -> None:
     """Replace only this benchmark's marked section; other benchmarks write theirs beside it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MD_START in text and MD_END in text:
-        head, rest = text.split(MD_START, 1)
-        text = head + section + rest.split(MD_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_section(path, section, MD_START, MD_END)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

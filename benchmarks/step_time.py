@@ -43,6 +43,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from _report import update_results, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_JSON = ROOT / "benchmarks" / "results.json"
 BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
@@ -573,23 +575,14 @@ def environment() -> tuple[dict[str, Any], dict[str, Any]]:
 
 def write_json(path: Path, summary: dict[str, Any], meta: dict[str, Any], runs: dict[str, Any]) -> None:
     """Read-modify-write: other benchmarks own other keys of the same file."""
-    data = json.loads(path.read_text()) if path.exists() else {}
     tropd = summary["tropd"]["median_s"]
-    data.update(
-        step_time_ratio_vs_trl=tropd / summary["trl_gkd"]["median_s"],
-        step_time_ratio_vs_trl_distillation=tropd / summary["trl_distillation"]["median_s"],
-        overhead_fraction=summary["tropd"]["other_fraction_median"],
-        step_time={
-            **meta,
-            "ratios": ratios(summary),
-            "runners": summary,
-            "runs": runs,
-        },
-        machine={**data.get("machine", {}), **meta["machine"]},
-        versions={**data.get("versions", {}), **meta["versions"]},
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    keys = {
+        "step_time_ratio_vs_trl": tropd / summary["trl_gkd"]["median_s"],
+        "step_time_ratio_vs_trl_distillation": tropd / summary["trl_distillation"]["median_s"],
+        "overhead_fraction": summary["tropd"]["other_fraction_median"],
+        "step_time": {**meta, "ratios": ratios(summary), "runners": summary, "runs": runs},
+    }
+    update_results(path, keys, machine=meta["machine"], versions=meta["versions"])
 
 
 def ratios(summary: dict[str, Any]) -> dict[str, float]:
@@ -718,14 +711,7 @@ def markdown_section(summary: dict[str, Any], meta: dict[str, Any]) -> str:
 
 def write_markdown(path: Path, section: str) -> None:
     """Replace only this benchmark's marked section; other benchmarks write theirs beside it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MD_START in text and MD_END in text:
-        head, rest = text.split(MD_START, 1)
-        text = head + section + rest.split(MD_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_section(path, section, MD_START, MD_END)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

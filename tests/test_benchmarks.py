@@ -83,3 +83,28 @@ def test_step_time_quick_writes_results(tmp_path: Path) -> None:
     md = out_md.read_text()
     assert "kept" in md and md.count("<!-- step-time:start -->") == 1
     assert "| trainer | median s/step |" in md
+
+
+def test_eval_speed_quick_writes_its_keys_and_section(tmp_path: Path) -> None:
+    script = SCRIPT.parent / "eval_speed.py"
+    out_json, out_md = tmp_path / "results.json", tmp_path / "benchmarks.md"
+    out_json.write_text(json.dumps({"other_benchmark": 1, "machine": {"ram_gib": 24}}))
+    out_md.write_text("# Benchmarks\n\n<!-- other:start -->\nkept\n<!-- other:end -->\n")
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out-json", str(out_json), "--out-md", str(out_md)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out_json.read_text())
+    assert data["other_benchmark"] == 1 and data["machine"]["ram_gib"] == 24  # other keys survive, machine merges
+    result = data["eval_speed"]
+    for order in ("sorted", "arrival"):
+        assert result["generation"][order]["problems_per_s"] > 0
+    # Sorting by length never pads more than arrival order does.
+    assert result["generation"]["sorted"]["padding_fraction"] <= result["generation"]["arrival"]["padding_fraction"]
+    assert result["code_scoring"]["workers_2"]["passed"] == result["code_scoring"]["samples"]  # canonical ones pass
+    assert result["math_scoring"]["workers_1"]["pairs_per_s"] > 0
+    md = out_md.read_text()
+    assert "kept" in md and "<!-- eval-speed:start -->" in md and "problems/s" in md
