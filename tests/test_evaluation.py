@@ -164,3 +164,10 @@ def test_train_evaluates_the_student_every_n_steps(make_config, tmp_path):
     evaluated = ["eval/tiny/chain_sum" in h for h in history]
     assert evaluated == [False, True, True]  # every 2 steps, and after the last
     assert all(0.0 <= history[i]["eval/average"] <= 1.0 for i in (1, 2))
+
+
+def test_pass_at_k_needs_k_samples_per_problem():
+    from tropd_cli.errors import UserError
+
+    with pytest.raises(UserError, match="problem p has 1 samples, fewer than pass@2 needs"):
+        task_metrics([sample("p", 1.0)], kind="math", n=2, pass_k=[2])

@@ -105,6 +105,12 @@ def task_metrics(samples: Sequence[dict[str, Any]], *, kind: str, n: int, pass_k
         return {f"avg@{n}": 0.0}
     out = {f"avg@{n}": sum(float(s["score"]) for s in samples) / len(samples)}
     for k in pass_k:
+        short = next((pid for pid, group in by_problem.items() if len(group) < k), None)
+        if short is not None:
+            raise UserError(
+                f"problem {short} has {len(by_problem[short])} samples, fewer than pass@{k} needs; "
+                f"lower pass_k or generate more samples (n_samples)"
+            )
         out[f"pass@{k}"] = sum(
             pass_at_k(len(group), sum(float(s["score"]) >= CORRECT for s in group), k) for group in by_problem.values()
         ) / len(by_problem)
