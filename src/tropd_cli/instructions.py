@@ -1,0 +1,1363 @@
+"""Instruction-following checkers for IFEval (google/IFEval) and IFBench (allenai/IFBench_test).
+
+Each checker re-implements one instruction of the reference code, with its comparison relations, splitting rules
+and kwargs names: IFEval is google-research ``instruction_following_eval/instructions.py`` (all 25 ids), IFBench
+is allenai/IFBench ``instructions.py`` (its current revision: word indices for ``repeat:repeat_span``, word
+trigrams for ``ratio:overlap``, the all-different-words check of ``ratio:sentence_words``). Strict and loose
+scores follow the two harnesses' ``evaluation_lib``: an empty (all-whitespace) response follows nothing, and
+loose accepts an instruction when it holds on any of eight variants of the response (as is, without its first
+line, without its last line, without both, and each of those with every ``*`` removed).
+
+The references tokenize with nltk, whose models need a download; here :func:`_sentences` and
+:func:`_word_tokens` re-implement ``nltk.sent_tokenize`` (Punkt with its English model's abbreviations,
+sentence starters and collocations) and ``nltk.word_tokenize`` with the standard library. The part of the
+English model not carried is its table of how ~20,000 words are capitalized: after an abbreviation, an ellipsis
+or an initial, Punkt looks the next word up there to decide whether it starts a sentence. Here ~400 common words
+stand in for the table, so such a boundary can differ when the next word is a rarer capitalized word ("I said
+ok. Wait for me." is two sentences to nltk, one here; "A. Importance ..." likewise). Elsewhere the rules are
+nltk's.
+
+Not supported (left out of :data:`SUPPORTED`, so callers can refuse them): ``words:start_verb`` needs nltk's
+part-of-speech tagger and ``words:odd_even_syllables`` needs syllapy's pronunciation dictionary.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import string
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import pairwise
+from typing import Any
+
+__all__ = ["SUPPORTED", "check_following", "unsupported"]
+
+Checker = Callable[[str, Mapping[str, Any]], bool]
+_CHECKERS: dict[str, Checker] = {}
+
+
+def _checks(instruction_id: str) -> Callable[[Checker], Checker]:
+    def register(fn: Checker) -> Checker:
+        _CHECKERS[instruction_id] = fn
+        return fn
+
+    return register
+
+
+# --- kwargs -----------------------------------------------------------------------------------------------------
+
+
+def _arg(kw: Mapping[str, Any], name: str) -> Any:
+    value = kw.get(name)
+    if value is None:
+        raise ValueError(f"instruction kwargs lack {name!r}")
+    return value
+
+
+def _int(kw: Mapping[str, Any], name: str) -> int:
+    return int(_arg(kw, name))  # Parquet rows can carry ints as floats (3.0)
+
+
+def _str(kw: Mapping[str, Any], name: str) -> str:
+    return str(_arg(kw, name))
+
+
+def _wordlist(text: str) -> list[str]:
+    return text.split()
+
+
+def _wordset(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+_RELATIONS = ("less than", "at least")
+
+
+def _compare(actual: int, threshold: int, relation: Any) -> bool:
+    """IFEval's two relations: ``less than`` is ``<``, ``at least`` is ``>=``."""
+    if relation == "less than":
+        return actual < threshold
+    if relation == "at least":
+        return actual >= threshold
+    raise ValueError(f"relation must be one of {_RELATIONS}, not {relation!r}")
+
+
+def _pattern(text: str) -> str:
+    """``text`` as a regex, as the references use keywords and markers; one that is not a valid pattern (which
+    would crash them) is taken literally."""
+    try:
+        re.compile(text)
+    except re.error:
+        return re.escape(text)
+    return text
+
+
+# --- nltk.sent_tokenize: Punkt with the English model ------------------------------------------------------------
+
+_NON_WORD = "(?:[)\";}\\]*:@'({\\[\u2018\u2019\u201c\u201d\xab\xbb?!])"
+_MULTI = r"(?:\-{2,}|\.{2,}|(?:\.\s){2,}\.)"
+# A word runs until whitespace, punctuation that cannot be inside a word, or a comma that ends it.
+_PUNKT_WORD = re.compile(
+    rf"{_MULTI}|(?=[^(\"`{{\[:;&#*@)}}\]\-,])\S+?(?=\s|$|{_NON_WORD}|{_MULTI}|,(?=$|\s|{_NON_WORD}|{_MULTI}))|\S"
+)
+_PUNKT_END = re.compile(rf"[.?!](?=(?P<after_tok>{_NON_WORD}|\s+(?P<next_tok>\S+)))")
+_PUNKT_REALIGN = re.compile("[\"')\\]}\u2018\u2019\u201c\u201d\xab\xbb]+?(?:\\s+|(?=--)|$)", re.MULTILINE)
+_PUNKT_NUMERIC = re.compile(r"^-?[\.,]?\d[\d,\.-]*\.?$")
+_PUNKT_INITIAL = re.compile(r"[^\W\d]\.$")
+_PUNKT_ELLIPSIS = re.compile(r"\.\.+$")
+
+# The English model's parameters (nltk punkt_tab/english), except its orthographic table (see module docstring).
+_PUNKT_ABBREVS = _wordset(
+    """a.a a.c a.d a.g a.h a.m a.m.e a.s a.t adm ala ariz aug ave b.f b.v bros c c.i.t c.o.m.b c.v calif chg cie co col
+    colo conn corp cos ct d d.c d.h d.w dec dr e e.f e.h e.l e.m f f.g f.j feb fla fri ft g g.d g.f g.k ga gen h h.c
+    h.f h.m i.m.s ill inc j.b j.c j.j j.k j.p j.r jan jr k kan ky l l.a l.f l.p lt ltd m m.b.a m.d.c m.j maj messrs
+    mg mich minn mr mrs ms n n.c n.d n.h n.j n.m n.v n.y nev nov oct ok okla ore p p.a.m p.m pa ph.d prof r r.a r.h
+    r.i r.j r.k r.t rep reps s s.a s.a.y s.c s.g s.p.a s.s sen sep sept sr st sw t t.j tenn tues u.k u.n u.s u.s.a
+    u.s.s.r v va vs vt w w.c w.r w.va w.w wash wed wis yr"""
+) | {". . "}
+_PUNKT_SENT_STARTERS = _wordset(
+    """according although among both but despite even he however i if in indeed instead it many meanwhile moreover most
+    nevertheless nonetheless nor sales separately similarly since so some the there these they this though thus
+    under when while yet"""
+)
+_PUNKT_COLLOCATIONS = frozenset(
+    tuple(pair.split("/"))
+    for pair in _wordlist(
+        """##number##/abreast ##number##/aes ##number##/business ##number##/cbot ##number##/colgate ##number##/commodities
+        ##number##/cooper ##number##/corrections ##number##/credit ##number##/dividend ##number##/financing
+        ##number##/genentech ##number##/henley ##number##/insider ##number##/international ##number##/leisure
+        ##number##/letters ##number##/notable ##number##/pay-fone ##number##/pegasus ##number##/pepper ##number##/review
+        ##number##/rj ##number##/wedgestone ##number##/who ##number##/zimmer b/edelman b/levine b/smith b/stewart
+        b/wigton i/magnin i/toussie j/aron j/fialka j/walter o/ludcke"""
+    )
+)
+# Common words and what the model's orthographic table says of them: seen lowercase and never capitalized
+# mid-sentence (a capitalized one starts a sentence), or seen lowercase but also capitalized mid-sentence.
+_LOWER_NEVER_MID_UPPER = _wordset(
+    """above accordingly advantages always analysis answers anyone anything anyway appendix approach ask begin being
+    benefit besides between body caution certainly challenge challenges character characters check closing
+    conclusion conclusions consider context correct cost definition deployment description detail details
+    disadvantages discussion does doing done either ensure especially evaluation eventually example examples feature
+    features final finally findings following furthermore given goals hence her here hers herself him himself
+    honestly imagine implementation important importantly incorrect indeed instead into likewise limitations
+    maintenance method methodology minimal moreover myself neither nevertheless nonetheless nor notably note nothing
+    objective objectives okay opening otherwise ours ourselves overall performance please plot problem problems
+    question questions recommendation recommendations remember requirements result results sadly same scene scope
+    section separately setting settings similarly so solution solutions someone sometimes sorry source specifically
+    step still substitution such surprisingly testing thank thanks them themes themselves therefore things think
+    though through thus tip tips title together tomorrow true try ultimately unfortunately unlike very wait warning
+    were whenever wherever whether which whom yes yesterday yet your yourself"""
+)
+_LOWER_AND_MID_UPPER = _wordset(
+    """a about according act actually add after again against all also although am among an and another answer any are
+    around as at avoid background basically be because been before below benefits both budget but by can chapter
+    clearly costs could data day design despite development did do don down during each ending even every everybody
+    everyone everything false few fifth find first for fourth from further future generally get give go goal good
+    great had has have having he his history how however if impact in introduction is it its itself just keep key
+    last later let life like look love main make many may maybe me meanwhile methods might more most much must my
+    never next nice no nobody none not notes now obviously of off often on once one only option options or other our
+    out over own part people perhaps price purpose quality rather really resources risk risks sales second security
+    see several she should since some somebody something sources start steps strategies strategy summary sure take
+    tell than that the their theme then there these they thing third this those time to today too tools under until
+    up use was water way we well what whatever when where while who why will with work world would year years you"""
+)
+
+
+def _punkt_type(tok: str) -> str:
+    return _PUNKT_NUMERIC.sub("##number##", tok.lower())
+
+
+def _without_period(typ: str) -> str:
+    return typ[:-1] if len(typ) > 1 and typ.endswith(".") else typ
+
+
+def _ortho_starts_sentence(tok: str, typ: str) -> bool | None:
+    """Punkt's orthographic heuristic: whether ``tok`` starts a sentence, None where the model cannot tell.
+
+    A capitalized word starts one when the model saw it lowercase and never capitalized mid-sentence; a word
+    outside the lists above counts as never seen, as names and most words newer than the model's news corpus are.
+    """
+    if tok in (";", ":", ",", ".", "!", "?"):
+        return False
+    if tok[0].isupper() and typ in _LOWER_NEVER_MID_UPPER:
+        return True
+    if tok[0].islower():
+        return False  # nltk: unless the model only ever saw it lowercase at sentence starts (4 rare words)
+    return None
+
+
+def _punkt_breaks(tokens: list[str]) -> list[bool]:
+    """Punkt's two annotation passes: which tokens end a sentence."""
+    brk = [False] * len(tokens)
+    abbr = [False] * len(tokens)
+    ellipsis = [False] * len(tokens)
+    for i, tok in enumerate(tokens):
+        if tok in (".", "?", "!"):
+            brk[i] = True
+        elif _PUNKT_ELLIPSIS.match(tok):
+            ellipsis[i] = True
+        elif tok.endswith(".") and not tok.endswith(".."):
+            base = tok[:-1].lower()
+            if base in _PUNKT_ABBREVS or base.split("-")[-1] in _PUNKT_ABBREVS:
+                abbr[i] = True
+            else:
+                brk[i] = True
+    for i in range(len(tokens) - 1):
+        tok, nxt = tokens[i], tokens[i + 1]
+        if not tok.endswith("."):
+            continue
+        typ = _without_period(_punkt_type(tok))
+        next_typ = _without_period(_punkt_type(nxt)) if brk[i + 1] else _punkt_type(nxt)
+        initial = bool(_PUNKT_INITIAL.match(tok))
+        if (typ, next_typ) in _PUNKT_COLLOCATIONS:
+            brk[i], abbr[i] = False, True
+            continue
+        if (abbr[i] or ellipsis[i]) and not initial:
+            starts = _ortho_starts_sentence(nxt, next_typ)
+            if starts is True or (nxt[0].isupper() and next_typ in _PUNKT_SENT_STARTERS):
+                brk[i] = True
+                continue
+        if initial or typ == "##number##":
+            starts = _ortho_starts_sentence(nxt, next_typ)
+            # An initial before a capitalized word never seen lowercase is part of a name ("J. Bach").
+            seen_lower = next_typ in _LOWER_NEVER_MID_UPPER or next_typ in _LOWER_AND_MID_UPPER
+            if starts is False or (starts is None and initial and nxt[0].isupper() and not seen_lower):
+                brk[i], abbr[i] = False, True
+    return brk
+
+
+def _context_has_break(context: str) -> bool:
+    tokens = [tok for line in context.split("\n") if line.strip() for tok in _PUNKT_WORD.findall(line)]
+    return any(_punkt_breaks(tokens)[:-1])  # a break needs a token after it
+
+
+def _last_whitespace(text: str) -> int:
+    return max(0, max(text.rfind(c) for c in string.whitespace))
+
+
+def _sentence_slices(text: str) -> list[tuple[int, int]]:
+    """Punkt's candidate boundaries, each judged on the word before it and the token after it."""
+    contexts: list[tuple[re.Match[str], str]] = []
+    prev: re.Match[str] | None = None
+    prev_start = prev_stop = 0
+    for match in _PUNKT_END.finditer(text):
+        ws = _last_whitespace(text[prev_stop : match.start()])
+        start = ws + prev_stop + 1 if ws else prev_start
+        # of a run like "!!!" only the last character is a candidate
+        if prev is not None and prev_stop <= start:
+            contexts.append((prev, text[prev_start:prev_stop] + prev.group() + prev.group("after_tok")))
+        prev, prev_start, prev_stop = match, start, match.start()
+    if prev is not None:
+        contexts.append((prev, text[prev_start:prev_stop] + prev.group() + prev.group("after_tok")))
+    slices = []
+    last = 0
+    for match, context in contexts:
+        if _context_has_break(context):
+            slices.append((last, match.end()))
+            last = match.start("next_tok") if match.group("next_tok") else match.end()
+    slices.append((last, len(text.rstrip())))
+    return slices
+
+
+def _sentences(text: str) -> list[str]:
+    """``nltk.sent_tokenize(text)``; closing quotes and brackets after a boundary stay with their sentence."""
+    slices = _sentence_slices(text)
+    out = []
+    realign = 0
+    for i, (start, stop) in enumerate(slices):
+        start += realign
+        if i + 1 < len(slices):
+            m = _PUNKT_REALIGN.match(text[slices[i + 1][0] : slices[i + 1][1]])
+            if m:
+                out.append(text[start : slices[i + 1][0] + len(m.group(0).rstrip())])
+                realign = m.end()
+                continue
+            realign = 0
+        if text[start:stop]:
+            out.append(text[start:stop])
+    return out
+
+
+# --- nltk.word_tokenize: the improved Treebank tokenizer on each sentence -----------------------------------------
+
+
+def _subs(*rules: tuple[str, str]) -> list[tuple[re.Pattern[str], str]]:
+    return [(re.compile(pattern), repl) for pattern, repl in rules]
+
+
+_TB_STARTING_QUOTES = _subs(
+    ("([«“‘„]|[`]+)", r" \1 "),
+    (r"^\"", r"``"),
+    (r"(``)", r" \1 "),
+    (r"([ \(\[{<])(\"|\'{2})", r"\1 `` "),
+    (r"(?i)(?<!\w)(\')(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)", r"\1 "),
+)
+_TB_PUNCTUATION = _subs(
+    (r"([^\.])(\.)([\]\)}>\"\'»”’ ]*)\s*$", r"\1 \2 \3 "),
+    (r"([:,])([^\d])", r" \1 \2"),
+    (r"([:,])$", r" \1 "),
+    (r"\.{2,}", r" \g<0> "),
+    (r"[;@#$%&]", r" \g<0> "),
+    ("[\u2012-\u2015]", r" \g<0> "),
+    (r"([^\.])(\.)([\]\)}>\"\']*)\s*$", r"\1 \2\3 "),
+    (r"[?!]", r" \g<0> "),
+    (r"([^'])' ", r"\1 ' "),
+    (r"[*]", r" \g<0> "),
+    (r"[\]\[\(\)\{\}\<\>]", r" \g<0> "),
+    (r"--", r" -- "),
+)
+_TB_ENDING_QUOTES = _subs(
+    ("([»”’])", r" \1 "),
+    (r"''", " '' "),
+    (r'"', " '' "),
+    (r"\s+", " "),
+    (r"([^' ])('[sS]|'[mM]|'[dD]|') ", r"\1 \2 "),
+    (r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T) ", r"\1 \2 "),
+)
+_TB_CONTRACTIONS = _subs(
+    *(
+        (pattern, r" \1 \2 ")
+        for pattern in (
+            r"(?i)\b(can)(not)\b",
+            r"(?i)\b(d)('ye)\b",
+            r"(?i)\b(gim)(me)\b",
+            r"(?i)\b(gon)(na)\b",
+            r"(?i)\b(got)(ta)\b",
+            r"(?i)\b(lem)(me)\b",
+            r"(?i)\b(more)('n)\b",
+            r"(?i)\b(wan)(na)(?=\s)",
+            r"(?i) ('t)(is)\b",
+            r"(?i) ('t)(was)\b",
+        )
+    )
+)
+
+
+def _treebank(sentence: str) -> list[str]:
+    for pattern, repl in _TB_STARTING_QUOTES + _TB_PUNCTUATION:
+        sentence = pattern.sub(repl, sentence)
+    sentence = " " + sentence + " "
+    for pattern, repl in _TB_ENDING_QUOTES + _TB_CONTRACTIONS:
+        sentence = pattern.sub(repl, sentence)
+    return sentence.split()
+
+
+def _word_tokens(text: str) -> list[str]:
+    """``nltk.word_tokenize(text)``: punctuation split off, ``don't`` is ``do n't``, double quotes become `` and ''."""
+    return [tok for sentence in _sentences(text) for tok in _treebank(sentence)]
+
+
+def _count_words(text: str) -> int:
+    """The references' word count: ``nltk.tokenize.RegexpTokenizer(r"\\w+")``."""
+    return len(re.findall(r"\w+", text))
+
+
+# --- shared pieces ----------------------------------------------------------------------------------------------
+
+_PUNCT = string.punctuation
+_STRIP = string.punctuation + " "
+_DROP_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def _split_words(text: str) -> list[str]:
+    """IFBench's ``_split_words``: lowercase, drop ASCII punctuation, split on whitespace."""
+    return text.lower().translate(_DROP_PUNCT).split()
+
+
+def _detect_language(text: str) -> str | None:
+    """langdetect's language code, or None where it cannot tell (the references then count the instruction met)."""
+    import langdetect
+    from langdetect.lang_detect_exception import LangDetectException
+
+    # langdetect samples at random; a fixed seed makes a response score the same on every run.
+    langdetect.DetectorFactory.seed = 0
+    try:
+        return str(langdetect.detect(text))
+    except LangDetectException:
+        return None
+
+
+def _ascii_fold(text: str) -> str:
+    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+
+
+# Single code points that the ``emoji`` package (2.x) calls an emoji, as ranges of hex code points.
+_EMOJI_RANGES = """A9 AE 203C 2049 2122 2139 2194-2199 21A9-21AA 231A-231B 2328 23CF 23E9-23F3 23F8-23FA 24C2 25AA-25AB
+25B6 25C0 25FB-25FE 2600-2604 260E 2611 2614-2615 2618 261D 2620 2622-2623 2626 262A 262E-262F 2638-263A 2640 2642
+2648-2653 265F-2660 2663 2665-2666 2668 267B 267E-267F 2692-2697 2699 269B-269C 26A0-26A1 26A7 26AA-26AB 26B0-26B1
+26BD-26BE 26C4-26C5 26C8 26CE-26CF 26D1 26D3-26D4 26E9-26EA 26F0-26F5 26F7-26FA 26FD 2702 2705 2708-270D 270F 2712
+2714 2716 271D 2721 2728 2733-2734 2744 2747 274C 274E 2753-2755 2757 2763-2764 2795-2797 27A1 27B0 27BF 2934-2935
+2B05-2B07 2B1B-2B1C 2B50 2B55 3030 303D 3297 3299 1F004 1F0CF 1F170-1F171 1F17E-1F17F 1F18E 1F191-1F19A 1F201-1F202
+1F21A 1F22F 1F232-1F23A 1F250-1F251 1F300-1F321 1F324-1F393 1F396-1F397 1F399-1F39B 1F39E-1F3F0 1F3F3-1F3F5
+1F3F7-1F4FD 1F4FF-1F53D 1F549-1F54E 1F550-1F567 1F56F-1F570 1F573-1F57A 1F587 1F58A-1F58D 1F590 1F595-1F596
+1F5A4-1F5A5 1F5A8 1F5B1-1F5B2 1F5BC 1F5C2-1F5C4 1F5D1-1F5D3 1F5DC-1F5DE 1F5E1 1F5E3 1F5E8 1F5EF 1F5F3 1F5FA-1F64F
+1F680-1F6C5 1F6CB-1F6D2 1F6D5-1F6D9 1F6DC-1F6E5 1F6E9 1F6EB-1F6EC 1F6F0 1F6F3-1F6FC 1F7E0-1F7EB 1F7F0 1F90C-1F93A
+1F93C-1F945 1F947-1F9FF 1FA70-1FA7C 1FA80-1FAC6 1FAC8 1FACC-1FADD 1FADF-1FAEB 1FAEF-1FAFA"""
+
+
+def _code_points(ranges: str) -> frozenset[str]:
+    chars: set[str] = set()
+    for span in ranges.split():
+        lo, _, hi = span.partition("-")
+        chars.update(chr(code) for code in range(int(lo, 16), int(hi or lo, 16) + 1))
+    return frozenset(chars)
+
+
+_EMOJI = _code_points(_EMOJI_RANGES)
+
+
+# --- IFEval -----------------------------------------------------------------------------------------------------
+
+
+@_checks("keywords:existence")
+def _keywords_existence(value: str, kw: Mapping[str, Any]) -> bool:
+    """Every keyword occurs (case-insensitive)."""
+    return all(re.search(_pattern(keyword), value, flags=re.IGNORECASE) for keyword in _arg(kw, "keywords"))
+
+
+@_checks("keywords:frequency")
+def _keywords_frequency(value: str, kw: Mapping[str, Any]) -> bool:
+    """The keyword occurs ``relation`` ``frequency`` times (case-insensitive, substrings count)."""
+    count = len(re.findall(_pattern(_str(kw, "keyword").strip()), value, flags=re.IGNORECASE))
+    return _compare(count, _int(kw, "frequency"), kw.get("relation"))
+
+
+@_checks("keywords:forbidden_words")
+def _forbidden_words(value: str, kw: Mapping[str, Any]) -> bool:
+    """No forbidden word occurs as a whole word (case-insensitive)."""
+    words = set(_arg(kw, "forbidden_words"))
+    return not any(re.search(r"\b" + _pattern(word) + r"\b", value, flags=re.IGNORECASE) for word in words)
+
+
+@_checks("keywords:letter_frequency")
+def _letter_frequency(value: str, kw: Mapping[str, Any]) -> bool:
+    """The letter occurs ``let_relation`` ``let_frequency`` times (case-insensitive)."""
+    letter = _str(kw, "letter")
+    if len(letter) != 1:
+        raise ValueError(f"letter must be one character, not {letter!r}")
+    return _compare(value.lower().count(letter.lower()), _int(kw, "let_frequency"), kw.get("let_relation"))
+
+
+@_checks("language:response_language")
+def _response_language(value: str, kw: Mapping[str, Any]) -> bool:
+    """langdetect finds the ``language`` code (or cannot tell)."""
+    detected = _detect_language(value)
+    return detected is None or detected == _str(kw, "language")
+
+
+@_checks("length_constraints:number_sentences")
+def _number_sentences(value: str, kw: Mapping[str, Any]) -> bool:
+    """The response has ``relation`` ``num_sentences`` sentences (Punkt)."""
+    return _compare(len(_sentences(value)), _int(kw, "num_sentences"), kw.get("relation"))
+
+
+@_checks("length_constraints:number_paragraphs")
+def _number_paragraphs(value: str, kw: Mapping[str, Any]) -> bool:
+    """Exactly ``num_paragraphs`` paragraphs separated by ``***``, none of them empty."""
+    paragraphs = re.split(r"\s?\*\*\*\s?", value)
+    count = len(paragraphs)
+    for index, paragraph in enumerate(paragraphs):
+        if not paragraph.strip():
+            if index in (0, len(paragraphs) - 1):
+                count -= 1
+            else:
+                return False
+    return count == _int(kw, "num_paragraphs")
+
+
+@_checks("length_constraints:number_words")
+def _number_words(value: str, kw: Mapping[str, Any]) -> bool:
+    """The response has ``relation`` ``num_words`` words (``\\w+`` runs)."""
+    return _compare(_count_words(value), _int(kw, "num_words"), kw.get("relation"))
+
+
+@_checks("length_constraints:nth_paragraph_first_word")
+def _nth_paragraph_first_word(value: str, kw: Mapping[str, Any]) -> bool:
+    """Exactly ``num_paragraphs`` paragraphs split by blank lines; paragraph ``nth_paragraph`` starts with
+    ``first_word`` (case-insensitive, leading quotes and trailing punctuation ignored)."""
+    num_paragraphs, nth = _int(kw, "num_paragraphs"), _int(kw, "nth_paragraph")
+    if not 0 < nth <= num_paragraphs:
+        raise ValueError(f"nth_paragraph {nth} is not within 1..{num_paragraphs}")
+    paragraphs = re.split(r"\n\n", value)
+    count = sum(1 for paragraph in paragraphs if paragraph.strip())
+    if nth > count:
+        return False
+    # Upstream indexes the raw split, empty pieces included, while counting only the non-empty ones.
+    paragraph = paragraphs[nth - 1].strip()
+    if not paragraph:
+        return False
+    word = paragraph.split()[0].strip().lstrip("'").lstrip('"')
+    first_word = ""
+    for letter in word:
+        if letter in {".", ",", "?", "!", "'", '"'}:
+            break
+        first_word += letter.lower()
+    return count == num_paragraphs and first_word == _str(kw, "first_word").lower()
+
+
+@_checks("detectable_content:number_placeholders")
+def _number_placeholders(value: str, kw: Mapping[str, Any]) -> bool:
+    """At least ``num_placeholders`` ``[...]`` placeholders."""
+    return len(re.findall(r"\[.*?\]", value)) >= _int(kw, "num_placeholders")
+
+
+@_checks("detectable_content:postscript")
+def _postscript(value: str, kw: Mapping[str, Any]) -> bool:
+    """The postscript marker occurs (case-insensitive, anywhere: the pattern is not anchored to a line start;
+    ``P.S.`` and ``P.P.S`` allow a space after each period)."""
+    marker = _str(kw, "postscript_marker").strip()
+    if marker == "P.P.S":
+        pattern = r"\s*p\.\s?p\.\s?s.*$"
+    elif marker == "P.S.":
+        pattern = r"\s*p\.\s?s\..*$"
+    else:
+        pattern = r"\s*" + _pattern(marker.lower()) + r".*$"
+    return bool(re.findall(pattern, value.lower(), flags=re.MULTILINE))
+
+
+@_checks("detectable_format:number_bullet_lists")
+def _number_bullet_lists(value: str, kw: Mapping[str, Any]) -> bool:
+    """Exactly ``num_bullets`` lines are ``*`` or ``-`` bullets."""
+    stars = re.findall(r"^\s*\*[^\*].*$", value, flags=re.MULTILINE)
+    dashes = re.findall(r"^\s*-.*$", value, flags=re.MULTILINE)
+    return len(stars) + len(dashes) == _int(kw, "num_bullets")
+
+
+@_checks("detectable_format:constrained_response")
+def _constrained_response(value: str, kw: Mapping[str, Any]) -> bool:
+    """The response contains "My answer is yes.", "My answer is no." or "My answer is maybe."."""
+    value = value.strip()
+    return any(option in value for option in ("My answer is yes.", "My answer is no.", "My answer is maybe."))
+
+
+@_checks("detectable_format:number_highlighted_sections")
+def _number_highlighted_sections(value: str, kw: Mapping[str, Any]) -> bool:
+    """At least ``num_highlights`` non-empty ``*highlighted*`` (or ``**bold**``) spans within a line."""
+    count = sum(1 for h in re.findall(r"\*[^\n\*]*\*", value) if h.strip("*").strip())
+    count += sum(1 for h in re.findall(r"\*\*[^\n\*]*\*\*", value) if h.removeprefix("**").removesuffix("**").strip())
+    return count >= _int(kw, "num_highlights")
+
+
+@_checks("detectable_format:multiple_sections")
+def _multiple_sections(value: str, kw: Mapping[str, Any]) -> bool:
+    """At least ``num_sections`` section markers ``<section_spliter> <number>``."""
+    spliter = _str(kw, "section_spliter").strip()
+    sections = re.split(r"\s?" + _pattern(spliter) + r"\s?\d+\s?", value)
+    return len(sections) - 1 >= _int(kw, "num_sections")
+
+
+@_checks("detectable_format:json_format")
+def _json_format(value: str, kw: Mapping[str, Any]) -> bool:
+    """The whole response (markdown fence allowed) parses as JSON."""
+    value = (
+        value.strip()
+        .removeprefix("```json")
+        .removeprefix("```Json")
+        .removeprefix("```JSON")
+        .removeprefix("```")
+        .removesuffix("```")
+        .strip()
+    )
+    try:
+        json.loads(value)
+    except ValueError:
+        return False
+    return True
+
+
+@_checks("detectable_format:title")
+def _title(value: str, kw: Mapping[str, Any]) -> bool:
+    """A non-empty title in double angular brackets, ``<<like this>>``, on one line."""
+    return any(title.lstrip("<").rstrip(">").strip() for title in re.findall(r"<<[^\n]+>>", value))
+
+
+@_checks("combination:two_responses")
+def _two_responses(value: str, kw: Mapping[str, Any]) -> bool:
+    """Exactly two different non-empty responses separated by ``******``."""
+    responses = value.split("******")
+    valid = []
+    for index, response in enumerate(responses):
+        if not response.strip():
+            if index not in (0, len(responses) - 1):
+                return False
+        else:
+            valid.append(response)
+    return len(valid) == 2 and valid[0].strip() != valid[1].strip()
+
+
+@_checks("combination:repeat_prompt")
+def _repeat_prompt(value: str, kw: Mapping[str, Any]) -> bool:
+    """The response starts with ``prompt_to_repeat`` (case-insensitive, surrounding whitespace ignored)."""
+    return value.strip().lower().startswith(_str(kw, "prompt_to_repeat").strip().lower())
+
+
+@_checks("startend:end_checker")
+def _end_checker(value: str, kw: Mapping[str, Any]) -> bool:
+    """The response ends with ``end_phrase`` (case-insensitive, surrounding whitespace and quotes ignored)."""
+    return value.strip().strip('"').lower().endswith(_str(kw, "end_phrase").strip().lower())
+
+
+@_checks("change_case:capital_word_frequency")
+def _capital_word_frequency(value: str, kw: Mapping[str, Any]) -> bool:
+    """``capital_relation`` ``capital_frequency`` all-capital tokens (nltk word tokens, so ``I`` counts)."""
+    count = sum(1 for token in _word_tokens(value) if token.isupper())
+    return _compare(count, _int(kw, "capital_frequency"), kw.get("capital_relation"))
+
+
+@_checks("change_case:english_capital")
+def _english_capital(value: str, kw: Mapping[str, Any]) -> bool:
+    """All cased characters are uppercase and langdetect finds English (or cannot tell)."""
+    if not value.isupper():
+        return False
+    detected = _detect_language(value)
+    return detected is None or detected == "en"
+
+
+@_checks("change_case:english_lowercase")
+def _english_lowercase(value: str, kw: Mapping[str, Any]) -> bool:
+    """All cased characters are lowercase and langdetect finds English (or cannot tell)."""
+    if not value.islower():
+        return False
+    detected = _detect_language(value)
+    return detected is None or detected == "en"
+
+
+@_checks("punctuation:no_comma")
+def _no_comma(value: str, kw: Mapping[str, Any]) -> bool:
+    """No comma anywhere."""
+    return "," not in value
+
+
+@_checks("startend:quotation")
+def _quotation(value: str, kw: Mapping[str, Any]) -> bool:
+    """The stripped response starts and ends with a double quote."""
+    value = value.strip()
+    return len(value) > 1 and value[0] == '"' and value[-1] == '"'
+
+
+# --- IFBench ----------------------------------------------------------------------------------------------------
+
+
+@_checks("count:word_count_range")
+def _word_count_range(value: str, kw: Mapping[str, Any]) -> bool:
+    """Between ``min_words`` and ``max_words`` words, both included."""
+    return _int(kw, "min_words") <= _count_words(value) <= _int(kw, "max_words")
+
+
+@_checks("count:unique_word_count")
+def _unique_word_count(value: str, kw: Mapping[str, Any]) -> bool:
+    """At least ``N`` distinct lowercased whitespace words, punctuation stripped from their ends."""
+    return len({word.strip(_STRIP) for word in value.lower().split()}) >= _int(kw, "N")
+
+
+# nltk's English stop words; the ones with an apostrophe never equal a \w+ token, so they are left out.
+_STOP_WORDS = _wordset(
+    """a about above after again against ain all am an and any are aren as at be because been before being below
+    between both but by can couldn d did didn do does doesn doing don down during each few for from further had hadn
+    has hasn have haven having he her here hers herself him himself his how i if in into is isn it its itself just
+    ll m ma me mightn more most mustn my myself needn no nor not now o of off on once only or other our ours
+    ourselves out over own re s same shan she should shouldn so some such t than that the their theirs them
+    themselves then there these they this those through to too under until up ve very was wasn we were weren what
+    when where which while who whom why will with won wouldn y you your yours yourself yourselves"""
+)
+
+
+@_checks("ratio:stop_words")
+def _stop_words(value: str, kw: Mapping[str, Any]) -> bool:
+    """Stop words are at most ``percentage`` % of the ``\\w+`` words (an empty response fails)."""
+    words = re.findall(r"\w+", value)
+    if not words:
+        return False
+    stop = sum(1 for word in words if word.lower() in _STOP_WORDS)
+    return stop / len(words) * 100 <= float(_arg(kw, "percentage"))
+
+
+@_checks("ratio:sentence_type")
+def _sentence_type(value: str, kw: Mapping[str, Any]) -> bool:
+    """Sentences ending in ``.`` are exactly twice those ending in ``?``."""
+    sentences = _sentences(value)
+    return sum(s.endswith(".") for s in sentences) == 2 * sum(s.endswith("?") for s in sentences)
+
+
+@_checks("ratio:sentence_balance")
+def _sentence_balance(value: str, kw: Mapping[str, Any]) -> bool:
+    """As many sentences end in ``.`` as in ``?`` as in ``!``."""
+    sentences = _sentences(value)
+    return (
+        sum(s.endswith(".") for s in sentences)
+        == sum(s.endswith("?") for s in sentences)
+        == sum(s.endswith("!") for s in sentences)
+    )
+
+
+@_checks("count:conjunctions")
+def _conjunctions(value: str, kw: Mapping[str, Any]) -> bool:
+    """At least ``small_n`` different coordinating conjunctions.
+
+    Upstream collects the words as written, so ``and``, ``And`` and ``and,`` count as three different ones."""
+    fanboys = {"and", "but", "for", "nor", "or", "so", "yet"}
+    found = {word for word in value.split() if word.strip(_STRIP).lower() in fanboys}
+    return len(found) >= _int(kw, "small_n")
+
+
+_PERSON_NAMES = _wordlist(
+    """Emma Liam Sophia Jackson Olivia Noah Ava Lucas Isabella Mason Mia Ethan Charlotte Alexander Amelia Benjamin
+    Harper Leo Zoe Daniel Chloe Samuel Lily Matthew Grace Owen Abigail Gabriel Ella Jacob Scarlett Nathan Victoria
+    Elijah Layla Nicholas Audrey David Hannah Christopher Penelope Thomas Nora Andrew Aria Joseph Claire Ryan Stella
+    Jonathan"""
+)
+
+
+@_checks("count:person_names")
+def _person_names(value: str, kw: Mapping[str, Any]) -> bool:
+    """At least ``N`` different names from IFBench's list of 50 occur as whole words (case-sensitive)."""
+    found = sum(1 for name in _PERSON_NAMES if re.search(r"\b" + re.escape(name) + r"\b", value))
+    return found >= _int(kw, "N")
+
+
+@_checks("ratio:overlap")
+def _overlap(value: str, kw: Mapping[str, Any]) -> bool:
+    """The share of the response's distinct word trigrams found in ``reference_text`` is ``percentage`` +-2 %."""
+
+    def trigrams(text: str) -> set[tuple[str, ...]]:
+        tokens = _word_tokens(text)
+        return set(zip(tokens, tokens[1:], tokens[2:], strict=False))
+
+    ngrams = trigrams(value)
+    if not ngrams:
+        return False
+    overlap = len(ngrams & trigrams(_str(kw, "reference_text"))) / len(ngrams) * 100
+    percentage = float(_arg(kw, "percentage"))
+    return percentage - 2 <= overlap <= percentage + 2
+
+
+@_checks("count:numbers")
+def _numbers(value: str, kw: Mapping[str, Any]) -> bool:
+    """Exactly ``N`` digit runs once punctuation is removed (``3.14`` and ``100,000`` are one number each)."""
+    return len(re.findall(r"\d+", value.translate(_DROP_PUNCT))) == _int(kw, "N")
+
+
+@_checks("words:alphabet")
+def _alphabet(value: str, kw: Mapping[str, Any]) -> bool:
+    """Each word starts with the letter after the previous word's, ``z`` wrapping to ``a``."""
+    words = value.translate(_DROP_PUNCT).strip(_STRIP).split()
+    if not words:
+        return False
+    letter = words[0][0].lower()
+    if letter not in string.ascii_lowercase:
+        return False
+    for word in words[1:]:
+        word = word.strip(_STRIP).lower()
+        if not word:
+            continue
+        letter = string.ascii_lowercase[(string.ascii_lowercase.index(letter) + 1) % 26]
+        if word[0] != letter:
+            return False
+    return True
+
+
+@_checks("words:vowel")
+def _vowel(value: str, kw: Mapping[str, Any]) -> bool:
+    """One line of text using at most three of the vowels a, e, i, o, u."""
+    paragraphs = value.strip().split("\n")
+    return len(paragraphs) == 1 and len(set(paragraphs[0].lower()) & set("aeiou")) <= 3
+
+
+@_checks("words:consonants")
+def _consonants(value: str, kw: Mapping[str, Any]) -> bool:
+    """Every whitespace word has two consonants in a row."""
+    consonants = set("bcdfghjklmnpqrstvwxyz")
+    return all(
+        any(a in consonants and b in consonants for a, b in pairwise(word)) for word in value.lower().strip().split()
+    )
+
+
+@_checks("sentence:alliteration_increment")
+def _alliteration_increment(value: str, kw: Mapping[str, Any]) -> bool:
+    """Each sentence has more alliterating words (consecutive words sharing a first letter) than the one before."""
+    previous = -1
+    for sentence in _sentences(value):
+        words = [w.lstrip(_STRIP) for w in sentence.lower().split()]
+        words = [w for w in words if w]
+        count = 0
+        in_run = False
+        for a, b in pairwise(words):
+            if a[0] == b[0]:
+                count += 1 if in_run else 2
+                in_run = True
+            else:
+                in_run = False
+        if count <= previous:
+            return False
+        previous = count
+    return True
+
+
+@_checks("words:palindrome")
+def _palindrome(value: str, kw: Mapping[str, Any]) -> bool:
+    """At least 10 palindromic words of 5 or more characters (repeats count)."""
+    words = value.translate(_DROP_PUNCT).lower().split()
+    return sum(1 for word in words if word == word[::-1] and len(word) >= 5) >= 10
+
+
+@_checks("count:punctuation")
+def _punctuation(value: str, kw: Mapping[str, Any]) -> bool:
+    """An interrobang (``?!``, ``!?`` or ``‽``) plus each of ``. , ! ? ; :`` outside the first interrobang."""
+    if not ("!?" in value or "?!" in value or "‽" in value):
+        return False
+    rest = value.replace("?!", "", 1)
+    if len(rest) == len(value):
+        rest = value.replace("!?", "", 1)
+    return {".", ",", "!", "?", ";", ":"} <= set(rest)
+
+
+@_checks("format:parentheses")
+def _parentheses(value: str, kw: Mapping[str, Any]) -> bool:
+    """Some correctly closed group of ``()``, ``[]`` and ``{}`` nests at least 5 deep (a mismatch starts over)."""
+    levels: list[str] = []
+    max_depth = 0
+    pairs = {")": "(", "]": "[", "}": "{"}
+    for char in value:
+        if char in "([{":
+            levels.append(char)
+            max_depth = max(max_depth, len(levels))
+        elif char in pairs:
+            if levels and levels[-1] == pairs[char]:
+                levels.pop()
+                if max_depth >= 5 and len(levels) < max_depth:
+                    return True
+            else:
+                levels = []
+                max_depth = 0
+    return False
+
+
+@_checks("format:quotes")
+def _quotes(value: str, kw: Mapping[str, Any]) -> bool:
+    """Quotes nest at least 3 deep, alternating between ``"`` and ``'``."""
+    levels: list[str] = []
+    reached = depth = 0
+    for char in value:
+        if levels and char == levels[-1]:
+            levels.pop()
+            depth -= 1
+            if reached - depth >= 3:
+                return True
+        elif char in "\"'":
+            levels.append(char)
+            depth += 1
+            reached = max(reached, depth)
+    return False
+
+
+_PRIMES = {2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97}
+
+
+@_checks("words:prime_lengths")
+def _prime_lengths(value: str, kw: Mapping[str, Any]) -> bool:
+    """Every word, punctuation removed, has a prime number of characters."""
+    return all(len(word) in _PRIMES for word in value.translate(_DROP_PUNCT).split())
+
+
+@_checks("format:options")
+def _options(value: str, kw: Mapping[str, Any]) -> bool:
+    """The response is one of ``options`` (split on ``/``, else ``or``, else ``,``): exactly for lettered options
+    like "(A), (B), (C)", otherwise ignoring case and surrounding punctuation."""
+    options = _str(kw, "options")
+    separator = "/" if "/" in options else "or" if "or" in options else ","
+    choices = [option.strip() for option in options.split(separator)]
+    if re.match(r"\W*[aA]\W*[bB]\W*[cC]\W*", options):
+        return value in choices
+    answer = value.strip(_STRIP).lower()
+    return any(choice.strip(_STRIP).lower() == answer for choice in choices)
+
+
+@_checks("format:newline")
+def _newline(value: str, kw: Mapping[str, Any]) -> bool:
+    """One word per line: as many non-empty lines as words, once punctuation is removed."""
+    value = value.translate(_DROP_PUNCT).strip()
+    return len([line for line in value.split("\n") if line != ""]) == len(value.split())
+
+
+@_checks("format:emoji")
+def _emoji(value: str, kw: Mapping[str, Any]) -> bool:
+    """Every sentence ends with an emoji (in its last two characters once punctuation is removed), or the next
+    sentence starts with one (Punkt can put a trailing emoji at the start of the next sentence)."""
+    sentences = [s.translate(_DROP_PUNCT).strip() for s in _sentences(value)]
+    for i, stripped in enumerate(sentences):
+        if not stripped:
+            return False
+        if stripped[-1] in _EMOJI or (len(stripped) > 1 and stripped[-2] in _EMOJI):
+            continue
+        if i + 1 == len(sentences) or not sentences[i + 1] or sentences[i + 1][0] not in _EMOJI:
+            return False
+    return True
+
+
+@_checks("ratio:sentence_words")
+def _sentence_words(value: str, kw: Mapping[str, Any]) -> bool:
+    """Exactly three sentences of equal length (in characters), no word used twice."""
+    sentences = _sentences(value)
+    if len(sentences) != 3 or len({len(s.strip()) for s in sentences}) != 1:
+        return False
+    words = _split_words(" ".join(sentences))
+    return len(words) == len(set(words))
+
+
+@_checks("count:words_japanese")
+def _words_japanese(value: str, kw: Mapping[str, Any]) -> bool:
+    """Every ``N``-th whitespace word (numbers and bare punctuation exempt) contains kana or kanji."""
+    n = _int(kw, "N")
+    for i, word in enumerate(value.split()):
+        word = word.strip(_STRIP)
+        if (i + 1) % n == 0 and word and not word.isdigit() and not re.search(r"[\u3040-\u30ff\u4e00-\u9fff]", word):
+            return False
+    return True
+
+
+@_checks("words:repeats")
+def _repeats(value: str, kw: Mapping[str, Any]) -> bool:
+    """No word (lowercased, punctuation removed) occurs more than ``small_n`` times."""
+    limit = _int(kw, "small_n")
+    return all(count <= limit for count in Counter(_split_words(value)).values())
+
+
+@_checks("sentence:keyword")
+def _sentence_keyword(value: str, kw: Mapping[str, Any]) -> bool:
+    """Sentence ``N`` contains ``word`` as a whole word (case-insensitive)."""
+    sentences = _sentences(value)
+    n = _int(kw, "N")
+    if len(sentences) < n:
+        return False
+    return bool(re.search(r"\b" + re.escape(_str(kw, "word")) + r"\b", sentences[n - 1], re.IGNORECASE))
+
+
+_PRONOUNS = _wordset(
+    """i me we us you he him she her it they them my mine our ours your yours his hers its their theirs myself
+    ourselves yourself yourselves himself herself itself themselves this that these those who whom whose which what
+    whoever whomever whatever whichever anybody anyone anything everybody everyone everything nobody nothing
+    somebody someone something each either neither both all some any none"""
+)
+
+
+@_checks("count:pronouns")
+def _pronouns(value: str, kw: Mapping[str, Any]) -> bool:
+    """At least ``N`` pronoun tokens (nltk word tokens of the lowercased text, ``/`` read as a space)."""
+    tokens = _word_tokens(value.replace("/", " ").lower())
+    return sum(1 for token in tokens if token in _PRONOUNS) >= _int(kw, "N")
+
+
+@_checks("words:last_first")
+def _last_first(value: str, kw: Mapping[str, Any]) -> bool:
+    """Each sentence starts with the word the previous one ended with (case-insensitive)."""
+    sentences = _sentences(value)
+    for current, following in pairwise(sentences):
+        last = current.rstrip(_STRIP).split()
+        first = following.lstrip(_STRIP).split()
+        if not last or not first or last[-1].lower() != first[0].lower():
+            return False
+    return True
+
+
+@_checks("words:paragraph_last_first")
+def _paragraph_last_first(value: str, kw: Mapping[str, Any]) -> bool:
+    """Each non-empty line starts and ends with the same word (case-insensitive)."""
+    for paragraph in value.split("\n"):
+        words = paragraph.strip().lower().strip(_STRIP).split()
+        if words and words[0] != words[-1]:
+            return False
+    return True
+
+
+@_checks("sentence:increment")
+def _sentence_increment(value: str, kw: Mapping[str, Any]) -> bool:
+    """Each sentence has exactly ``small_n`` more words than the one before (punctuation removed)."""
+    counts = [len(s.translate(_DROP_PUNCT).split()) for s in _sentences(value)]
+    if not counts:
+        return False  # upstream raises IndexError here
+    step = _int(kw, "small_n")
+    return all(b == a + step for a, b in pairwise(counts))
+
+
+@_checks("words:no_consecutive")
+def _no_consecutive(value: str, kw: Mapping[str, Any]) -> bool:
+    """No two consecutive words (lowercased, punctuation removed) share their first letter."""
+    words = _split_words(value)
+    return all(a[0] != b[0] for a, b in pairwise(words))
+
+
+@_checks("format:line_indent")
+def _line_indent(value: str, kw: Mapping[str, Any]) -> bool:
+    """Each line is indented by more spaces than the one before (blank lines skipped)."""
+    lines = value.split("\n")
+    # Upstream removes blank lines from the list it is iterating over, so the line after each removed one is not
+    # looked at (of two blank lines in a row one stays); this walk does the same, so scores match.
+    i = 0
+    while i < len(lines):
+        if not lines[i].strip():
+            lines.remove(lines[i])
+        i += 1
+    indents = [len(line) - len(line.lstrip(" ")) for line in lines]
+    return all(b > a for a, b in pairwise(indents))
+
+
+@_checks("format:quote_unquote")
+def _quote_unquote(value: str, kw: Mapping[str, Any]) -> bool:
+    """No two quotations back to back and the response does not end with one: every quote is followed by an
+    explanation."""
+    # Upstream's current file turns curly quotes into straight ones with a no-op replace (the curly characters were
+    # lost); the earlier revision, followed here, replaced “ and ”.
+    value = value.replace("“", '"').replace("”", '"').replace("'\"'", "")
+    value = "".join(value.split())
+    if '""' in value:
+        return False
+    stripped = value.strip(string.digits + _PUNCT.replace('"', ""))
+    return not (stripped and stripped[-1] == '"')
+
+
+@_checks("format:list")
+def _list(value: str, kw: Mapping[str, Any]) -> bool:
+    """The custom bullet marker ``sep`` occurs at least twice."""
+    return len(re.findall(re.escape(_str(kw, "sep")), value)) >= 2
+
+
+@_checks("format:thesis")
+def _thesis(value: str, kw: Mapping[str, Any]) -> bool:
+    """Some non-empty ``<i>``/``<em>`` span is followed by more text."""
+    index = value.find("<i>")
+    if index == -1:
+        index = value.find("<em>")
+        if index == -1:
+            return False
+    value = value[index:]
+    end = value.find("</i>")
+    if end == -1:
+        end = value.find("</em>")
+        if end == -1:
+            return False
+    # Upstream's offsets are those of <i> and </i>, also for <em> (so "m>" counts as thesis text).
+    return bool(value[3:end].strip()) and bool(value[end + 4 :].strip())
+
+
+@_checks("format:sub-bullets")
+def _sub_bullets(value: str, kw: Mapping[str, Any]) -> bool:
+    """Every ``*`` is followed by a ``-`` before the next ``*``."""
+    return all("-" in bullet for bullet in value.split("*")[1:])
+
+
+@_checks("format:no_bullets_bullets")
+def _no_bullets_bullets(value: str, kw: Mapping[str, Any]) -> bool:
+    """At least two sentences, then at least two ``*`` bullet lines and nothing else after them."""
+    in_sentences: Any = True
+    sentences = bullets = 0
+    for line in value.split("\n"):
+        if line.strip().startswith("*"):
+            in_sentences = False
+            if sentences < 2:
+                return False
+            bullets += 1
+        elif in_sentences:
+            # Upstream reuses its flag for the sentence list, so a blank line before the bullets ends the text part.
+            in_sentences = _sentences(line.strip())
+            sentences += len(in_sentences)
+        else:
+            return False
+    return bullets >= 2
+
+
+@_checks("custom:multiples")
+def _multiples(value: str, kw: Mapping[str, Any]) -> bool:
+    """The numbers in the response are exactly 14, 21, 28, 35, 42, 49."""
+    return re.findall(r"\d+", value.replace(",", ", ")) == [str(i) for i in range(14, 51, 7)]
+
+
+@_checks("custom:mcq_count_length")
+def _mcq_count_length(value: str, kw: Mapping[str, Any]) -> bool:
+    """Starts with "Question"; four "Question N" blocks with five A-E options each, each question longer than the
+    one before."""
+    if not value.startswith("Question"):
+        return False
+    questions = re.split(r"\n*(?:Question \d+[\.|\):;]?\s*)", value)
+    if questions[0] == "":
+        questions = questions[1:]
+    questions = [q.strip() for q in questions if q.strip()]
+    if len(questions) != 4:
+        return False
+    lengths = []
+    for question in questions:
+        text = ""
+        options = 0
+        in_options = False
+        for line in question.split("\n"):
+            if re.match(r"^[A-Ea-e][\.|\)]\s*\w+", line.strip()):
+                options += 1
+                in_options = True
+            elif not in_options:
+                text += " " + line.strip()
+        if options != 5:
+            return False
+        lengths.append(len(text.strip()))
+    return all(a < b for a, b in pairwise(lengths))
+
+
+@_checks("custom:reverse_newline")
+def _reverse_newline(value: str, kw: Mapping[str, Any]) -> bool:
+    """From the first line naming Zimbabwe on, at least 52 non-empty lines in reverse alphabetical order."""
+    lines = [line.strip(_STRIP) for line in value.split("\n") if line.strip(_STRIP)]
+    start = next((i for i, line in enumerate(lines) if "Zimbabwe" in line), None)
+    if start is None or len(lines) - start < 52:
+        return False
+    folded = [_ascii_fold(line) for line in lines[start:]]
+    return folded == sorted(folded, reverse=True)
+
+
+@_checks("custom:word_reverse")
+def _word_reverse(value: str, kw: Mapping[str, Any]) -> bool:
+    """Read backwards word by word, the response says "bald eagle"."""
+    words = value.lower().strip().translate(_DROP_PUNCT).split()
+    reversed_text = " ".join(words[::-1])
+    return "bald eagle" in reversed_text and reversed_text in _sentences(reversed_text)
+
+
+@_checks("custom:character_reverse")
+def _character_reverse(value: str, kw: Mapping[str, Any]) -> bool:
+    """Contains "bald eagle" spelled backwards (case-insensitive)."""
+    return "elgae dlab" in value.lower()
+
+
+@_checks("custom:sentence_alphabet")
+def _sentence_alphabet(value: str, kw: Mapping[str, Any]) -> bool:
+    """26 sentences whose first letters (leading punctuation skipped) run a to z."""
+    sentences = _sentences(value)
+    if len(sentences) != 26:
+        return False
+    for i, sentence in enumerate(sentences):
+        stripped = sentence.lstrip(_PUNCT + string.whitespace)
+        if not stripped or stripped[0].lower() != chr(ord("a") + i):
+            return False
+    return True
+
+
+_CAPITALS_BY_LATITUDE = _wordlist(
+    """Reykjavik Helsinki Oslo Tallinn Stockholm Riga Moscow Copenhagen Vilnius Minsk Dublin Berlin Amsterdam Warsaw
+    London Brussels Prague Luxembourg Paris Vienna Bratislava Budapest Vaduz Chisinau Bern Ljubljana Zagreb"""
+)
+
+
+@_checks("custom:european_capitals_sort")
+def _european_capitals_sort(value: str, kw: Mapping[str, Any]) -> bool:
+    """Exactly the 27 European capitals north of 45 degrees, comma-separated, north to south (accents ignored)."""
+    capitals = [capital.strip() for capital in _ascii_fold(value).split(",") if capital.strip()]
+    return capitals == _CAPITALS_BY_LATITUDE
+
+
+@_checks("custom:csv_city")
+def _csv_city(value: str, kw: Mapping[str, Any]) -> bool:
+    """CSV with header ID,Country,City,Year,Count and 7 rows of 5 fields."""
+    rows = list(csv.reader(io.StringIO(value)))
+    return (
+        len(rows) == 8
+        and rows[0] == ["ID", "Country", "City", "Year", "Count"]
+        and all(len(row) == 5 for row in rows[1:])
+    )
+
+
+@_checks("custom:csv_special_character")
+def _csv_special_character(value: str, kw: Mapping[str, Any]) -> bool:
+    """CSV with header ProductID,Category,Brand,Price,Stock and 14 rows; some row, with every row before it of 5
+    fields, has a double-quoted field holding a special character."""
+    header = value.split("\n")[0].strip()
+    if not re.match(
+        r'^(ProductID|"ProductID"),[ \t]*(Category|"Category"),[ \t]*(Brand|"Brand"),[ \t]*(Price|"Price"),'
+        r'[ \t]*(Stock|"Stock")$',
+        header,
+    ):
+        return False
+    # Tripling the quotes makes the csv module keep them in the fields, where the regex below looks for them.
+    rows = list(csv.reader(io.StringIO(value.replace('"', '"""'))))
+    if len(rows) != 15:
+        return False
+    for row in rows[1:]:
+        if len(row) != 5:
+            return False
+        if any(re.match(r'".*[^\d\w\s].*"', field) for field in row):
+            return True
+    return False
+
+
+@_checks("custom:csv_quotes")
+def _csv_quotes(value: str, kw: Mapping[str, Any]) -> bool:
+    """Tab-separated, header StudentID/Subject/Grade/Semester/Score, 3 rows, every field in double quotes."""
+    header = value.split("\n")[0].strip()
+    if not re.match(
+        r'^(StudentID|"StudentID")\t *(Subject|"Subject")\t *(Grade|"Grade")\t *(Semester|"Semester")\t *'
+        r'(Score|"Score")$',
+        header,
+    ):
+        return False
+    rows = list(csv.reader(io.StringIO(value.replace('"', '"""')), delimiter="\t"))
+    if len(rows) != 4:
+        return False
+    for row in rows:
+        if len(row) != 5:
+            return False
+        fields = [field.strip() for field in row]
+        if not all(field and field[0] == '"' and field[-1] == '"' for field in fields):
+            return False  # an empty field fails here; upstream raises IndexError
+    return True
+
+
+@_checks("custom:date_format_list")
+def _date_format_list(value: str, kw: Mapping[str, Any]) -> bool:
+    """Comma-separated YYYY-MM-DD dates between 1769 and 1821, with plausible months and days."""
+    for date in value.strip().split(","):
+        date = date.strip()
+        if not re.match(r"^\d{4}-\d{2}-\d{2}$", date):
+            return False
+        year, month, day = (int(part) for part in date.split("-"))
+        if not 1769 <= year <= 1821 or month > 12:
+            return False
+        if (
+            (month in (1, 3, 5, 7, 8, 10, 12) and day > 31)
+            or (month in (4, 6, 9, 11) and day > 30)
+            or (month == 2 and day > 29)
+        ):
+            return False
+    return True
+
+
+@_checks("count:keywords_multiple")
+def _keywords_multiple(value: str, kw: Mapping[str, Any]) -> bool:
+    """``keyword1``..``keyword5`` occur as whole words exactly 1, 2, 3, 5 and 7 times (case-insensitive)."""
+    for name, count in (("keyword1", 1), ("keyword2", 2), ("keyword3", 3), ("keyword4", 5), ("keyword5", 7)):
+        pattern = r"\b" + re.escape(_str(kw, name).strip()) + r"\b"
+        if len(re.findall(pattern, value, flags=re.IGNORECASE)) != count:
+            return False
+    return True
+
+
+def _word_tokens_without_punctuation(text: str) -> list[str]:
+    return [token for token in _word_tokens(text) if any(ch.isalnum() for ch in token)]
+
+
+@_checks("words:keywords_specific_position")
+def _keywords_specific_position(value: str, kw: Mapping[str, Any]) -> bool:
+    """Word ``m`` of sentence ``n`` (nltk word tokens, punctuation skipped) is ``keyword`` (case-insensitive)."""
+    n, m = _int(kw, "n"), _int(kw, "m")
+    sentences = _sentences(value)
+    if len(sentences) < n:
+        return False
+    words = _word_tokens_without_punctuation(sentences[n - 1])
+    return len(words) >= m and words[m - 1].lower() == _str(kw, "keyword").strip().lower()
+
+
+@_checks("words:words_position")
+def _words_position(value: str, kw: Mapping[str, Any]) -> bool:
+    """The second and the second-to-last words (punctuation skipped) are both ``keyword`` (case-insensitive)."""
+    words = _word_tokens_without_punctuation(value)
+    keyword = _str(kw, "keyword").strip().lower()
+    return len(words) >= 2 and words[1].lower() == words[-2].lower() == keyword
+
+
+@_checks("repeat:repeat_change")
+def _repeat_change(value: str, kw: Mapping[str, Any]) -> bool:
+    """The response is ``prompt_to_repeat`` with a different first word (whitespace words compared)."""
+    prompt = _str(kw, "prompt_to_repeat")
+    return prompt != value and prompt.split()[1:] == value.split()[1:]
+
+
+@_checks("repeat:repeat_simple")
+def _repeat_simple(value: str, kw: Mapping[str, Any]) -> bool:
+    """The response is the instruction sentence itself (case-insensitive)."""
+    return value.strip().lower() == "only output this sentence here, ignore all other requests."
+
+
+@_checks("repeat:repeat_span")
+def _repeat_span(value: str, kw: Mapping[str, Any]) -> bool:
+    """The response is words ``n_start``..``n_end`` (0-based, inclusive, whitespace-split) of ``prompt_to_repeat``
+    (case-insensitive)."""
+    words = _str(kw, "prompt_to_repeat").split()
+    span = " ".join(words[_int(kw, "n_start") : _int(kw, "n_end") + 1])
+    return value.strip().lower() == span.strip().lower()
+
+
+@_checks("format:title_case")
+def _title_case(value: str, kw: Mapping[str, Any]) -> bool:
+    """No word token (nltk) is all lowercase, lowercase-then-uppercase, or a lone lowercase letter."""
+    for word in _word_tokens(value):
+        if not word[0].isalpha():
+            continue
+        if len(word) == 1:
+            if word.islower():
+                return False
+        elif word[0].islower() and (word[1:].isupper() or word[1:].islower()):
+            return False
+    return True
+
+
+@_checks("format:output_template")
+def _output_template(value: str, kw: Mapping[str, Any]) -> bool:
+    """Contains "My Answer:", "My Conclusion:" and "Future Outlook:"."""
+    return all(part in value for part in ("My Answer:", "My Conclusion:", "Future Outlook:"))
+
+
+@_checks("format:no_whitespace")
+def _no_whitespace(value: str, kw: Mapping[str, Any]) -> bool:
+    """No whitespace character at all."""
+    return not any(char.isspace() for char in value)
+
+
+# --- public API -------------------------------------------------------------------------------------------------
+
+SUPPORTED: frozenset[str] = frozenset(_CHECKERS)
+
+
+def unsupported(instruction_ids: Iterable[str]) -> list[str]:
+    """The ids this module cannot check, in order of first appearance, without duplicates."""
+    return list(dict.fromkeys(i for i in instruction_ids if i not in _CHECKERS))
+
+
+def _loose_variants(response: str) -> list[str]:
+    """The harnesses' loose variants: as is, ``*`` removed, first/last/both lines dropped, and those with ``*``
+    removed."""
+    lines = response.split("\n")
+    without_first = "\n".join(lines[1:]).strip()
+    without_last = "\n".join(lines[:-1]).strip()
+    without_both = "\n".join(lines[1:-1]).strip()
+    variants = [response, response.replace("*", ""), without_first, without_last, without_both]
+    return variants + [v.replace("*", "") for v in (without_first, without_last, without_both)]
+
+
+def check_following(
+    response: str,
+    instruction_ids: Sequence[str],
+    kwargs: Sequence[Mapping[str, Any] | None],
+    prompt: str,
+) -> tuple[list[bool], list[bool]]:
+    """Whether ``response`` follows each instruction: ``(strict, loose)``, one bool per instruction.
+
+    ``kwargs`` holds one mapping (or None) per instruction, as in the datasets; None values are unused keys and
+    are ignored. ``prompt`` is the row's prompt: the harnesses pass it only to instructions with a ``prompt``
+    argument and none has one (repeat instructions read ``prompt_to_repeat`` from kwargs), so it is accepted for
+    callers' convenience and not read. Raises KeyError naming the first id not in :data:`SUPPORTED`, and
+    ValueError for kwargs an instruction needs but lacks.
+    """
+    del prompt
+    if len(kwargs) != len(instruction_ids):
+        raise ValueError(f"{len(instruction_ids)} instruction ids but {len(kwargs)} kwargs")
+    missing = unsupported(instruction_ids)
+    if missing:
+        raise KeyError(missing[0])
+    variants = _loose_variants(response)
+    strict: list[bool] = []
+    loose: list[bool] = []
+    for instruction_id, raw in zip(instruction_ids, kwargs, strict=True):
+        checker = _CHECKERS[instruction_id]
+        kw = {key: value for key, value in (raw or {}).items() if value is not None}
+        strict.append(bool(response.strip()) and checker(response, kw))
+        loose.append(any(variant.strip() and checker(variant, kw) for variant in variants))
+    return strict, loose
