@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from _report import update_results, write_section
+from _report import environment, update_results, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_JSON = ROOT / "benchmarks" / "results.json"
@@ -142,22 +140,6 @@ def code_scoring(quick: bool) -> dict[str, Any]:
     return out
 
 
-def environment() -> tuple[dict[str, Any], dict[str, Any]]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    versions = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "math-verify"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {"cpu": cpu, "cores": os.cpu_count()}, versions
-
-
 def markdown_section(result: dict[str, Any]) -> str:
     gen, math, code = result["generation"], result["math_scoring"], result["code_scoring"]
     return "\n".join(
@@ -197,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-md", type=Path, default=BENCHMARKS_MD)
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    machine, versions = environment()
+    machine, versions = environment(("torch", "transformers", "math-verify"))
     result = {
         "quick": args.quick,
         "machine": machine,

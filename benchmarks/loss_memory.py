@@ -29,7 +29,6 @@ import gc
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -41,7 +40,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from _report import update_results, write_section
+from _report import environment, update_results, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_JSON = ROOT / "benchmarks" / "results.json"
@@ -525,30 +524,6 @@ def summarise(rows: list[dict[str, Any]], shape: Shape, chunk_size: int) -> dict
     return summary
 
 
-def environment() -> tuple[dict[str, Any], dict[str, Any]]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            ram = int(next(ln for ln in f if ln.startswith("MemTotal:")).split()[1]) * 1024 / GIB
-    except (OSError, StopIteration):
-        import psutil
-
-        ram = psutil.virtual_memory().total / GIB
-    machine = {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(ram, 1)}
-    versions = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "trl"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return machine, versions
-
-
 def write_json(path: Path, rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str, Any]) -> None:
     """Read-modify-write: other benchmarks own other keys of the same file."""
     keys = {
@@ -757,7 +732,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     base = QUICK if args.quick else FULL
     shape = Shape(base.vocab, base.hidden, base.top_k, args.seq_len or base.seq_len)
-    machine, versions = environment()
+    machine, versions = environment(("torch", "transformers", "trl"))
     meta = {
         "commands": [" ".join(["python benchmarks/loss_memory.py", *argv])],
         "shape": asdict(shape),

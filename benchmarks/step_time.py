@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -39,11 +38,10 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from _report import update_results, write_section
+from _report import environment, update_results, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_JSON = ROOT / "benchmarks" / "results.json"
@@ -543,36 +541,6 @@ def summarise(runs: dict[str, list[dict[str, Any]]], warmup: int) -> dict[str, A
     return out
 
 
-def environment() -> tuple[dict[str, Any], dict[str, Any]]:
-    cpu, flags = platform.processor() or platform.machine(), ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        cpu = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), cpu)
-        flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        pass
-    try:
-        mem = Path("/proc/meminfo").read_text()
-        ram = int(next(ln for ln in mem.splitlines() if ln.startswith("MemTotal:")).split()[1]) / 2**20
-    except (OSError, StopIteration):
-        import psutil
-
-        ram = psutil.virtual_memory().total / 2**30
-    machine = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "ram_gib": round(ram, 1),
-        "avx512_bf16": "avx512_bf16" in flags or "amx_bf16" in flags,
-    }
-    versions = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "trl", "accelerate", "tropd"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return machine, versions
-
-
 def write_json(path: Path, summary: dict[str, Any], meta: dict[str, Any], runs: dict[str, Any]) -> None:
     """Read-modify-write: other benchmarks own other keys of the same file."""
     tropd = summary["tropd"]["median_s"]
@@ -757,7 +725,7 @@ def main(argv: list[str] | None = None) -> None:
             warmup=args.warmup,
             steps=args.steps,
         )
-    machine, versions = environment()
+    machine, versions = environment(("torch", "transformers", "trl", "accelerate", "tropd"))
     meta: dict[str, Any] = {
         "command": " ".join(["python benchmarks/step_time.py", *argv]),
         "setup": asdict(setup),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gzip
 import io
 import json
 import math
@@ -25,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from tropd_cli.data import Example
+from tropd_cli.data import Example, read_jsonl
 from tropd_cli.errors import UserError
 from tropd_cli.sandbox import detect_isolation, run_many, run_program
 
@@ -60,21 +59,10 @@ def load_humaneval(path: str | None = None) -> list[Example]:
     path = os.path.expanduser(path) if path else bundled_humaneval_path()
     if not os.path.exists(path):
         raise UserError(f"HumanEval file not found: {path} (pass an existing .jsonl or .jsonl.gz file)")
-    examples = []
-    with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: malformed JSON line ({exc.msg}); fix or remove that line") from exc
-            missing = [name for name in FIELDS if name not in row] if isinstance(row, dict) else list(FIELDS)
-            if missing:
-                raise UserError(f"{path}:{lineno}: a HumanEval row needs the fields {', '.join(missing)}")
-            examples.append(
-                Example(prompt=row["prompt"], answer=row["canonical_solution"], metadata=row, uid=row["task_id"])
-            )
+    examples = [
+        Example(prompt=row["prompt"], answer=row["canonical_solution"], metadata=row, uid=row["task_id"])
+        for row in read_jsonl(path, required=FIELDS, what="HumanEval row")
+    ]
     if not examples:
         raise UserError(f"{path} has no problems; point to a non-empty HumanEval file")
     return examples

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,9 +39,14 @@ def reasoning_gym_examples(name: str, *, size: int, seed: int, kwargs: dict[str,
     return examples, task
 
 
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
+def read_jsonl(path: str, *, required: Sequence[str] = (), what: str = "row") -> list[dict[str, Any]]:
+    """The JSON objects of a ``.jsonl`` (or ``.jsonl.gz``) file, one per non-empty line.
+
+    A malformed line, a line that is not an object, or one without a ``required`` field is a
+    UserError naming ``path:line`` (``what`` names the kind of line in that message).
+    """
     rows = []
-    with open(path, encoding="utf-8") as fh:
+    with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -49,6 +56,9 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
                 raise UserError(f"{path}:{lineno}: malformed JSON line ({exc.msg}); fix or remove that line") from exc
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+            missing = [name for name in required if name not in row]
+            if missing:
+                raise UserError(f"{path}:{lineno}: a {what} needs the field(s) {', '.join(missing)}")
             rows.append(row)
     return rows
 
@@ -62,7 +72,7 @@ def read_records(path: str, split: str = "train", *, option: str = "dataset.path
     if not os.path.exists(path):
         raise UserError(f"data file not found: {path} (set {option} to an existing .jsonl or .parquet file)")
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".jsonl" and not _read_jsonl(path):  # a file:line message before datasets' cryptic one
+    if ext == ".jsonl" and not read_jsonl(path):  # a file:line message before datasets' cryptic one
         raise UserError(f"{path} has no rows; point to a non-empty dataset")
     builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(ext)
     if builder is None:

@@ -63,21 +63,12 @@ def versions() -> dict[str, str]:
 
 
 def read_generations(path: str) -> list[dict[str, Any]]:
+    from tropd_cli.data import read_jsonl
+
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f"generations={path}: no such file; pass the generations.jsonl of an earlier `tropd eval`")
-    lines = []
-    for n, text in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not text.strip():
-            continue
-        try:
-            line = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{n}: malformed JSON line ({exc.msg}); fix or remove that line") from exc
-        missing = [k for k in ("suite", "task", "problem_id", "completion") if k not in line]
-        if missing:
-            raise UserError(f"{path}:{n}: a generations line needs the field(s) {', '.join(missing)}")
-        lines.append(line)
+    lines = read_jsonl(str(file), required=("suite", "task", "problem_id", "completion"), what="generations line")
     if not lines:
         raise UserError(f"{path} has no generations to score")
     return lines
