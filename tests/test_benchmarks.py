@@ -88,7 +88,7 @@ def test_step_time_quick_writes_results(tmp_path: Path) -> None:
 def test_eval_speed_quick_writes_its_keys_and_section(tmp_path: Path) -> None:
     script = SCRIPT.parent / "eval_speed.py"
     out_json, out_md = tmp_path / "results.json", tmp_path / "benchmarks.md"
-    out_json.write_text(json.dumps({"other_benchmark": 1, "machine": {"ram_gib": 24}}))
+    out_json.write_text(json.dumps({"other_benchmark": 1, "machine": {"gpu": "H100"}}))
     out_md.write_text("# Benchmarks\n\n<!-- other:start -->\nkept\n<!-- other:end -->\n")
     proc = subprocess.run(
         [sys.executable, str(script), "--quick", "--out-json", str(out_json), "--out-md", str(out_md)],
@@ -98,7 +98,7 @@ def test_eval_speed_quick_writes_its_keys_and_section(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out_json.read_text())
-    assert data["other_benchmark"] == 1 and data["machine"]["ram_gib"] == 24  # other keys survive, machine merges
+    assert data["other_benchmark"] == 1 and data["machine"]["gpu"] == "H100"  # other keys survive, machine merges
     result = data["eval_speed"]
     for order in ("sorted", "arrival"):
         assert result["generation"][order]["problems_per_s"] > 0

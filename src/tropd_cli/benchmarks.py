@@ -67,16 +67,18 @@ def _rows(cfg: EvalTaskConfig, source: Source, where: str, *, cut: bool = True) 
     (``cut=False``: all of them, for loaders that filter rows first and then keep ``size``)."""
     if cfg.path:
         rows = read_records(cfg.path, cfg.split or "train", option=f"{where}.path")
-        origin = cfg.path
     else:
         name = cfg.hub_name or source.hub_name
-        rows = hub_records(
-            name, cfg.split or source.split, cfg.subset or source.subset, local_option=f"{where}.path=FILE"
-        )
-        origin = name
+        split, subset = cfg.split or source.split, cfg.subset or source.subset
+        rows = hub_records(name, split, subset, local_option=f"{where}.path=FILE")
     if not rows:
-        raise UserError(f"{origin} has no rows; point {where}.path to a non-empty file")
+        raise UserError(f"{_origin(cfg, source)} has no rows; point {where}.path to a non-empty file")
     return _first(rows, cfg.size) if cut else rows
+
+
+def _origin(cfg: EvalTaskConfig, source: Source) -> str:
+    """Where a task's rows come from, for error messages."""
+    return cfg.path or cfg.hub_name or source.hub_name
 
 
 def _first(items: list[Any], size: int) -> list[Any]:
@@ -121,7 +123,7 @@ def _math_task(
     rows = _rows(cfg, source, where)
     prompt_fields = (cfg.prompt_field,) if cfg.prompt_field else prompt_fields
     answer_fields = (cfg.answer_field,) if cfg.answer_field else answer_fields
-    origin = cfg.path or cfg.hub_name or source.hub_name
+    origin = _origin(cfg, source)
     examples = [
         Example(
             prompt=str(_field(row, prompt_fields, origin)),
@@ -190,7 +192,7 @@ def _gpqa_task(cfg: EvalTaskConfig, where: str) -> Task:
     """GPQA rows hold the right answer and three wrong ones; their order is shuffled with ``seed`` per problem."""
     source = Source("Idavidrein/gpqa", "gpqa_diamond", "train")
     rows = _rows(cfg, source, where)
-    origin = cfg.path or cfg.hub_name or source.hub_name
+    origin = _origin(cfg, source)
     items = []
     for i, row in enumerate(rows):
         right = str(_field(row, ("Correct Answer",), origin)).strip()
@@ -223,7 +225,7 @@ def _mmlu_redux_task(cfg: EvalTaskConfig, where: str) -> Task:
         for subject in subjects:
             sub = hub_records(name, cfg.split or source.split, subject, local_option=f"{where}.path=FILE")
             rows += [{**row, "subject": subject} for row in sub]
-    origin = cfg.path or cfg.hub_name or source.hub_name
+    origin = _origin(cfg, source)
     keep_errors = bool(cfg.options.get("keep_errors", False))
     items = []
     for row in rows:
@@ -280,8 +282,9 @@ def _livecodebench_task(cfg: EvalTaskConfig, where: str) -> Task:
     """LiveCodeBench problems released in [options.start_date, options.end_date) (ISO dates, both optional)."""
     from tropd_cli.code_eval import extract_fenced, lcb_prompt, score_livecodebench
 
-    rows = _rows(cfg, Source("livecodebench/code_generation_lite", "release_v6", "test"), where, cut=False)
-    origin = cfg.path or cfg.hub_name or "livecodebench/code_generation_lite"
+    source = Source("livecodebench/code_generation_lite", "release_v6", "test")
+    rows = _rows(cfg, source, where, cut=False)
+    origin = _origin(cfg, source)
     start, end = cfg.options.get("start_date"), cfg.options.get("end_date")
     rows = [
         row
@@ -317,7 +320,7 @@ def _instructions_task(cfg: EvalTaskConfig, where: str, source: Source) -> Task:
     from tropd_cli.instructions import check_following, unsupported
 
     rows = _rows(cfg, source, where, cut=False)
-    origin = cfg.path or cfg.hub_name or source.hub_name
+    origin = _origin(cfg, source)
     examples = []
     for i, row in enumerate(rows):
         ids = [str(x) for x in _field(row, ("instruction_id_list",), origin)]
