@@ -90,8 +90,9 @@ def test_unknown_command_exits_2(tropd):
     assert_one_line_error(proc, "nosuchcommand")
 
 
-def test_ablate_is_not_built_yet_and_says_so(tropd):
-    assert_one_line_error(tropd("ablate"), "tropd ablate is not built yet", "tropd train -m")
+def test_ablate_with_an_unknown_variant_is_a_one_line_error(tropd):
+    proc = tropd("ablate", "ablation=tiny", "seeds=[0]", "hydra.sweeper.params.variant=nope")
+    assert_one_line_error(proc, "variant='nope' is not in ablation 'tiny'", "opd, tropd")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -211,9 +211,27 @@ class EvalConfig:
 
 
 @dataclass
+class AblationConfig:
+    """A grid: named variants (``tropd train`` overrides each), every one trained per seed, then scored."""
+
+    name: str = "grid"
+    description: str = ""
+    variants: dict[str, list[str]] = field(default_factory=dict)  # variant -> train overrides
+    base: list[str] = field(default_factory=list)  # train overrides every variant gets
+    eval_suite: str | None = "tiny"  # an eval_suite/ option scored on each trained student; null = none
+
+
+@dataclass
 class AblateConfig:
-    ablation: str | None = None
+    """``tropd ablate``: one Hydra multirun job per (variant, seed) cell, then a summary of them all."""
+
+    ablation: AblationConfig = field(default_factory=AblationConfig)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    experiment: str | None = None  # a train experiment/ preset for every cell (e.g. tiny, lab)
+    overrides: list[str] = field(default_factory=list)  # more train overrides for every cell
+    variant: str | None = None  # this job's cell: set by the sweep
+    seed: int = 0  # this job's cell: set by the sweep
+    threads: int | None = None  # torch threads per cell (parallel launchers: cores / jobs)
 
 
 def register_configs() -> None:

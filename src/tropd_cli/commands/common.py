@@ -29,8 +29,22 @@ def conf_dir() -> str:
     raise UserError("tropd's config directory is missing; reinstall the package")
 
 
+def _csv(node: Any) -> str:
+    """``${tropd_csv:${node}}``: a dict's keys or a list's items joined by commas (a sweeper value list)."""
+    items = list(node.keys()) if isinstance(node, DictConfig) else list(node)
+    return ",".join(str(item) for item in items)
+
+
+def _tag(value: Any) -> str:
+    """``${tropd_tag:${experiment}}``: ``-<value>``, or nothing for null (a directory-name suffix)."""
+    return "" if value is None else f"-{value}"
+
+
 CONF_DIR = conf_dir()
 register_configs()
+for _name, _fn in (("tropd_csv", _csv), ("tropd_tag", _tag)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
 
 
 def _stray_keys(obj: Any, prefix: str = "") -> list[str]:

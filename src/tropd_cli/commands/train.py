@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
@@ -55,3 +57,36 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         f"checkpoint [green]{result.checkpoint}[/]"
     )
     return summary
+
+
+class SweepSummary(Callback):
+    """After ``tropd train -m ...``: ``summary.md``/``summary.csv`` (and curves) in the sweep directory, one
+    row per combination of swept values, with mean +- std over seeds when ``seed`` is swept too."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from tropd_cli.ablation import cell_record, write_summary
+
+        root = Path(config.hydra.sweep.dir)
+        cells = []
+        for job in sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
+            metrics_file, overrides_file = job / "metrics.jsonl", job / ".hydra" / "overrides.yaml"
+            if not ((job / "summary.json").exists() and metrics_file.exists() and overrides_file.exists()):
+                continue  # a job that failed or was interrupted
+            overrides = [str(o) for o in OmegaConf.load(overrides_file)]  # type: ignore[union-attr]
+            history = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+            seed = int(OmegaConf.load(job / ".hydra" / "config.yaml").seed)  # type: ignore[union-attr]
+            scores = next(
+                (
+                    {k: v for k, v in h.items() if k.startswith("eval/")}
+                    for h in reversed(history)
+                    if "eval/average" in h
+                ),
+                {},
+            )
+            swept = [o for o in overrides if not o.startswith("seed=")]
+            cells.append(cell_record(" ".join(swept) or "(defaults)", seed, history, scores))
+        if not cells:
+            return
+        order = list(dict.fromkeys(c["variant"] for c in cells))
+        write_summary(root, title="Sweep summary", order=order, cells=cells)
+        Console(stderr=True).print(f"summary: {root / 'summary.md'}")

@@ -1,0 +1,211 @@
+"""Summaries of sweeps and ablation grids: mean and spread over seeds, tables and plots.
+
+Engine code: no Hydra. Each ablation cell leaves a ``cell.json`` (its variant, seed, final training
+metrics, eval scores and per-step curves); :func:`summarize` groups cells by variant and
+:func:`write_summary` writes ``summary.csv``, ``summary.md`` and the PNG plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+#: Training metrics summarised at the end of a run (mean over its last steps) and drawn as curves.
+CURVES = ("rkl_estimate", "trust_fraction", "grad_norm", "student_entropy")
+FINAL_WINDOW = 3  # steps averaged for a run's final training metrics
+
+
+def final_metrics(history: Sequence[dict[str, float]], keys: Sequence[str] = CURVES) -> dict[str, float]:
+    """Mean of each key over the last :data:`FINAL_WINDOW` steps that have it (``train/<key>``)."""
+    out = {}
+    for key in keys:
+        values = [h[key] for h in history if key in h][-FINAL_WINDOW:]
+        if values:
+            out[f"train/{key}"] = sum(values) / len(values)
+    return out
+
+
+def cell_record(
+    variant: str, seed: int, history: Sequence[dict[str, float]], scores: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """What a summary needs of one run: final training metrics, eval scores and per-step curves."""
+    return {
+        "variant": variant,
+        "seed": seed,
+        "metrics": {**final_metrics(history), **(scores or {})},
+        "curves": {key: [h[key] for h in history if key in h] for key in CURVES},
+    }
+
+
+def read_cells(root: Path) -> list[dict[str, Any]]:
+    """Every finished cell (``cell.json``) under ``root``, in path order."""
+    return [json.loads(p.read_text()) for p in sorted(root.glob("**/cell.json"))]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(cells: Sequence[dict[str, Any]], order: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """One row per variant: ``variant``, ``seeds`` and, for every metric, ``<metric>`` = (mean, std, n).
+
+    Variants come in ``order`` first (the grid's order), then any others by name. A metric a cell
+    lacks (e.g. a run that logged no outlier loss) is summarised over the cells that have it.
+    """
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for cell in cells:
+        by_variant.setdefault(str(cell["variant"]), []).append(cell)
+    names = [v for v in order if v in by_variant] + sorted(v for v in by_variant if v not in order)
+    rows = []
+    for name in names:
+        group = by_variant[name]
+        metrics: dict[str, list[float]] = {}
+        for cell in group:
+            for key, value in cell["metrics"].items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    metrics.setdefault(key, []).append(float(value))
+        row: dict[str, Any] = {"variant": name, "seeds": sorted(int(c["seed"]) for c in group)}
+        for key, values in metrics.items():
+            row[key] = (*mean_std(values), len(values))
+        rows.append(row)
+    return rows
+
+
+def metric_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Eval metrics first (``eval/...``, average last), then training metrics, as they first appear."""
+    seen: list[str] = []
+    for row in rows:
+        seen += [k for k in row if k not in ("variant", "seeds") and k not in seen]
+    evals = sorted((k for k in seen if k.startswith("eval/")), key=lambda k: (k == "eval/average", k))
+    return evals + [k for k in seen if not k.startswith("eval/")]
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    columns = metric_columns(rows)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["variant", "n_seeds", *(f"{c}_{s}" for c in columns for s in ("mean", "std"))])
+        for row in rows:
+            cells = []
+            for c in columns:
+                mean, std, _ = row.get(c, (math.nan, math.nan, 0))
+                cells += [f"{mean:.6g}", f"{std:.6g}"]
+            writer.writerow([row["variant"], len(row["seeds"]), *cells])
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Mean +- std over seeds; eval scores in percent."""
+    columns = metric_columns(rows)
+    head = ["variant", "seeds", *(c.removeprefix("eval/") + (" (%)" if c.startswith("eval/") else "") for c in columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = []
+        for c in columns:
+            if c not in row:
+                cells.append("-")
+                continue
+            mean, std, _ = row[c]
+            scale = 100.0 if c.startswith("eval/") else 1.0
+            cells.append(f"{scale * mean:.2f} ± {scale * std:.2f}")
+        lines.append(f"| {row['variant']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(
+    cells: Sequence[dict[str, Any]], order: Sequence[str], path: Path, keys: Sequence[str] = CURVES
+) -> None:
+    """One panel per training metric: per variant the mean over seeds per step, with a min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [v for v in order if any(c["variant"] == v for c in cells)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for variant in variants:
+            runs = [c["curves"].get(key, []) for c in cells if c["variant"] == variant]
+            runs = [r for r in runs if r]
+            if not runs:
+                continue
+            steps = min(len(r) for r in runs)
+            mean = [statistics.fmean(r[s] for r in runs) for s in range(steps)]
+            (line,) = ax.plot(range(1, steps + 1), mean, label=variant, linewidth=1.3)
+            if len(runs) > 1:
+                lo = [min(r[s] for r in runs) for s in range(steps)]
+                hi = [max(r[s] for r in runs) for s in range(steps)]
+                ax.fill_between(range(1, steps + 1), lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, max(1, len(labels))), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12 if len(labels) > 6 else 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path, key: str = "eval/average") -> None:
+    """Bars of the final eval score per variant (mean over seeds, std as error bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if key in r]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(rows) + 1.5), 3.8))
+    means = [100 * r[key][0] for r in rows]
+    stds = [100 * r[key][1] for r in rows]
+    ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color="#4C72B0")
+    ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel(f"{key.removeprefix('eval/')} (%)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_summary(
+    root: Path,
+    *,
+    title: str,
+    order: Sequence[str] = (),
+    expected: int | None = None,
+    cells: Sequence[dict[str, Any]] | None = None,
+) -> list[dict]:
+    """Summarise ``cells`` (default: the ``cell.json`` files under ``root``) into ``summary.csv``,
+    ``summary.md``, ``curves.png`` and ``accuracy.png`` in ``root``; returns the summary rows (empty
+    when no cell has finished)."""
+    cells = read_cells(root) if cells is None else cells
+    rows = summarize(cells, order)
+    if not rows:
+        return rows
+    write_csv(rows, root / "summary.csv")
+    have_curves = any(c.get("curves") for c in cells)
+    have_eval = any("eval/average" in r for r in rows)
+    if have_curves:
+        plot_curves(cells, [r["variant"] for r in rows], root / "curves.png")
+    if have_eval:
+        plot_accuracy(rows, root / "accuracy.png")
+    done = f"{len(cells)} cells" + (f" of {expected}" if expected else "")
+    parts = [
+        f"# {title}",
+        "",
+        f"{done}; mean ± sample std over seeds. Training metrics: mean of the last {FINAL_WINDOW} steps.",
+        "",
+        markdown_table(rows),
+        "",
+    ]
+    if have_eval:
+        parts += ["![final eval score per variant](accuracy.png)", ""]
+    if have_curves:
+        parts += ["![training curves, mean over seeds with min-max band](curves.png)", ""]
+    (root / "summary.md").write_text("\n".join(parts))
+    return rows

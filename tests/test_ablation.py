@@ -1,0 +1,132 @@
+"""``tropd ablate`` and sweep summaries: statistics by hand, every grid composes, a 2x2 grid end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from tropd_cli.ablation import cell_record, final_metrics, markdown_table, summarize, write_summary
+from tropd_cli.config import AblateConfig, TrainConfig, validate_train
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GRIDS = sorted(p.stem for p in (CONF_DIR / "ablation").glob("*.yaml"))
+
+
+def history(rkl: list[float]) -> list[dict[str, float]]:
+    return [{"rkl_estimate": r, "trust_fraction": 0.5, "grad_norm": 1.0, "student_entropy": 2.0} for r in rkl]
+
+
+def test_final_metrics_average_the_last_steps():
+    assert final_metrics(history([9.0, 4.0, 2.0, 3.0]))["train/rkl_estimate"] == pytest.approx(3.0)
+    assert final_metrics([{"grad_norm": 2.0}]) == {"train/grad_norm": 2.0}
+
+
+def test_summary_mean_and_std_over_seeds_by_hand():
+    cells = [
+        cell_record("b", 0, history([1.0]), {"eval/x": 0.5, "eval/average": 0.5}),
+        cell_record("a", 0, history([2.0]), {"eval/x": 0.25, "eval/average": 0.25}),
+        cell_record("a", 1, history([4.0]), {"eval/x": 0.75, "eval/average": 0.75}),
+    ]
+    rows = summarize(cells, order=["a", "b"])
+    assert [r["variant"] for r in rows] == ["a", "b"] and rows[0]["seeds"] == [0, 1]
+    mean, std, n = rows[0]["train/rkl_estimate"]
+    assert (mean, n) == (3.0, 2) and std == pytest.approx(statistics.stdev([2.0, 4.0]))
+    assert rows[1]["eval/average"] == (0.5, 0.0, 1)  # one seed: no spread
+    table = markdown_table(rows)
+    assert "| a | 2 | 50.00 ± 35.36 |" in table  # eval in percent, x before average
+
+
+def test_every_grid_composes_and_every_variant_is_a_valid_train_config():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for grid in GRIDS:
+            cfg = OmegaConf.to_object(compose("ablate", [f"ablation={grid}"]))
+            assert isinstance(cfg, AblateConfig) and cfg.ablation.name == grid and cfg.ablation.variants
+            for variant, overrides in cfg.ablation.variants.items():
+                train_cfg = OmegaConf.to_object(compose("train", [*cfg.ablation.base, *overrides, "seed=1"]))
+                assert isinstance(train_cfg, TrainConfig), (grid, variant)
+                validate_train(train_cfg)
+    assert {"paper_table1", "guidance", "threshold", "topk"} <= set(GRIDS)
+
+
+def test_paper_table1_has_the_papers_rows():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("ablate", ["ablation=paper_table1"]))
+    assert isinstance(cfg, AblateConfig) and cfg.seeds == [0, 1, 2]
+    rows = {"opd", "clip_outlier", "mask_outlier", "fkl_outlier", "tropd_clip", "tropd_mask", "tropd_fkl", "fkl_topk"}
+    assert rows | {"jsd_topk", "eopd", "reopold", "entropy_opd"} == set(cfg.ablation.variants)
+
+
+def test_write_summary_from_cell_files(tmp_path):
+    for variant, seed, rkl in (("a", 0, 2.0), ("a", 1, 4.0), ("b", 0, 1.0)):
+        cell_dir = tmp_path / variant / f"seed_{seed}"
+        cell_dir.mkdir(parents=True)
+        cell = cell_record(variant, seed, history([rkl, rkl]), {"eval/t": 0.5, "eval/average": 0.5})
+        (cell_dir / "cell.json").write_text(json.dumps(cell))
+    rows = write_summary(tmp_path, title="t", order=["b", "a"], expected=4)
+    assert [r["variant"] for r in rows] == ["b", "a"]
+    assert "3 cells of 4" in (tmp_path / "summary.md").read_text()
+    for png in ("curves.png", "accuracy.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    table = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert table[1]["variant"] == "a" and float(table[1]["train/rkl_estimate_mean"]) == 3.0
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end in a subprocess (tiny random models)
+
+
+@pytest.fixture(scope="module")
+def tiny_grid(tmp_path_factory, tropd_in):
+    cwd = tmp_path_factory.mktemp("ablate")
+    proc = tropd_in(cwd, "ablate", "ablation=tiny", "seeds=[0,1]")
+    return proc, cwd, cwd / "outputs" / "ablate" / "tiny"
+
+
+def test_tiny_grid_runs_every_cell_and_writes_the_summary(tiny_grid):
+    proc, _, root = tiny_grid
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cells = sorted(root.glob("*/seed_*/cell.json"))
+    assert [p.parent.relative_to(root).as_posix() for p in cells] == [
+        "opd/seed_0",
+        "opd/seed_1",
+        "tropd/seed_0",
+        "tropd/seed_1",
+    ]
+    for name in ("summary.md", "summary.csv", "curves.png", "accuracy.png"):
+        assert (root / name).exists(), name
+    # The summary's mean and std are those of the per-cell results.
+    table = {row["variant"]: row for row in csv.DictReader((root / "summary.csv").open())}
+    for variant in ("opd", "tropd"):
+        per_cell = [json.loads(p.read_text())["metrics"] for p in cells if p.parts[-3] == variant]
+        for key in ("train/rkl_estimate", "eval/average"):
+            values = [m[key] for m in per_cell]
+            assert float(table[variant][f"{key}_mean"]) == pytest.approx(statistics.fmean(values), rel=1e-5)
+            assert float(table[variant][f"{key}_std"]) == pytest.approx(statistics.stdev(values), rel=1e-5, abs=1e-9)
+    cell = json.loads(cells[0].read_text())
+    assert cell["overrides"][-1] == "seed=0" and "method=opd" in cell["overrides"]
+    assert len(cell["curves"]["rkl_estimate"]) == 2  # experiment=tiny trains 2 steps
+
+
+def test_a_rerun_skips_finished_cells(tiny_grid, tropd_in):
+    _, cwd, root = tiny_grid
+    before = {p: p.stat().st_mtime_ns for p in root.glob("*/seed_*/cell.json")}
+    proc = tropd_in(cwd, "ablate", "ablation=tiny", "seeds=[0,1]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("finished earlier, skipped") == 4
+    assert {p: p.stat().st_mtime_ns for p in root.glob("*/seed_*/cell.json")} == before
+
+
+def test_train_sweeps_get_a_summary_of_final_metrics(tropd, tmp_path):
+    proc = tropd("train", "-m", "experiment=tiny", "method=opd,tropd", "seed=0,1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = list((tmp_path / "multirun" / "train").glob("*/*"))
+    rows = {row["variant"]: row for row in csv.DictReader((sweep / "summary.csv").open())}
+    assert set(rows) == {"experiment=tiny method=opd", "experiment=tiny method=tropd"}
+    assert all(row["n_seeds"] == "2" for row in rows.values())
+    assert "method=tropd" in (sweep / "summary.md").read_text()
