@@ -130,3 +130,23 @@ def test_train_sweeps_get_a_summary_of_final_metrics(tropd, tmp_path):
     assert set(rows) == {"experiment=tiny method=opd", "experiment=tiny method=tropd"}
     assert all(row["n_seeds"] == "2" for row in rows.values())
     assert "method=tropd" in (sweep / "summary.md").read_text()
+
+
+def test_paper_claims_are_checked_on_the_summary_numbers():
+    from tropd_cli.ablation import paper_claims
+
+    accuracy = {"opd": 0.2, "clip_outlier": 0.3, "mask_outlier": 0.25, "fkl_outlier": 0.4, "tropd_fkl": 0.5}
+    accuracy |= {"tropd_clip": 0.35, "tropd_mask": 0.2, "fkl_topk": 0.0}
+    cells = [
+        cell_record(v, 0, [{"grad_norm": 1.0 if v == "opd" else 0.5, "student_entropy": 1.0}], {"eval/average": a})
+        for v, a in accuracy.items()
+    ]
+    claims = {claim: (held, numbers) for claim, held, numbers in paper_claims(summarize(cells))}
+    order = claims["TrOPD >= FKL Outlier >= Clip/Mask Outlier >= OPD (accuracy)"]
+    assert order[0] is True and "tropd_fkl 50.00 ± 0.00 vs fkl_outlier 40.00 ± 0.00" in order[1]
+    assert claims["top-k FKL alone collapses (below OPD)"][0] is True
+    assert claims["outlier handling lowers the gradient norm (vs OPD)"][0] is True
+    assert claims["outlier handling keeps the student's entropy higher (vs OPD)"][0] is True  # ties count as held
+    assert claims["off-policy guidance helps every outlier variant (accuracy)"][0] is False  # tropd_mask < mask_outlier
+    partial = paper_claims(summarize(cells[:2]))
+    assert all(held is None for _, held, _ in partial)

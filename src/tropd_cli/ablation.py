@@ -172,6 +172,73 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path, key: str = "eval/a
     plt.close(fig)
 
 
+def _cmp(rows: dict[str, dict[str, Any]], a: str, b: str, key: str, higher: bool = True) -> tuple[bool, str] | None:
+    """Whether variant ``a`` beats ``b`` on ``key`` (mean; ``higher`` or lower is better), with the numbers."""
+    if a not in rows or b not in rows or key not in rows[a] or key not in rows[b]:
+        return None
+    (ma, sa, _), (mb, sb, _) = rows[a][key], rows[b][key]
+    held = ma >= mb if higher else ma <= mb
+    scale = 100.0 if key.startswith("eval/") else 1.0
+    clear = abs(ma - mb) > sa + sb  # the gap exceeds the two spreads together
+    text = f"{a} {scale * ma:.2f} ± {scale * sa:.2f} vs {b} {scale * mb:.2f} ± {scale * sb:.2f}"
+    return held, text + ("" if clear else " (within the spread over seeds)")
+
+
+def paper_claims(rows: Sequence[dict[str, Any]]) -> list[tuple[str, bool | None, str]]:
+    """The TrOPD paper's ablation claims, checked on a ``paper_table1`` summary: (claim, held?, numbers).
+
+    ``held`` is None when the grid lacks a variant the claim needs. Accuracy is ``eval/average``.
+    """
+    by = {r["variant"]: r for r in rows}
+    acc = "eval/average"
+    checks: list[tuple[str, list[tuple[str, str, str, bool]]]] = [
+        (
+            "TrOPD >= FKL Outlier >= Clip/Mask Outlier >= OPD (accuracy)",
+            [
+                ("tropd_fkl", "fkl_outlier", acc, True),
+                ("fkl_outlier", "clip_outlier", acc, True),
+                ("fkl_outlier", "mask_outlier", acc, True),
+                ("clip_outlier", "opd", acc, True),
+                ("mask_outlier", "opd", acc, True),
+            ],
+        ),
+        ("top-k FKL alone collapses (below OPD)", [("fkl_topk", "opd", acc, False)]),
+        (
+            "outlier handling lowers the gradient norm (vs OPD)",
+            [(v, "opd", "train/grad_norm", False) for v in ("clip_outlier", "mask_outlier", "fkl_outlier")],
+        ),
+        (
+            "outlier handling keeps the student's entropy higher (vs OPD)",
+            [(v, "opd", "train/student_entropy", True) for v in ("clip_outlier", "mask_outlier", "fkl_outlier")],
+        ),
+        (
+            "off-policy guidance helps every outlier variant (accuracy)",
+            [
+                ("tropd_clip", "clip_outlier", acc, True),
+                ("tropd_mask", "mask_outlier", acc, True),
+                ("tropd_fkl", "fkl_outlier", acc, True),
+            ],
+        ),
+    ]
+    out: list[tuple[str, bool | None, str]] = []
+    for claim, comparisons in checks:
+        results = [_cmp(by, a, b, key, higher) for a, b, key, higher in comparisons]
+        if any(r is None for r in results):
+            out.append((claim, None, "not measured (a variant is missing)"))
+            continue
+        done = [r for r in results if r is not None]
+        out.append((claim, all(held for held, _ in done), "; ".join(text for _, text in done)))
+    return out
+
+
+def claims_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| claim of the paper | held here? | numbers (mean ± std over seeds) |", "|---|---|---|"]
+    for claim, held, numbers in paper_claims(rows):
+        verdict = "n/a" if held is None else ("yes" if held else "no")
+        lines.append(f"| {claim} | {verdict} | {numbers} |")
+    return "\n".join(lines)
+
+
 def write_summary(
     root: Path,
     *,
@@ -203,6 +270,8 @@ def write_summary(
         markdown_table(rows),
         "",
     ]
+    if {"opd", "fkl_outlier", "tropd_fkl"} <= {r["variant"] for r in rows} and have_eval:
+        parts += ["## The paper's claims", "", claims_markdown(rows), ""]
     if have_eval:
         parts += ["![final eval score per variant](accuracy.png)", ""]
     if have_curves:

@@ -161,7 +161,25 @@ def tiny_random(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerB
     return model, tokenizer
 
 
-REGISTRY: dict[str, Callable[[ModelConfig, Path], Path]] = {"smollm2-135m-instruct": _smollm2_dir}
+def _lab_dir(role: str) -> Callable[[ModelConfig, Path], Path]:
+    """The CPU lab's teacher or student, shipped inside the package (see :mod:`tropd_cli.lab`)."""
+
+    def path(cfg: ModelConfig, cache: Path) -> Path:
+        from tropd_cli.lab import LAB_DIR
+
+        target = LAB_DIR / role
+        if not (target / "config.json").exists():
+            raise UserError(f"the lab {role} is missing from {LAB_DIR}; rebuild it with `python -m tropd_cli.lab`")
+        return target
+
+    return path
+
+
+REGISTRY: dict[str, Callable[[ModelConfig, Path], Path]] = {
+    "smollm2-135m-instruct": _smollm2_dir,
+    "lab-teacher": _lab_dir("teacher"),
+    "lab-student": _lab_dir("student"),
+}
 BUILDERS = {"tiny-random": tiny_random}
 
 

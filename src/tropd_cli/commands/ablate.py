@@ -65,8 +65,9 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     validate_train(train_cfg)
     if ab.threads:
         train_cfg.threads = ab.threads
-    eval_suites = {}
-    if grid.eval_suite:
+    # An experiment preset that names its own suite (experiment=lab) knows its task better than the grid.
+    eval_suites = train_cfg.eval_suite
+    if not eval_suites and grid.eval_suite:
         eval_cfg = to_object(compose(config_name="eval", overrides=[f"eval_suite={grid.eval_suite}"]), EvalConfig)
         eval_suites = eval_cfg.eval_suite
 

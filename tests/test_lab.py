@@ -1,0 +1,54 @@
+"""The CPU lab: its rebuild recipe, and the shipped teacher and student (a real mismatch to distil)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+import tropd_cli.commands.common  # noqa: F401  (registers the schemas)
+from tropd_cli.config import EvalSuiteConfig, EvalTaskConfig, ModelConfig, TrainConfig
+from tropd_cli.evaluation import evaluate, load_suites
+from tropd_cli.lab import LAB_DIR, TASK_KWARGS, build
+from tropd_cli.models import load_model
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CPU = torch.device("cpu")
+
+
+def test_the_recipe_rebuilds_deterministically(tmp_path):
+    first = build("student", tmp_path / "a", steps=3)
+    second = build("student", tmp_path / "b", steps=3)
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    loaded = load_model(ModelConfig(name=str(first)), device=CPU, cache_dir=tmp_path, frozen=True)
+    assert loaded.model.config.num_hidden_layers == 2
+
+
+def lab_accuracy(name: str) -> float:
+    loaded = load_model(ModelConfig(name=name), device=CPU, cache_dir=LAB_DIR, frozen=True)
+    task = EvalTaskConfig(name="chain_sum", size=100, seed=2024, generator_kwargs=dict(TASK_KWARGS))
+    suites = load_suites({"lab": EvalSuiteConfig(tasks=[task], max_new_tokens=8, batch_size=100)})
+    with torch.no_grad():
+        return evaluate(loaded.model, loaded.tokenizer, suites, seed=0)[0].score
+
+
+def test_the_shipped_teacher_knows_the_task_and_the_student_does_not():
+    teacher, student = lab_accuracy("lab-teacher"), lab_accuracy("lab-student")
+    assert teacher >= 0.8, teacher
+    assert teacher - student >= 0.3, (teacher, student)
+
+
+def test_experiment_lab_composes_and_trains(tmp_path):
+    from tropd_cli.trainer import train
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("train", ["experiment=lab", "steps=2", f"cache_dir={tmp_path}"]))
+    assert isinstance(cfg, TrainConfig)
+    assert (cfg.teacher.name, cfg.student.name) == ("lab-teacher", "lab-student") and list(cfg.eval_suite) == ["lab"]
+    history = train(cfg, output_dir=tmp_path).history
+    assert len(history) == 2 and all(h["rkl_estimate"] == pytest.approx(h["rkl_estimate"]) for h in history)
