@@ -150,3 +150,10 @@ def test_paper_claims_are_checked_on_the_summary_numbers():
     assert claims["off-policy guidance helps every outlier variant (accuracy)"][0] is False  # tropd_mask < mask_outlier
     partial = paper_claims(summarize(cells[:2]))
     assert all(held is None for _, held, _ in partial)
+
+
+def test_experiment_on_the_ablate_command_line_is_every_cells_preset(tropd):
+    proc = tropd("ablate", "ablation=threshold", "experiment=lab", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    printed = OmegaConf.create(proc.stdout)
+    assert printed.train_experiment == "lab" and printed.ablation.name == "threshold"

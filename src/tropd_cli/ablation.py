@@ -128,16 +128,17 @@ def plot_curves(
     import matplotlib.pyplot as plt
 
     variants = [v for v in order if any(c["variant"] == v for c in cells)]
+    palette = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")  # one colour per variant
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
-        for variant in variants:
+        for n, variant in enumerate(variants):
             runs = [c["curves"].get(key, []) for c in cells if c["variant"] == variant]
             runs = [r for r in runs if r]
             if not runs:
                 continue
             steps = min(len(r) for r in runs)
             mean = [statistics.fmean(r[s] for r in runs) for s in range(steps)]
-            (line,) = ax.plot(range(1, steps + 1), mean, label=variant, linewidth=1.3)
+            (line,) = ax.plot(range(1, steps + 1), mean, label=variant, linewidth=1.3, color=palette(n % palette.N))
             if len(runs) > 1:
                 lo = [min(r[s] for r in runs) for s in range(steps)]
                 hi = [max(r[s] for r in runs) for s in range(steps)]

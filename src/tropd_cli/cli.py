@@ -82,7 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     os.environ[TRACE_ENV] = "1" if user_wants_trace else "0"
     module = importlib.import_module(SUBCOMMANDS[command][0])
-    sys.argv = [f"tropd-{'eval' if command == 'evaluate' else command}", *args[1:]]
+    rest = args[1:]
+    if command == "ablate":
+        # `experiment` names a config group, so Hydra would read `experiment=lab` as selecting one for the
+        # ablate config itself; for ablate it means the train preset of every cell.
+        rest = [f"train_experiment={a.split('=', 1)[1]}" if a.startswith("experiment=") else a for a in rest]
+    sys.argv = [f"tropd-{'eval' if command == 'evaluate' else command}", *rest]
 
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException

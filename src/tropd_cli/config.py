@@ -227,7 +227,9 @@ class AblateConfig:
 
     ablation: AblationConfig = field(default_factory=AblationConfig)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    experiment: str | None = None  # a train experiment/ preset for every cell (e.g. tiny, lab)
+    # A train experiment/ preset for every cell (e.g. tiny, lab). On the command line it is spelled
+    # `experiment=NAME`: the dispatcher renames it, since `experiment` is also a config group name.
+    train_experiment: str | None = None
     overrides: list[str] = field(default_factory=list)  # more train overrides for every cell
     variant: str | None = None  # this job's cell: set by the sweep
     seed: int = 0  # this job's cell: set by the sweep

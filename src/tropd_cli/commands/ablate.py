@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> None:
 
 def cell_overrides(ab: AblateConfig, variant: str) -> list[str]:
     """The ``tropd train`` overrides of a cell: grid base, variant, experiment, extras, seed."""
-    experiment = [f"experiment={ab.experiment}"] if ab.experiment else []
+    experiment = [f"experiment={ab.train_experiment}"] if ab.train_experiment else []
     return [*ab.ablation.base, *ab.ablation.variants[variant], *experiment, *ab.overrides, f"seed={ab.seed}"]
 
 
