@@ -157,3 +157,14 @@ def test_experiment_on_the_ablate_command_line_is_every_cells_preset(tropd):
     assert proc.returncode == 0, proc.stderr
     printed = OmegaConf.create(proc.stdout)
     assert printed.train_experiment == "lab" and printed.ablation.name == "threshold"
+
+
+def test_cells_run_in_parallel_through_the_joblib_launcher(tropd, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    proc = tropd(
+        "ablate", "ablation=tiny", "seeds=[3]", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "threads=1"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = tmp_path / "outputs" / "ablate" / "tiny"
+    assert sorted(p.parent.parent.name for p in root.glob("*/seed_3/cell.json")) == ["opd", "tropd"]
+    assert "| opd | 1 |" in (root / "summary.md").read_text()
