@@ -13,17 +13,24 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "loss_memory.py"
 
 
-def test_loss_memory_quick_writes_results(tmp_path: Path) -> None:
+def run_quick(script: Path, tmp_path: Path, results: dict, section: str, timeout: float = 300) -> tuple[Path, Path]:
+    """Run ``script --quick`` into a results.json holding ``results`` and a benchmarks.md holding another
+    benchmark's ``section``; both must survive. Returns (results.json, benchmarks.md)."""
     out_json, out_md = tmp_path / "results.json", tmp_path / "benchmarks.md"
-    out_json.write_text(json.dumps({"other_benchmark": 1}))  # keys of other benchmarks survive
-    out_md.write_text("# Benchmarks\n\n<!-- other:start -->\nkept\n<!-- other:end -->\n")
+    out_json.write_text(json.dumps(results))
+    out_md.write_text(f"# Benchmarks\n\n<!-- {section}:start -->\nkept\n<!-- {section}:end -->\n")
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out-json", str(out_json), "--out-md", str(out_md)],
+        [sys.executable, str(script), "--quick", "--out-json", str(out_json), "--out-md", str(out_md)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return out_json, out_md
+
+
+def test_loss_memory_quick_writes_results(tmp_path: Path) -> None:
+    out_json, out_md = run_quick(SCRIPT, tmp_path, {"other_benchmark": 1}, "other")  # other keys survive
 
     data = json.loads(out_json.read_text())
     assert data["other_benchmark"] == 1
@@ -55,16 +62,7 @@ STEP_TIME = SCRIPT.parent / "step_time.py"
 
 def test_step_time_quick_writes_results(tmp_path: Path) -> None:
     pytest.importorskip("trl")
-    out_json, out_md = tmp_path / "results.json", tmp_path / "benchmarks.md"
-    out_json.write_text(json.dumps({"loss_peak_mem_ratio_vs_naive": 0.5}))  # the other benchmark's keys survive
-    out_md.write_text("# Benchmarks\n\n<!-- loss-memory:start -->\nkept\n<!-- loss-memory:end -->\n")
-    proc = subprocess.run(
-        [sys.executable, str(STEP_TIME), "--quick", "--out-json", str(out_json), "--out-md", str(out_md)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    out_json, out_md = run_quick(STEP_TIME, tmp_path, {"loss_peak_mem_ratio_vs_naive": 0.5}, "loss-memory", 600)
 
     data = json.loads(out_json.read_text())
     assert data["loss_peak_mem_ratio_vs_naive"] == 0.5
@@ -86,17 +84,8 @@ def test_step_time_quick_writes_results(tmp_path: Path) -> None:
 
 
 def test_eval_speed_quick_writes_its_keys_and_section(tmp_path: Path) -> None:
-    script = SCRIPT.parent / "eval_speed.py"
-    out_json, out_md = tmp_path / "results.json", tmp_path / "benchmarks.md"
-    out_json.write_text(json.dumps({"other_benchmark": 1, "machine": {"gpu": "H100"}}))
-    out_md.write_text("# Benchmarks\n\n<!-- other:start -->\nkept\n<!-- other:end -->\n")
-    proc = subprocess.run(
-        [sys.executable, str(script), "--quick", "--out-json", str(out_json), "--out-md", str(out_md)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = {"other_benchmark": 1, "machine": {"gpu": "H100"}}
+    out_json, out_md = run_quick(SCRIPT.parent / "eval_speed.py", tmp_path, results, "other")
     data = json.loads(out_json.read_text())
     assert data["other_benchmark"] == 1 and data["machine"]["gpu"] == "H100"  # other keys survive, machine merges
     result = data["eval_speed"]
