@@ -191,7 +191,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch intra-op threads; None = torch's default
-    save_every: int = 0  # 0 = only the final checkpoint
+    save_every: int = 0  # resumable checkpoints every N steps (0 = only the final checkpoint)
+    keep_last: int = 2  # resumable checkpoints kept (the newest; 0 = all)
+    resume: str | None = None  # auto (newest valid checkpoint of this run dir, if any) | a run dir | a step_* dir
+    resume_force: bool = False  # resume even if the model, data or method config changed
     cache_dir: str | None = None  # model cache; None = $TROPD_CACHE or ~/.cache/tropd
     eval_every: int = 0  # run eval_suite on the student every N steps (and after the last); 0 = never
     eval_suite: dict[str, EvalSuiteConfig] = field(default_factory=dict)  # eval_suite=NAME (group)
@@ -302,6 +305,8 @@ def validate_train(cfg: TrainConfig) -> None:
     _check(cfg.dataset.source != "file" or bool(cfg.dataset.path), "dataset=file needs dataset.path=FILE")
     _check(bool(cfg.teacher.name), "teacher.name is empty; set a registry name, a local directory or a hub id")
     _check(cfg.student.from_teacher or bool(cfg.student.name), "set student.name or student.from_teacher=true")
+    _check(cfg.save_every >= 0, f"save_every={cfg.save_every} must be >= 0 (0 = only the final checkpoint)")
+    _check(cfg.keep_last >= 0, f"keep_last={cfg.keep_last} must be >= 0 (0 = keep every checkpoint)")
     _check(cfg.eval_every >= 0, f"eval_every={cfg.eval_every} must be >= 0 (0 = no evaluation during training)")
     _check(
         cfg.eval_every == 0 or bool(cfg.eval_suite),

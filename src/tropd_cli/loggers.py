@@ -15,11 +15,15 @@ from tropd_cli.config import LoggerConfig
 
 
 class MetricsFile:
-    """One JSON object per step, flushed as it is written (nothing lost on interruption)."""
+    """One JSON object per step, flushed as it is written (nothing lost on interruption).
+
+    The file is rewritten from the start: a resumed run replays the steps of its checkpoint first, so
+    the file ends up with exactly one line per step.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in on_end
+        self._fh = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in on_end
 
     def on_start(self, info: dict[str, Any]) -> None:
         pass

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tropd_cli import losses
+from tropd_cli import checkpoint, losses
 from tropd_cli.config import TrainConfig
 from tropd_cli.data import Example, examples_from_config, format_prompt
 from tropd_cli.evaluation import SuiteTasks, evaluate, load_suites
@@ -57,6 +57,7 @@ class NoHooks:
 class TrainResult:
     checkpoint: Path
     history: list[dict[str, float]] = field(default_factory=list)
+    interrupted: bool = False  # stopped early on request; ``checkpoint`` is then the resumable one
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,8 +515,19 @@ def eval_metrics(
     return out
 
 
-def train(cfg: TrainConfig, *, output_dir: Path, hooks: TrainHooks | None = None) -> TrainResult:
-    """Run ``cfg.steps`` optimizer steps and save the student as a Hugging Face checkpoint."""
+class StopRequest:
+    """Set by the command layer's signal handlers; the loop checks it after each step, saves a resumable
+    checkpoint and returns early (``TrainResult.interrupted``)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+
+def train(
+    cfg: TrainConfig, *, output_dir: Path, hooks: TrainHooks | None = None, stop: StopRequest | None = None
+) -> TrainResult:
+    """Run ``cfg.steps`` optimizer steps (from a checkpoint with ``cfg.resume``) and save the student as a
+    Hugging Face checkpoint; with ``stop`` set mid-run, save a resumable checkpoint and return early."""
     hooks = hooks or NoHooks()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -538,15 +550,43 @@ def train(cfg: TrainConfig, *, output_dir: Path, hooks: TrainHooks | None = None
             "load_seconds": time.perf_counter() - t0,
         }
     )
-    history = []
-    for step in range(cfg.steps):
+    history: list[dict[str, float]] = []
+    start = 0
+    resumed_from = checkpoint.resolve(cfg.resume, output_dir) if cfg.resume else None
+    if resumed_from is not None:
+        state = checkpoint.load_state(resumed_from, student.model, cfg, force=cfg.resume_force)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        start, history = int(state["step"]), list(state["history"])
+        log.info("resumed from %s at step %d", resumed_from, start)
+        for done, metrics in enumerate(history):
+            hooks.on_step(done, metrics)  # replay the progress so metrics files and bars are complete
+    for step in range(start, cfg.steps):
         metrics = trainer.step(step)
         if eval_suites and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             metrics.update(eval_metrics(student.model, trainer.tokenizer, eval_suites, seed=cfg.seed))
         history.append(metrics)
         hooks.on_step(step, metrics)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(student.model, trainer.tokenizer, output_dir / "checkpoints" / f"step_{step + 1:06d}")
+        stopping = stop is not None and stop.requested
+        if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps):
+            saved = checkpoint.save(
+                output_dir / "checkpoints" / f"step_{step + 1:06d}",
+                student.model,
+                trainer.tokenizer,
+                {
+                    "step": step + 1,
+                    "history": history,
+                    "optimizer": trainer.optimizer.state_dict(),
+                    "scheduler": trainer.scheduler.state_dict(),
+                    "rng": checkpoint.rng_state(),
+                    "fingerprint": checkpoint.fingerprint(cfg),
+                },
+            )
+            checkpoint.prune(output_dir, cfg.keep_last)
+            if stopping:
+                hooks.on_end({"checkpoint": str(saved), "steps": step + 1, "interrupted": True})
+                return TrainResult(checkpoint=saved, history=history, interrupted=True)
     final = save_checkpoint(student.model, trainer.tokenizer, output_dir / "checkpoint")
     hooks.on_end({"checkpoint": str(final), "steps": cfg.steps})
     return TrainResult(checkpoint=final, history=history)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,34 @@ def main(cfg: DictConfig) -> None:
     run(cfg)
 
 
+@contextlib.contextmanager
+def stop_on_signals(stop: Any, console: Console) -> Iterator[list[int]]:
+    """SIGTERM or a first Ctrl-C asks the loop to finish its step, save a resumable checkpoint and stop
+    (cluster preemption, SLURM requeue); a second Ctrl-C stops at once. Yields the signals received."""
+    received: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+        stop.requested = True
+        console.print(
+            f"[yellow]{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+            "(Ctrl-C again to quit at once)[/]"
+        )
+
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    except ValueError:  # not the main thread (some launchers): no handlers, the run is not interruptible
+        yield received
+        return
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     quiet_libraries()
     train_cfg = to_object(cfg, TrainConfig)
@@ -32,13 +64,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     from tropd_cli.loggers import build_hooks
-    from tropd_cli.trainer import train
+    from tropd_cli.trainer import StopRequest, train
 
     console = Console(stderr=True)
     hooks = build_hooks(
         train_cfg.logger, steps=train_cfg.steps, output_dir=output_dir, run_config=resolved, console=console
     )
-    result = train(train_cfg, output_dir=output_dir, hooks=hooks)
+    stop = StopRequest()
+    with stop_on_signals(stop, console) as received:
+        result = train(train_cfg, output_dir=output_dir, hooks=hooks, stop=stop)
+    if result.interrupted:
+        console.print(
+            f"stopped after step {len(result.history)} of {train_cfg.steps}; resumable checkpoint "
+            f"[green]{result.checkpoint}[/]; continue with the same command and resume={output_dir}"
+        )
+        sys.exit(128 + (received[0] if received else signal.SIGTERM))  # the shell's code for that signal
 
     history = result.history
     window = max(1, min(3, len(history) // 3))
