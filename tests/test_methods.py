@@ -780,11 +780,11 @@ def record_gradients(trainer: Trainer) -> list[dict[str, Tensor]]:
     grads: list[dict[str, Tensor]] = []
     inner = trainer._optimizer_step
 
-    def recording() -> float:
+    def recording(loss: float) -> float:
         grads.append(
             {n: p.grad.detach().clone() for n, p in trainer.student.model.named_parameters() if p.grad is not None}
         )
-        return inner()
+        return inner(loss)
 
     trainer._optimizer_step = recording  # type: ignore[method-assign]
     return grads

@@ -124,3 +124,46 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_to_the_end(tmp_path, tro
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert len(lines) == 400 and done < 400  # the replayed steps plus the rest, once each
     assert (run_dir / "checkpoint" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite guard
+
+
+@pytest.fixture
+def nan_teacher(tmp_path):
+    """A tiny teacher whose layer 1 holds a NaN: its log-probs, hence every loss, are NaN. The student keeps
+    layers [0, 3] only, so it starts finite."""
+    from tropd_cli.config import ModelConfig
+    from tropd_cli.models import tiny_random
+
+    model, tokenizer = tiny_random(ModelConfig(name="tiny-random", tiny_layers=4, tiny_hidden=64))
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    path = tmp_path / "nan-teacher"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_non_finite_updates_are_skipped_and_the_run_stops_after_n_in_a_row(make_config, tmp_path, nan_teacher):
+    cfg = make_config(
+        steps=6,
+        teacher={"name": str(nan_teacher)},
+        guidance={"enabled": False},
+        optim={"lr": 1e-3, "max_nonfinite_steps": 2},
+    )
+    with pytest.raises(
+        UserError, match=r"steps 1-2 all had a non-finite loss or gradient.*weights of step 0 are saved"
+    ):
+        train(cfg, output_dir=tmp_path / "run")
+    saved = checkpoint.latest_valid(tmp_path / "run")
+    assert saved is not None and saved.name == "step_000002"
+    state = torch.load(saved / checkpoint.STATE_FILE, weights_only=False)
+    assert [h["skipped_updates"] for h in state["history"]] == [1.0, 1.0]
+    assert all(torch.isfinite(w).all() for w in weights(saved).values())  # no NaN reached the weights
+
+
+def test_top_k_larger_than_the_vocabulary_is_refused(make_config, tmp_path):
+    with pytest.raises(UserError, match=r"method.top_k=1000 is larger than the vocabulary \(100 tokens\)"):
+        train(make_config(method={"top_k": 1000}), output_dir=tmp_path)

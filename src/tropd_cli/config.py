@@ -120,6 +120,7 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     micro_batches: int = 1  # gradient accumulation: rollouts are split into this many micro-batches
     warmup_steps: int = 0
+    max_nonfinite_steps: int = 3  # stop after this many steps in a row whose every update was non-finite
 
 
 @dataclass
@@ -277,6 +278,7 @@ def validate_train(cfg: TrainConfig) -> None:
     _check(cfg.steps > 0, f"steps={cfg.steps} must be a positive number of optimizer steps")
     _check(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive")
     _check(cfg.optim.micro_batches >= 1, "optim.micro_batches must be at least 1")
+    _check(cfg.optim.max_nonfinite_steps >= 1, "optim.max_nonfinite_steps must be at least 1")
     _check(cfg.rollout.max_new_tokens > 0, f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} must be positive")
     _check(cfg.rollout.batch_size > 0, f"rollout.batch_size={cfg.rollout.batch_size} must be positive")
     _check(cfg.rollout.n_samples_per_prompt > 0, "rollout.n_samples_per_prompt must be positive")

@@ -25,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tropd_cli import checkpoint, losses
 from tropd_cli.config import TrainConfig
 from tropd_cli.data import Example, examples_from_config, format_prompt
+from tropd_cli.errors import UserError
 from tropd_cli.evaluation import SuiteTasks, evaluate, load_suites
 from tropd_cli.methods import TokenInputs, get_method
 from tropd_cli.models import LoadedModel, default_cache_dir, load_pair, resolve_device, resolve_dtype
@@ -158,6 +159,11 @@ class Trainer:
         self.tokenizer = student.tokenizer
         self.device = next(student.model.parameters()).device
         self.method = get_method(cfg)
+        vocab = lm_head_weight(teacher.model).shape[0]
+        if self.method.needs_topk and cfg.method.top_k > vocab:
+            raise UserError(
+                f"method.top_k={cfg.method.top_k} is larger than the vocabulary ({vocab} tokens); set k <= {vocab}"
+            )
         self.examples = examples
         self.prompts = [
             format_prompt(
@@ -270,8 +276,6 @@ class Trainer:
         eos = self.tokenizer.eos_token or ""
         answers = [self.examples[int(i)].answer for i in prompt_index.tolist()]
         if any(a is None for a in answers):
-            from tropd_cli.errors import UserError
-
             raise UserError(
                 "method=sft with sft_source=dataset needs dataset answers; set dataset.answer_field or method.sft_source=teacher"
             )
@@ -336,7 +340,9 @@ class Trainer:
             times["time_old_logp"] = time.perf_counter() - t
 
         metrics = Metrics()
-        grad_norms, losses_per_step = [], []
+        grad_norms: list[float] = []
+        losses_per_step: list[float] = []
+        skipped = 0  # optimizer updates left out because their loss or gradient was not finite
         lr = float(self.scheduler.get_last_lr()[0])
         for epoch in range(cfg.method.ppo_epochs):
             for mini in minis:
@@ -365,19 +371,24 @@ class Trainer:
                     times["time_student_bwd"] += time.perf_counter() - t
                     step_loss += float(loss.detach())
                 t = time.perf_counter()
-                grad_norms.append(self._optimizer_step())
+                grad_norm = self._optimizer_step(step_loss)
                 times["time_optimizer"] += time.perf_counter() - t
-                losses_per_step.append(step_loss)
+                if math.isfinite(grad_norm):
+                    grad_norms.append(grad_norm)
+                    losses_per_step.append(step_loss)
+                else:
+                    skipped += 1
         self.scheduler.step()
 
         total_tokens = float(batch.response_mask.sum())
         result = metrics.means()
         result.update(
             step=step + 1,
-            loss=losses_per_step[0] if len(losses_per_step) == 1 else sum(losses_per_step) / len(losses_per_step),
-            grad_norm=sum(grad_norms) / len(grad_norms),
+            loss=sum(losses_per_step) / len(losses_per_step) if losses_per_step else math.nan,
+            grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else math.nan,
             lr=lr,
             optimizer_steps=float(len(grad_norms)),
+            skipped_updates=float(skipped),
             prefix_len=float(batch.prefix_mask.sum()) / n_seqs,
             response_len=total_tokens / n_seqs,
             tokens=total_tokens,
@@ -473,6 +484,10 @@ class Trainer:
         )
         out = self.method.fn(inputs, cfg, step)
         loss = self._aggregate(out.loss, mask, total_tokens, total_seqs)
+        # The losses map non-finite log-probs to finite values (padding holds -inf); a non-finite value at a
+        # real token means a broken model or overflow, so the whole update must be skipped, not masked.
+        if not bool(torch.isfinite(tscores.logp).all() & torch.isfinite(logp_flat.detach()).all()):
+            loss = loss * math.nan
         if metrics is not None:
             metrics.add("reward_mean", reward, student_mask)
             metrics.add("rkl_estimate", -reward, student_mask)
@@ -487,10 +502,16 @@ class Trainer:
             metrics.add("teacher_nll", -teacher_logp, mask)
         return loss
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self, loss: float) -> float:
+        """Clip and apply the accumulated gradients; returns the gradient norm. A non-finite loss or
+        gradient norm skips the update (gradients dropped, weights untouched) and returns NaN."""
         params = [p for p in self.student.model.parameters() if p.requires_grad]
         max_norm = self.cfg.optim.max_grad_norm if self.cfg.optim.max_grad_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            log.warning("non-finite loss (%s) or gradient norm (%s): update skipped", loss, grad_norm)
+            return math.nan
         self.optimizer.step()
         return grad_norm
 
@@ -562,13 +583,16 @@ def train(
         log.info("resumed from %s at step %d", resumed_from, start)
         for done, metrics in enumerate(history):
             hooks.on_step(done, metrics)  # replay the progress so metrics files and bars are complete
+    nonfinite = 0  # steps in a row in which every update was skipped
     for step in range(start, cfg.steps):
         metrics = trainer.step(step)
+        nonfinite = nonfinite + 1 if metrics["optimizer_steps"] == 0 else 0
         if eval_suites and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             metrics.update(eval_metrics(student.model, trainer.tokenizer, eval_suites, seed=cfg.seed))
         history.append(metrics)
         hooks.on_step(step, metrics)
-        stopping = stop is not None and stop.requested
+        diverged = nonfinite >= cfg.optim.max_nonfinite_steps
+        stopping = diverged or (stop is not None and stop.requested)
         if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps):
             saved = checkpoint.save(
                 output_dir / "checkpoints" / f"step_{step + 1:06d}",
@@ -584,6 +608,13 @@ def train(
                 },
             )
             checkpoint.prune(output_dir, cfg.keep_last)
+            if diverged:
+                hooks.on_end({"checkpoint": str(saved), "steps": step + 1, "interrupted": True})
+                raise UserError(
+                    f"steps {step + 2 - nonfinite}-{step + 1} all had a non-finite loss or gradient, so their "
+                    f"updates were skipped; the weights of step {step + 1 - nonfinite} are saved in {saved} "
+                    "(lower optim.lr, check the data and the models, then resume=... from there)"
+                )
             if stopping:
                 hooks.on_end({"checkpoint": str(saved), "steps": step + 1, "interrupted": True})
                 return TrainResult(checkpoint=saved, history=history, interrupted=True)
