@@ -59,8 +59,9 @@ def trust_region_mask(
     kind: str = "bernoulli",
     generator: torch.Generator | None = None,
     uniform: Tensor | None = None,
+    valid: Tensor | None = None,
 ) -> Tensor:
-    """Which tokens lie inside the trust region (bool ``[B, T]``).
+    """Which tokens lie inside the trust region (bool ``[B, T]``); never a token outside ``valid``.
 
     - ``bernoulli``: ``M ~ Bernoulli(min(1, exp(R - tau)))``. With tau = 0 this is the speculative
       decoding acceptance test, so ``E[M] = 1 - TV(pi_S, pi_T)`` for tokens sampled from pi_S.
@@ -69,20 +70,23 @@ def trust_region_mask(
 
     ``uniform`` (same shape as ``reward``, values in [0, 1)) supplies the noise directly; the trainer
     draws it once per rollout batch from a generator keyed by (seed, step) so that micro-batching and
-    PPO epochs reuse one mask. Otherwise noise comes from ``generator``.
+    PPO epochs reuse one mask. Otherwise noise comes from ``generator``. ``valid`` (bool, the
+    student's own tokens) excludes padding, prompt and prefix positions, whatever their reward.
     """
     if kind == "none":
-        return torch.ones_like(reward, dtype=torch.bool)
-    if kind == "threshold":
-        return reward > tau
-    if kind != "bernoulli":
+        trusted = torch.ones_like(reward, dtype=torch.bool)
+    elif kind == "threshold":
+        trusted = reward > tau
+    elif kind == "bernoulli":
+        # exp of a clamped log-ratio: never overflows, and -inf / NaN rewards give probability 0.
+        accept_prob = torch.exp(torch.clamp(reward.detach() - tau, max=0.0))
+        accept_prob = torch.nan_to_num(accept_prob, nan=0.0)
+        if uniform is None:
+            uniform = torch.rand(reward.shape, generator=generator, device="cpu").to(reward.device)
+        trusted = uniform < accept_prob
+    else:
         raise ValueError(f"unknown trust_region kind {kind!r}; choose one of {TRUST_REGION_KINDS}")
-    # exp of a clamped log-ratio: never overflows, and -inf / NaN rewards give probability 0.
-    accept_prob = torch.exp(torch.clamp(reward.detach() - tau, max=0.0))
-    accept_prob = torch.nan_to_num(accept_prob, nan=0.0)
-    if uniform is None:
-        uniform = torch.rand(reward.shape, generator=generator, device="cpu").to(reward.device)
-    return uniform < accept_prob
+    return trusted if valid is None else trusted & valid
 
 
 def policy_gradient_loss(logp: Tensor, old_logp: Tensor, advantage: Tensor, *, clip_eps: float | None = None) -> Tensor:

@@ -464,9 +464,8 @@ class Trainer:
         teacher_logp = to_grid(tscores.logp, mask)
         reward = losses.k1_reward(old_logp, teacher_logp)
         student_mask = mask & ~mb.prefix_mask
-        trust = (
-            losses.trust_region_mask(reward, tau=cfg.trust_region.tau, kind=cfg.trust_region.kind, uniform=noise)
-            & student_mask
+        trust = losses.trust_region_mask(
+            reward, tau=cfg.trust_region.tau, kind=cfg.trust_region.kind, uniform=noise, valid=student_mask
         )
         inputs = TokenInputs(
             logp=logp,
