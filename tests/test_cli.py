@@ -233,3 +233,34 @@ def test_bad_overrides_exit_2_with_one_line(tropd, tmp_path, override, needle):
     proc = tropd("train", "experiment=tiny", override)
     assert_one_line_error(proc, needle)
     assert not (tmp_path / "outputs").exists()  # rejected before any work started
+
+
+def test_an_output_dir_that_cannot_be_created_is_a_one_line_error(tropd, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    proc = tropd("train", "experiment=tiny", f"hydra.run.dir={tmp_path / 'a-file' / 'run'}")
+    assert_one_line_error(proc, "Not a directory", "a-file", "hydra.run.dir")
+
+
+def test_a_hub_model_that_is_not_cached_offline_is_a_one_line_error(tropd):
+    proc = tropd("train", "experiment=tiny", "teacher=hub", "teacher.name=nobody/not-a-cached-model")
+    assert_one_line_error(proc, "nobody/not-a-cached-model", "not in the local Hugging Face cache")
+
+
+def test_top_k_above_the_vocabulary_is_a_one_line_error(tropd):
+    assert_one_line_error(tropd("train", "experiment=tiny", "method.top_k=1000"), "method.top_k=1000", "vocabulary")
+
+
+def test_an_eval_suite_without_tasks_is_a_one_line_error(tropd):
+    proc = tropd("eval", "models=[tiny-random]", "eval_suite=tiny", "eval_suite.tiny.tasks=[]")
+    assert_one_line_error(proc, "eval_suite.tiny has no tasks")
+
+
+def test_bad_input_leaves_an_existing_run_directory_alone(tropd, tmp_path):
+    run_dir = tmp_path / "runs" / "exp1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run_dir / "config.yaml").write_text("steps: 99\n")
+    proc = tropd("train", "experiment=tiny", "teacher.name=/no/such/model", f"hydra.run.dir={run_dir}")
+    assert_one_line_error(proc, "/no/such/model")
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert (run_dir / "config.yaml").read_text() == "steps: 99\n"

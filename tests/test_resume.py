@@ -167,3 +167,26 @@ def test_non_finite_updates_are_skipped_and_the_run_stops_after_n_in_a_row(make_
 def test_top_k_larger_than_the_vocabulary_is_refused(make_config, tmp_path):
     with pytest.raises(UserError, match=r"method.top_k=1000 is larger than the vocabulary \(100 tokens\)"):
         train(make_config(method={"top_k": 1000}), output_dir=tmp_path)
+
+
+class DiskFull:
+    """A tokenizer whose files cannot be written: what a full disk does to save_pretrained."""
+
+    def save_pretrained(self, path: str | Path) -> None:
+        raise OSError(28, "No space left on device", str(path))
+
+
+def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_ones(make_config, tmp_path):
+    train(make_config(steps=3, save_every=1, keep_last=0), output_dir=tmp_path)
+    before = {p.name: checkpoint.problem(p) for p in checkpoint.step_dirs(tmp_path)}
+    assert before == {"step_000002": None, "step_000001": None}
+    from tropd_cli.config import ModelConfig
+    from tropd_cli.models import tiny_random
+
+    model, _ = tiny_random(ModelConfig(name="tiny-random", tiny_layers=1, tiny_hidden=32))
+    with pytest.raises(
+        UserError, match=r"could not write checkpoint .*No space left on device; the previous checkpoints are kept"
+    ):
+        checkpoint.save(tmp_path / "checkpoints" / "step_000003", model, DiskFull(), {})
+    after = {p.name: checkpoint.problem(p) for p in checkpoint.step_dirs(tmp_path)}
+    assert after == before and not list((tmp_path / "checkpoints").glob(".step_*"))  # no temp dir left

@@ -83,9 +83,10 @@ def _fsync(path: Path) -> None:
 
 def save(path: Path, model: Any, tokenizer: Any, state: dict[str, Any]) -> Path:
     """Write a resumable checkpoint at ``path`` atomically (see the module docstring)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / STATE_FILE)
@@ -104,7 +105,8 @@ def save(path: Path, model: Any, tokenizer: Any, state: dict[str, Any]) -> Path:
             "(free disk space or point hydra.run.dir elsewhere)"
         ) from exc
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -112,6 +112,15 @@ def main(argv: list[str] | None = None) -> None:
             raise
         sys.stderr.write(f"error: {exc}\n")  # Hydra's own flag conflicts (e.g. -m with --cfg)
         sys.exit(2)
+    except OSError as exc:
+        # The run directory Hydra creates before the job starts, or a file the job could not write.
+        if user_wants_trace or not exc.filename:
+            raise
+        sys.stderr.write(
+            f"error: {exc.strerror or type(exc).__name__}: {exc.filename} (point hydra.run.dir / hydra.sweep.dir "
+            "to a writable directory with free space)\n"
+        )
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)

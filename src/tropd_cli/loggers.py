@@ -14,26 +14,44 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tropd_cli.config import LoggerConfig
 
 
+class ConfigFile:
+    """Writes the run's resolved config when training starts (after the models and data loaded)."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path, self.text = path, text
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        self.path.write_text(self.text)
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        pass
+
+
 class MetricsFile:
     """One JSON object per step, flushed as it is written (nothing lost on interruption).
 
-    The file is rewritten from the start: a resumed run replays the steps of its checkpoint first, so
+    The file is opened when training starts, so a run that fails while loading leaves an existing file
+    alone; it is rewritten from the start: a resumed run replays the steps of its checkpoint first, so
     the file ends up with exactly one line per step.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fh = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in on_end
+        self._fh: Any = None
 
     def on_start(self, info: dict[str, Any]) -> None:
-        pass
+        self._fh = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed in on_end
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         self._fh.write(json.dumps(metrics) + "\n")
         self._fh.flush()
 
     def on_end(self, summary: dict[str, Any]) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
 
 
 class RichProgress:

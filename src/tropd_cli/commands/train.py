@@ -61,14 +61,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir = hydra_output_dir()
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = {str(k): v for k, v in OmegaConf.to_container(cfg, resolve=True).items()}  # type: ignore[union-attr]
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    from tropd_cli.loggers import build_hooks
+    from tropd_cli.loggers import ConfigFile, Hooks, build_hooks
     from tropd_cli.trainer import StopRequest, train
 
     console = Console(stderr=True)
-    hooks = build_hooks(
-        train_cfg.logger, steps=train_cfg.steps, output_dir=output_dir, run_config=resolved, console=console
+    # Files of the run are written once the models and data have loaded (the hooks' on_start), so bad
+    # input never overwrites the config or metrics of an existing run directory (e.g. one being resumed).
+    hooks = Hooks(
+        ConfigFile(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True)),
+        build_hooks(
+            train_cfg.logger, steps=train_cfg.steps, output_dir=output_dir, run_config=resolved, console=console
+        ),
     )
     stop = StopRequest()
     with stop_on_signals(stop, console) as received:
