@@ -190,3 +190,24 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_ones(make_config
         checkpoint.save(tmp_path / "checkpoints" / "step_000003", model, DiskFull(), {})
     after = {p.name: checkpoint.problem(p) for p in checkpoint.step_dirs(tmp_path)}
     assert after == before and not list((tmp_path / "checkpoints").glob(".step_*"))  # no temp dir left
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, tropd_env):
+    run_dir = tmp_path / "run"
+    # Steps long enough (~1 s) that both signals arrive within one step.
+    slow = ["rollout.batch_size=16", "rollout.max_new_tokens=64", "rollout.min_new_tokens=64"]
+    args = [*tropd_command(), "train", "experiment=tiny", "steps=400", *slow, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=tropd_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.rstrip().endswith("interrupted") and "Traceback" not in err
+    assert not (run_dir / "checkpoint").exists()  # it did not run on to the end
