@@ -99,16 +99,23 @@ def test_resume_names_what_is_wrong_with_a_bad_path(make_config, tmp_path):
         train(make_config(steps=1, resume=str(tmp_path / "empty")), output_dir=tmp_path / "run")
 
 
-def test_sigterm_saves_a_checkpoint_and_the_run_resumes_to_the_end(tmp_path, tropd_env):
-    run_dir = tmp_path / "run"
-    args = [*tropd_command(), "train", "experiment=tiny", "steps=400", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(
-        args, cwd=tmp_path, env=tropd_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    metrics = run_dir / "metrics.jsonl"
+def start_training(
+    cwd: Path, env: dict[str, str], *overrides: str, after_steps: int
+) -> tuple[subprocess.Popen, list[str]]:
+    """``tropd train experiment=tiny steps=400`` in the background, returned once ``after_steps`` steps are
+    in ``cwd/run/metrics.jsonl``; also returns its command line."""
+    args = [*tropd_command(), "train", "experiment=tiny", "steps=400", *overrides, f"hydra.run.dir={cwd / 'run'}"]
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = cwd / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < after_steps):
         time.sleep(0.2)
+    return proc, args
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes_to_the_end(tmp_path, tropd_env):
+    run_dir, metrics = tmp_path / "run", tmp_path / "run" / "metrics.jsonl"
+    proc, args = start_training(tmp_path, tropd_env, after_steps=3)
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
@@ -196,14 +203,7 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, tropd_env):
     run_dir = tmp_path / "run"
     # Steps long enough (~1 s) that both signals arrive within one step.
     slow = ["rollout.batch_size=16", "rollout.max_new_tokens=64", "rollout.min_new_tokens=64"]
-    args = [*tropd_command(), "train", "experiment=tiny", "steps=400", *slow, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(
-        args, cwd=tmp_path, env=tropd_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
-        time.sleep(0.2)
+    proc, _ = start_training(tmp_path, tropd_env, *slow, after_steps=2)
     os.kill(proc.pid, signal.SIGINT)
     time.sleep(0.05)
     os.kill(proc.pid, signal.SIGINT)
