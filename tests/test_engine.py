@@ -329,3 +329,18 @@ def test_student_equal_to_teacher_has_zero_reward_and_full_trust(make_config, lo
     assert metrics["trust_fraction"] == 1.0
     assert metrics["student_entropy"] == pytest.approx(metrics["teacher_entropy"], abs=1e-5)
     assert metrics["grad_norm"] == pytest.approx(0.0, abs=1e-6)  # zero reward: no policy gradient
+
+
+def test_gradient_checkpointing_gives_the_same_step(make_config, tmp_path):
+    from tropd_cli.trainer import train
+
+    plain = train(make_config(steps=2), output_dir=tmp_path / "plain")
+    checkpointed = train(make_config(steps=2, student={"gradient_checkpointing": True}), output_dir=tmp_path / "ckpt")
+    for a, b in zip(plain.history, checkpointed.history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(
+            b["grad_norm"], rel=1e-4
+        )
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(plain.checkpoint / "model.safetensors"), load_file(checkpointed.checkpoint / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)

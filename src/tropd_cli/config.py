@@ -25,6 +25,7 @@ class ModelConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     revision: str | None = None
     trust_remote_code: bool = False
+    gradient_checkpointing: bool = False  # student only: recompute layer activations in backward (less memory)
     # Sizes used only by the ``tiny-random`` registry entry (tests and smoke runs).
     tiny_layers: int = 4
     tiny_hidden: int = 64

@@ -350,6 +350,13 @@ def load_pair(
             drop_layers(student.model, list(student_cfg.keep_layers))
         student.model.requires_grad_(True)
         student.model.train()
+    if student_cfg.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        enable = getattr(student.model, "activation_checkpointing_enable", None)  # transformers >= 5 name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     check_tokenizers(teacher.tokenizer, student.tokenizer)
     t_vocab = teacher.model.get_output_embeddings().weight.shape[0]
     s_vocab = student.model.get_output_embeddings().weight.shape[0]
