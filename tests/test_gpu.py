@@ -1,0 +1,51 @@
+"""The CUDA path (``pytest -m gpu``, run by benchmarks/gpu_check.sh); skipped without a GPU.
+
+Also, on any machine: the GPU check script says so and exits cleanly when no GPU is visible.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tropd_cli.models import resolve_dtype
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_gpu_check_without_a_gpu_says_so_and_exits_0(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out-json", str(tmp_path / "r.json"), "--out-md", str(tmp_path / "b.md")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA GPU visible" in proc.stdout and not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_teacher_is_bf16_and_student_fp32_on_cuda():
+    device = torch.device("cuda")
+    if torch.cuda.is_bf16_supported():
+        assert resolve_dtype("auto", device, frozen=True) == torch.bfloat16
+    assert resolve_dtype("auto", device, frozen=False) == torch.float32
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_a_tropd_step_on_cuda_matches_the_cpu_step(make_config, tmp_path):
+    from tropd_cli.trainer import train
+
+    cpu = train(make_config(steps=1, device="cpu"), output_dir=tmp_path / "cpu").history[0]
+    gpu = train(make_config(steps=1, device="cuda"), output_dir=tmp_path / "gpu").history[0]
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in gpu.items() if not k.startswith("time_"))
+    # Same seed, same tiny fp32 models: the rollout can differ only through kernel rounding.
+    assert gpu["response_len"] == pytest.approx(cpu["response_len"], abs=2.0)
