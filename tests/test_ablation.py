@@ -11,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import tropd_cli.commands.common  # noqa: F401  (registers the schemas and the tropd_* resolvers)
 from tropd_cli.ablation import cell_record, final_metrics, markdown_table, summarize, write_summary
 from tropd_cli.config import AblateConfig, TrainConfig, validate_train
 
