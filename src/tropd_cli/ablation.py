@@ -33,11 +33,13 @@ def final_metrics(history: Sequence[dict[str, float]], keys: Sequence[str] = CUR
 def cell_record(
     variant: str, seed: int, history: Sequence[dict[str, float]], scores: dict[str, float] | None = None
 ) -> dict[str, Any]:
-    """What a summary needs of one run: final training metrics, eval scores and per-step curves."""
+    """What a summary needs of one run: final training metrics, eval scores (the ``eval/*`` keys of
+    ``scores``) and per-step curves."""
+    evals = {k: v for k, v in (scores or {}).items() if k.startswith("eval/")}
     return {
         "variant": variant,
         "seed": seed,
-        "metrics": {**final_metrics(history), **(scores or {})},
+        "metrics": {**final_metrics(history), **evals},
         "curves": {key: [h[key] for h in history if key in h] for key in CURVES},
     }
 

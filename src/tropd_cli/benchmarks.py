@@ -23,6 +23,7 @@ CHOICE_INSTRUCTION = (
     "Answer the following multiple choice question. The last line of your response should be of the form "
     "'Answer: $LETTER' (without quotes) where LETTER is one of {letters}. Think step by step before answering."
 )
+LETTERS = "ABCDEFGHIJ"  # option labels of multiple-choice questions, in order
 CODE_INSTRUCTION = "Complete the following Python function. Reply with the whole function in a ```python block.\n\n"
 
 
@@ -158,8 +159,7 @@ def _reasoning_gym_task(cfg: EvalTaskConfig, where: str) -> Task:
 # Multiple choice
 
 
-def _choice_prompt(question: str, choices: list[str]) -> str:
-    letters = "ABCDEFGHIJ"[: len(choices)]
+def _choice_prompt(question: str, choices: list[str], letters: str) -> str:
     options = "\n".join(f"{letter}) {choice}" for letter, choice in zip(letters, choices, strict=True))
     return f"{CHOICE_INSTRUCTION.format(letters=letters)}\n\n{question}\n\n{options}"
 
@@ -179,12 +179,12 @@ def _choice_task(cfg: EvalTaskConfig, items: list[tuple[str, list[str], int, dic
     """``items``: (question, choices, index of the right one, row) per problem."""
     examples, prompts = [], []
     for i, (question, choices, correct, row) in enumerate(items):
-        letters = "ABCDEFGHIJ"[: len(choices)]
+        letters = LETTERS[: len(choices)]
         meta = {**row, "_letters": letters, "_choices": choices}
         examples.append(
             Example(prompt=question, answer=letters[correct], metadata=meta, uid=_uid(row, f"{cfg.name}/{i}"))
         )
-        prompts.append(_choice_prompt(question, choices))
+        prompts.append(_choice_prompt(question, choices, letters))
     return Task(cfg.name, "choice", examples, prompts, _choice_grader())
 
 
@@ -234,9 +234,7 @@ def _mmlu_redux_task(cfg: EvalTaskConfig, where: str) -> Task:
         choices = [str(c) for c in _field(row, ("choices",), origin)]
         answer = _field(row, ("answer",), origin)
         index = (
-            "ABCDEFGHIJ".index(answer.strip().upper())
-            if isinstance(answer, str) and not answer.isdigit()
-            else int(answer)
+            LETTERS.index(answer.strip().upper()) if isinstance(answer, str) and not answer.isdigit() else int(answer)
         )
         items.append((str(_field(row, ("question",), origin)), choices, index, row))
     if not items:

@@ -608,22 +608,24 @@ def _capital_word_frequency(value: str, kw: Mapping[str, Any]) -> bool:
     return _compare(count, _int(kw, "capital_frequency"), kw.get("capital_relation"))
 
 
-@_checks("change_case:english_capital")
-def _english_capital(value: str, kw: Mapping[str, Any]) -> bool:
-    """All cased characters are uppercase and langdetect finds English (or cannot tell)."""
-    if not value.isupper():
+def _english_in_one_case(value: str, in_case: Callable[[str], bool]) -> bool:
+    """Every cased character passes ``in_case`` and langdetect finds English (or cannot tell)."""
+    if not in_case(value):
         return False
     detected = _detect_language(value)
     return detected is None or detected == "en"
+
+
+@_checks("change_case:english_capital")
+def _english_capital(value: str, kw: Mapping[str, Any]) -> bool:
+    """All cased characters are uppercase, in English."""
+    return _english_in_one_case(value, str.isupper)
 
 
 @_checks("change_case:english_lowercase")
 def _english_lowercase(value: str, kw: Mapping[str, Any]) -> bool:
-    """All cased characters are lowercase and langdetect finds English (or cannot tell)."""
-    if not value.islower():
-        return False
-    detected = _detect_language(value)
-    return detected is None or detected == "en"
+    """All cased characters are lowercase, in English."""
+    return _english_in_one_case(value, str.islower)
 
 
 @_checks("punctuation:no_comma")

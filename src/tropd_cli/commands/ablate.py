@@ -85,17 +85,13 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     hooks = build_hooks(train_cfg.logger, steps=train_cfg.steps, output_dir=out, run_config=resolved, console=console)
     result = train(train_cfg, output_dir=out, hooks=hooks)
 
-    scores = {}
+    scores: dict[str, float] = {}
     if suites:
         device = resolve_device(train_cfg.device)
         student = load_model(
             ModelConfig(name=str(result.checkpoint)), device=device, cache_dir=default_cache_dir(), frozen=True
         )
-        scores = {
-            k: v
-            for k, v in eval_metrics(student.model, student.tokenizer, suites, seed=ab.seed).items()
-            if k.startswith("eval/")
-        }
+        scores = eval_metrics(student.model, student.tokenizer, suites, seed=ab.seed)
     cell = {
         **cell_record(variant, ab.seed, result.history, scores),
         "overrides": overrides,

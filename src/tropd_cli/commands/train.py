@@ -119,14 +119,7 @@ class SweepSummary(Callback):
             overrides = [str(o) for o in OmegaConf.load(overrides_file)]  # type: ignore[union-attr]
             history = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
             seed = int(OmegaConf.load(job / ".hydra" / "config.yaml").seed)  # type: ignore[union-attr]
-            scores = next(
-                (
-                    {k: v for k, v in h.items() if k.startswith("eval/")}
-                    for h in reversed(history)
-                    if "eval/average" in h
-                ),
-                {},
-            )
+            scores: dict[str, float] = next((h for h in reversed(history) if "eval/average" in h), {})  # last eval
             swept = [o for o in overrides if not o.startswith("seed=")]
             cells.append(cell_record(" ".join(swept) or "(defaults)", seed, history, scores))
         if not cells:
