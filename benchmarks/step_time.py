@@ -615,7 +615,7 @@ def markdown_section(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         )
         + " Tokens sampled per prompt in the measured steps: "
         + f"{', '.join(sorted({str(int(r['new_tokens_min'])) for r in summary.values()}))}.",
-        "- **tropd** (`method=opd`: `trust_region.kind=none`, `guidance.enabled=false`; `rollout.sampler=loop`). "
+        "- **tropd** (`method=opd`: `trust_region.kind=none`, `guidance.enabled=false`; `rollout.backend=loop`). "
         "The default row is the project's default on this machine: `rollout.sampler_dtype=auto` and "
         f"`teacher.dtype=auto` resolve to a {tropd['sampler_dtype'].removeprefix('torch.')} sampling copy of the "
         "student (re-synced from the fp32 student before every rollout) and a "

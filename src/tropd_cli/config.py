@@ -108,7 +108,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     scoring_temperature: float | None = None  # None = same as rollout temperature
-    sampler: str = "loop"  # loop: minimal KV-cache loop | generate: HF generate
+    backend: str = "loop"  # loop: minimal KV-cache loop | generate: HF generate | vllm: a colocated vLLM engine
     sampler_dtype: str = "auto"  # dtype of the sampling copy of the student (auto: bf16 where fast)
 
 
@@ -288,7 +288,7 @@ def validate_train(cfg: TrainConfig) -> None:
         "rollout.temperature must be > 0 for training (rewards are log-ratios of sampled tokens)",
     )
     _check(0.0 < cfg.rollout.top_p <= 1.0, "rollout.top_p must be in (0, 1]")
-    _choice(cfg.rollout.sampler, ("loop", "generate"), "rollout.sampler")
+    _choice(cfg.rollout.backend, ("loop", "generate", "vllm"), "rollout.backend")
     _choice(cfg.rollout.sampler_dtype, ("auto", "float32", "bfloat16", "float16"), "rollout.sampler_dtype")
     _check(cfg.method.top_k > 0, f"method.top_k={cfg.method.top_k} must be positive")
     _check(cfg.method.ppo_epochs >= 1, "method.ppo_epochs must be at least 1")

@@ -252,7 +252,7 @@ class Trainer:
             prefix_max=prefix_max,
             prefix_sampling=cfg.guidance.prefix_sampling,
             guided_rows=guided,
-            backend=cfg.rollout.sampler,
+            backend=cfg.rollout.backend,
         )
 
     def _sft_batch(self, step: int, prompt_ids: Tensor, prompt_mask: Tensor, prompt_index: Tensor) -> RolloutBatch:
@@ -271,7 +271,7 @@ class Trainer:
                 temperature=cfg.rollout.temperature,
                 top_p=cfg.rollout.top_p,
                 seed=seeded(cfg.seed, step),
-                backend=cfg.rollout.sampler,
+                backend=cfg.rollout.backend,
             )
         eos = self.tokenizer.eos_token or ""
         answers = [self.examples[int(i)].answer for i in prompt_index.tolist()]
