@@ -24,13 +24,16 @@ from typing import Any
 
 import torch
 
+from tropd_cli import distributed as D
 from tropd_cli.config import TrainConfig
+from tropd_cli.distributed import SINGLE, Dist
 from tropd_cli.errors import UserError
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
+SHARDED = "sharded"  # torch.distributed.checkpoint shards of model + optimizer (multi-rank runs)
 #: Config sections whose change makes a resumed run a different run (refused unless resume_force).
 FINGERPRINT_KEYS = ("teacher", "student", "dataset", "method", "outlier", "trust_region", "guidance", "rollout", "seed")
 
@@ -81,32 +84,63 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save(path: Path, model: Any, tokenizer: Any, state: dict[str, Any]) -> Path:
-    """Write a resumable checkpoint at ``path`` atomically (see the module docstring)."""
+def save(
+    path: Path,
+    model: Any,
+    tokenizer: Any,
+    state: dict[str, Any],
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    dist: Dist = SINGLE,
+) -> Path:
+    """Write a resumable checkpoint at ``path`` atomically (see the module docstring).
+
+    Multi-rank: every rank writes its shard of the model and optimizer into ``sharded/``
+    (``torch.distributed.checkpoint``; loadable at any world size), rank 0 writes the rest, the manifest
+    and the final rename; a failure on rank 0 is raised on every rank.
+    """
     tmp: Path | None = None
+    error: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        torch.save(state, tmp / STATE_FILE)
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        for p in [*files, tmp / MANIFEST, tmp]:
-            _fsync(p)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        _fsync(path.parent)
+        if dist.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     except OSError as exc:
+        error = f"{exc.strerror or exc}"
+    tmp, error = D.broadcast_object((tmp, error), dist)
+    if error is None and tmp is not None:
+        try:
+            if dist.enabled:
+                assert optimizer is not None, "a multi-rank checkpoint needs the optimizer"
+                D.save_sharded(str(tmp / SHARDED), model, optimizer)
+                D.barrier(dist)
+            if dist.is_main:
+                if dist.enabled:
+                    model.config.save_pretrained(tmp)  # the weights are in sharded/
+                else:
+                    model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                torch.save(state, tmp / STATE_FILE)
+                files = sorted(p for p in tmp.rglob("*") if p.is_file())
+                manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+                for p in [*files, *(d for d in tmp.rglob("*") if d.is_dir()), tmp / MANIFEST, tmp]:
+                    _fsync(p)
+                if path.exists():
+                    shutil.rmtree(path)
+                os.replace(tmp, path)
+                _fsync(path.parent)
+        except OSError as exc:
+            error = f"{exc.strerror or exc}"
+        finally:
+            if dist.is_main and tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        error = D.broadcast_object(error, dist)
+    if error is not None:
         raise UserError(
-            f"could not write checkpoint {path}: {exc.strerror or exc}; the previous checkpoints are kept "
+            f"could not write checkpoint {path}: {error}; the previous checkpoints are kept "
             "(free disk space or point hydra.run.dir elsewhere)"
-        ) from exc
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        )
     return path
 
 
@@ -168,9 +202,21 @@ def resolve(resume: str, output_dir: Path) -> Path | None:
     raise UserError(f"resume={resume}: no such checkpoint or run directory; pass a path, or resume=auto")
 
 
-def load_state(path: Path, model: torch.nn.Module, cfg: TrainConfig, *, force: bool) -> dict[str, Any]:
+def load_state(
+    path: Path,
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    *,
+    force: bool,
+    optimizer: torch.optim.Optimizer | None = None,
+    dist: Dist = SINGLE,
+) -> dict[str, Any]:
     """Load the weights at ``path`` into ``model`` and return the trainer state, after checking that
-    the run's config matches the one that saved it (unless ``force``)."""
+    the run's config matches the one that saved it (unless ``force``).
+
+    A sharded checkpoint (``sharded/``, from a multi-rank run) also restores ``optimizer`` and loads at
+    any world size, a single process included; a single-process checkpoint resumes single-process runs.
+    """
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     saved, now = state["fingerprint"], fingerprint(cfg)
     changed = sorted(k for k in FINGERPRINT_KEYS if saved.get(k) != now.get(k))
@@ -178,6 +224,16 @@ def load_state(path: Path, model: torch.nn.Module, cfg: TrainConfig, *, force: b
         raise UserError(
             f"resume: {path} was saved with different {', '.join(changed)}; resuming would mix two runs "
             "(restore those settings, or pass resume_force=true to resume anyway)"
+        )
+    if (path / SHARDED).is_dir():
+        if optimizer is None:  # pragma: no cover - the trainer always passes it
+            raise UserError(f"resume: {path} is sharded and needs the optimizer to load into")
+        D.load_sharded(str(path / SHARDED), model, optimizer)
+        return state
+    if dist.enabled:
+        raise UserError(
+            f"resume: {path} was saved by a single process; a multi-rank run cannot take over its optimizer "
+            f"state (start from its weights instead: student.name={path})"
         )
     from safetensors.torch import load_file
 

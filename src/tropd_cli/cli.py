@@ -64,6 +64,26 @@ def _hint(message: str, command: str) -> str:
     return ""
 
 
+def _ranked(command: str, rest: list[str]) -> list[str]:
+    """Under torchrun (WORLD_SIZE > 1) only rank 0 keeps Hydra's run directory and logs; the other ranks
+    get a private scratch one and learn rank 0's directory from it once the process group is up."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world <= 1:
+        return rest
+    if command != "train":
+        sys.stderr.write(f"error: `tropd {command}` runs in one process; launch only `tropd train` with torchrun\n")
+        sys.exit(2)
+    if any(a in ("-m", "--multirun") for a in rest):
+        sys.stderr.write("error: -m sweeps launch their own jobs; run them without torchrun (see docs/cluster.md)\n")
+        sys.exit(2)
+    if rank == 0:
+        return rest
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix=f"tropd-rank{rank}-")
+    return [*rest, f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra/job_logging=disabled"]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -87,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         # `experiment` names a config group, so Hydra would read `experiment=lab` as selecting one for the
         # ablate config itself; for ablate it means the train preset of every cell.
         rest = [f"train_experiment={a.split('=', 1)[1]}" if a.startswith("experiment=") else a for a in rest]
+    rest = _ranked(command, rest)
     sys.argv = [f"tropd-{'eval' if command == 'evaluate' else command}", *rest]
 
     from hydra.errors import HydraException

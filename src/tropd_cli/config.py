@@ -26,6 +26,7 @@ class ModelConfig:
     revision: str | None = None
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False  # student only: recompute layer activations in backward (less memory)
+    attn_implementation: str = "auto"  # auto (= sdpa) | sdpa | eager | flash_attention_2 (needs flash-attn)
     # Sizes used only by the ``tiny-random`` registry entry (tests and smoke runs).
     tiny_layers: int = 4
     tiny_hidden: int = 64
@@ -113,6 +114,15 @@ class RolloutConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-process training (``torchrun``/``accelerate launch``; ignored in a single process): docs/scaling.md."""
+
+    shard_teacher: bool = False  # FSDP-shard the teacher too (when a replica per GPU does not fit)
+    reshard_after_forward: bool = True  # free gathered layers after forward (less memory, one more all-gather)
+    timeout_minutes: int = 60  # collective timeout (rank 0 evaluates alone during eval_every)
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-5
     weight_decay: float = 0.0
@@ -191,7 +201,10 @@ class TrainConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     steps: int = 20
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK, or cpu with gloo)
+    teacher_device: str | None = None  # the teacher on its own device (e.g. cuda:1); None = same as the student
+    precision: str = "auto"  # student compute: auto (bf16 on a bf16 GPU, else fp32) | bf16 | fp32
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     threads: int | None = None  # torch intra-op threads; None = torch's default
     save_every: int = 0  # resumable checkpoints every N steps (0 = only the final checkpoint)
     keep_last: int = 2  # resumable checkpoints kept (the newest; 0 = all)
@@ -289,6 +302,8 @@ def validate_train(cfg: TrainConfig) -> None:
     )
     _check(0.0 < cfg.rollout.top_p <= 1.0, "rollout.top_p must be in (0, 1]")
     _choice(cfg.rollout.backend, ("loop", "generate", "vllm"), "rollout.backend")
+    _choice(cfg.precision, ("auto", "bf16", "fp32"), "precision")
+    _check(cfg.distributed.timeout_minutes > 0, "distributed.timeout_minutes must be positive")
     _choice(cfg.rollout.sampler_dtype, ("auto", "float32", "bfloat16", "float16"), "rollout.sampler_dtype")
     _check(cfg.method.top_k > 0, f"method.top_k={cfg.method.top_k} must be positive")
     _check(cfg.method.ppo_epochs >= 1, "method.ppo_epochs must be at least 1")
@@ -306,6 +321,12 @@ def validate_train(cfg: TrainConfig) -> None:
         f"dataset.source={cfg.dataset.source} needs dataset.name (a reasoning-gym task or a hub dataset id)",
     )
     _check(cfg.dataset.source != "file" or bool(cfg.dataset.path), "dataset=file needs dataset.path=FILE")
+    for role in ("teacher", "student"):
+        _choice(
+            getattr(cfg, role).attn_implementation,
+            ("auto", "sdpa", "eager", "flash_attention_2"),
+            f"{role}.attn_implementation",
+        )
     _check(bool(cfg.teacher.name), "teacher.name is empty; set a registry name, a local directory or a hub id")
     _check(cfg.student.from_teacher or bool(cfg.student.name), "set student.name or student.from_teacher=true")
     _check(cfg.save_every >= 0, f"save_every={cfg.save_every} must be >= 0 (0 = only the final checkpoint)")

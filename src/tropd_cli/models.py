@@ -208,11 +208,18 @@ def _load_pretrained(
         _require_hub_or_cache(name, cfg.revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, attn_implementation=attention_implementation(cfg), **kwargs
+        )
     except OSError as exc:
         where = "local directory" if is_local else "hub (no network or no such repo?)"
         raise UserError(f"could not load model {name!r} from the {where}: {first_line(exc)}") from exc
     return model, tokenizer
+
+
+def attention_implementation(cfg: ModelConfig) -> str:
+    """``auto``: PyTorch SDPA (it dispatches to flash / memory-efficient kernels on a GPU by itself)."""
+    return "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
 
 
 def _require_hub_or_cache(name: str, revision: str | None) -> None:
@@ -238,6 +245,7 @@ def load_model(cfg: ModelConfig, *, device: torch.device, cache_dir: Path, froze
     if cfg.name in BUILDERS:
         model, tokenizer = BUILDERS[cfg.name](cfg)
         model = model.to(dtype)  # type: ignore[arg-type]
+        model.set_attn_implementation(attention_implementation(cfg))
     else:
         name = str(REGISTRY[cfg.name](cfg, cache_dir)) if cfg.name in REGISTRY else cfg.name
         model, tokenizer = _load_pretrained(name, cfg, dtype)
@@ -338,10 +346,16 @@ def check_tokenizers(teacher: PreTrainedTokenizerBase, student: PreTrainedTokeni
 
 
 def load_pair(
-    teacher_cfg: ModelConfig, student_cfg: ModelConfig, *, device: torch.device, cache_dir: Path
+    teacher_cfg: ModelConfig,
+    student_cfg: ModelConfig,
+    *,
+    device: torch.device,
+    cache_dir: Path,
+    teacher_device: torch.device | None = None,
 ) -> tuple[LoadedModel, LoadedModel]:
-    """Teacher (frozen) and student (trainable), with their vocabularies checked against each other."""
-    teacher = load_model(teacher_cfg, device=device, cache_dir=cache_dir, frozen=True)
+    """Teacher (frozen, on ``teacher_device`` when given) and student (trainable), with their vocabularies
+    checked against each other."""
+    teacher = load_model(teacher_cfg, device=teacher_device or device, cache_dir=cache_dir, frozen=True)
     if student_cfg.from_teacher:
         student = student_from_teacher(teacher_cfg, student_cfg, device=device, cache_dir=cache_dir)
     else:

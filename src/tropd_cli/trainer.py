@@ -19,16 +19,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tropd_cli import checkpoint, losses
+from tropd_cli import distributed as D
 from tropd_cli.config import TrainConfig
 from tropd_cli.data import Example, examples_from_config, format_prompt
+from tropd_cli.distributed import SINGLE, Dist
 from tropd_cli.errors import UserError
 from tropd_cli.evaluation import SuiteTasks, evaluate, load_suites
 from tropd_cli.methods import TokenInputs, get_method
-from tropd_cli.models import LoadedModel, default_cache_dir, load_pair, resolve_device, resolve_dtype
+from tropd_cli.models import LoadedModel, default_cache_dir, fast_bf16, load_pair, resolve_device, resolve_dtype
 from tropd_cli.rollout import RolloutBatch, generator, prefix_cap, rollout, seeded, tokenize_prompts
 from tropd_cli.scoring import TeacherScores, generalized_jsd_chunked, student_scores, teacher_scores
 
@@ -86,15 +88,121 @@ class PromptOrder:
 
 def response_hidden(model: PreTrainedModel, batch: RolloutBatch) -> Tensor:
     """Final hidden states that predict each response token, flattened to ``[N, H]`` (N = valid tokens)."""
-    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
-    out = model.get_decoder()(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
+    return _response_hidden(model, batch.input_ids, batch.attention_mask, batch.prompt_len, batch.response_mask)
+
+
+def _response_hidden(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, response_mask: Tensor
+) -> Tensor:
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    out = model.get_decoder()(  # type: ignore[operator]
+        input_ids=input_ids,
+        attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=False,
     )
-    hidden = out.last_hidden_state[:, batch.prompt_len - 1 : -1]  # position t-1 predicts token t
-    return hidden[batch.response_mask]
+    hidden = out.last_hidden_state[:, prompt_len - 1 : -1]  # position t-1 predicts token t
+    return hidden[response_mask]
+
+
+class StudentScorer(nn.Module):
+    """The student's training forward: backbone, then chunked lm_head scoring at response positions.
+
+    One module, so that under FSDP its root (embeddings, final norm, lm_head) is gathered for the whole
+    forward and backward, like any model forward. ``bf16``: the backbone runs under bf16 autocast and
+    the lm_head projection in bf16 (log-softmax in fp32); the fp32 weights stay the optimizer's.
+    """
+
+    def __init__(self, model: PreTrainedModel, *, chunk_size: int, temperature: float, bf16: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size, self.temperature, self.bf16 = chunk_size, temperature, bf16
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_mask: Tensor,
+        prompt_len: int,
+        gather_ids: Tensor | None = None,
+        teacher_hidden: Tensor | None = None,
+        teacher_weight: Tensor | None = None,
+        gkd_beta: float = 0.5,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``(logp [N], gathered [N, k], entropy [N], generalized JSD [N] or None)`` at response tokens."""
+        device_type = input_ids.device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16 and device_type in ("cuda", "cpu")):
+            hidden = _response_hidden(self.model, input_ids, attention_mask, prompt_len, response_mask)
+        weight = lm_head_weight(self.model)  # type: ignore[arg-type]
+        if self.bf16:
+            hidden = hidden.to(torch.bfloat16)
+        if weight.dtype != hidden.dtype:
+            weight = weight.to(hidden.dtype)  # differentiable cast: gradients reach the fp32 weight
+        targets = input_ids[:, prompt_len:][response_mask]
+        logp, gathered, entropy = student_scores(
+            hidden, weight, targets, gather_ids, chunk_size=self.chunk_size, temperature=self.temperature
+        )
+        full = None
+        if teacher_hidden is not None and teacher_weight is not None:
+            full = generalized_jsd_chunked(
+                hidden,
+                weight,
+                teacher_hidden,
+                teacher_weight,
+                beta=gkd_beta,
+                chunk_size=self.chunk_size,
+                temperature=self.temperature,
+            )
+        return logp, gathered, entropy, full
+
+
+class TeacherScorer(nn.Module):
+    """The teacher's scoring forward (no gradients), as one module so that a sharded teacher gathers its root."""
+
+    def __init__(self, model: PreTrainedModel, *, chunk_size: int, temperature: float) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size, self.temperature = chunk_size, temperature
+
+    @torch.no_grad()
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, prompt_len: int, top_k: int
+    ) -> tuple[TeacherScores, Tensor, Tensor]:
+        """Teacher statistics at response tokens, its hidden states there, and its lm_head (for GKD)."""
+        hidden = _response_hidden(self.model, input_ids, attention_mask, prompt_len, response_mask)
+        weight = lm_head_weight(self.model)  # type: ignore[arg-type]
+        targets = input_ids[:, prompt_len:][response_mask]
+        scores = teacher_scores(
+            hidden, weight, targets, top_k=top_k, chunk_size=self.chunk_size, temperature=self.temperature
+        )
+        return scores, hidden, weight
+
+    def lm_forward(self, **kwargs: Any) -> Any:
+        """The wrapped model's own forward (sampling guidance prefixes); under FSDP a registered forward method."""
+        return self.model(**kwargs)
+
+
+class ForwardAdapter:
+    """What the sampling loop needs from a model (``__call__``, ``eval``/``train``), for a teacher that is
+    sharded (calls go through :meth:`TeacherScorer.lm_forward`) or on another device (inputs moved there,
+    logits moved back)."""
+
+    def __init__(self, forward: Any, device: torch.device, home: torch.device) -> None:
+        self.forward, self.device, self.home = forward, device, home
+        self.training = False
+
+    def __call__(self, **kwargs: Any) -> Any:
+        moved = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+        out = self.forward(**moved)
+        if self.device != self.home:
+            out.logits = out.logits.to(self.home)
+        return out
+
+    def eval(self) -> ForwardAdapter:
+        return self
+
+    def train(self, mode: bool = True) -> ForwardAdapter:
+        return self
 
 
 def to_grid(values: Tensor, mask: Tensor) -> Tensor:
@@ -120,19 +228,31 @@ class Metrics:
         self.sums[name] += float(torch.where(mask, values.detach().float(), 0.0).sum())
         self.counts[name] += float(mask.sum())
 
-    def means(self) -> dict[str, float]:
-        return {k: (self.sums[k] / self.counts[k] if self.counts[k] else 0.0) for k in self.sums}
+    def means(self, info: Dist = SINGLE) -> dict[str, float]:
+        """Means over every rank's tokens (one all-reduce of all sums and counts)."""
+        keys = sorted(self.sums)
+        totals = D.all_reduce([self.sums[k] for k in keys] + [self.counts[k] for k in keys], info)
+        sums, counts = totals[: len(keys)], totals[len(keys) :]
+        return {k: (s / c if c else 0.0) for k, s, c in zip(keys, sums, counts, strict=True)}
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> Path:
-    """Write a Hugging Face checkpoint atomically: a temp dir beside ``path``, then one rename."""
+def save_checkpoint(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    state_dict: dict[str, Tensor] | None = None,
+) -> Path:
+    """Write a Hugging Face checkpoint atomically: a temp dir beside ``path``, then one rename.
+
+    ``state_dict``: the weights to write instead of the model's own (the gathered weights of a sharded model).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         if path.exists():
             shutil.rmtree(path)
@@ -152,17 +272,30 @@ class Trainer:
     """Holds models, optimizer and data for a run; :meth:`step` does one optimizer step."""
 
     def __init__(
-        self, cfg: TrainConfig, *, teacher: LoadedModel, student: LoadedModel, examples: list[Example]
+        self,
+        cfg: TrainConfig,
+        *,
+        teacher: LoadedModel,
+        student: LoadedModel,
+        examples: list[Example],
+        dist: Dist = SINGLE,
     ) -> None:
         self.cfg = cfg
+        self.dist = dist
         self.teacher, self.student = teacher, student
         self.tokenizer = student.tokenizer
         self.device = next(student.model.parameters()).device
+        self.teacher_device = next(teacher.model.parameters()).device
         self.method = get_method(cfg)
         vocab = lm_head_weight(teacher.model).shape[0]
         if self.method.needs_topk and cfg.method.top_k > vocab:
             raise UserError(
                 f"method.top_k={cfg.method.top_k} is larger than the vocabulary ({vocab} tokens); set k <= {vocab}"
+            )
+        if cfg.rollout.batch_size % dist.world_size:
+            raise UserError(
+                f"rollout.batch_size={cfg.rollout.batch_size} prompts do not split evenly over {dist.world_size} "
+                f"ranks; use a multiple of {dist.world_size}"
             )
         self.examples = examples
         self.prompts = [
@@ -176,7 +309,49 @@ class Trainer:
             for ex in examples
         ]
         self.order = PromptOrder(len(examples), cfg.rollout.batch_size, cfg.seed)
-        self.sampler = self._make_sampler()
+        self.scoring_temperature = cfg.rollout.scoring_temperature or cfg.rollout.temperature
+        self.bf16 = cfg.precision == "bf16" or (
+            cfg.precision == "auto" and self.device.type == "cuda" and fast_bf16("cuda")
+        )
+        self.sampler = self._make_sampler()  # before sharding: a full copy of the student
+        self.scorer = StudentScorer(
+            student.model,
+            chunk_size=cfg.scoring.chunk_size,
+            temperature=self.scoring_temperature,
+            bf16=self.bf16 and not dist.enabled,  # under FSDP, its mixed-precision policy does this
+        )
+        self.teacher_scorer = TeacherScorer(
+            teacher.model, chunk_size=cfg.scoring.chunk_size, temperature=self.scoring_temperature
+        )
+        shard_teacher = dist.enabled and cfg.distributed.shard_teacher
+        if dist.enabled:
+            D.shard(
+                self.scorer,
+                student.model,
+                bf16=self.bf16,
+                reshard_after_forward=cfg.distributed.reshard_after_forward,
+                trainable=True,
+            )
+            if shard_teacher:
+                D.shard(
+                    self.teacher_scorer,
+                    teacher.model,
+                    bf16=False,
+                    reshard_after_forward=cfg.distributed.reshard_after_forward,
+                    trainable=False,
+                )
+                D.register_forward_method(self.teacher_scorer, "lm_forward")
+        # What samples guidance prefixes (and SFT teacher responses): the teacher itself, or an adapter when
+        # it is sharded or lives on another device.
+        self.teacher_sampler: Any = teacher.model
+        if shard_teacher or self.teacher_device != self.device:
+            if cfg.rollout.backend == "generate":
+                raise UserError(
+                    "rollout.backend=generate needs the teacher whole on the student's device; use rollout.backend=loop "
+                    "with distributed.shard_teacher or teacher_device"
+                )
+            forward = self.teacher_scorer.lm_forward if shard_teacher else teacher.model
+            self.teacher_sampler = ForwardAdapter(forward, self.teacher_device, self.device)
         params = [p for p in student.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params,
@@ -189,13 +364,16 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
         )
-        self.scoring_temperature = cfg.rollout.scoring_temperature or cfg.rollout.temperature
         if self.scoring_temperature != cfg.rollout.temperature:
             log.warning(
                 "rollout.temperature=%s but scoring at %s: rewards are then not on-policy log-ratios",
                 cfg.rollout.temperature,
                 self.scoring_temperature,
             )
+
+    def _rank_keys(self) -> tuple[int, ...]:
+        """Extra seed keys that give each rank its own randomness (none in a single process)."""
+        return (1_000_003, self.dist.rank) if self.dist.enabled else ()
 
     # -- rollout ------------------------------------------------------------------------------
     def _make_sampler(self) -> PreTrainedModel:
@@ -206,7 +384,7 @@ class Trainer:
         """
         model = self.student.model
         dtype = resolve_dtype(self.cfg.rollout.sampler_dtype, self.device, frozen=True)
-        if dtype == next(model.parameters()).dtype:
+        if dtype == next(model.parameters()).dtype and not self.dist.enabled:
             return model
         sampler = copy.deepcopy(model).to(dtype)  # type: ignore[arg-type]
         sampler.requires_grad_(False)
@@ -215,12 +393,15 @@ class Trainer:
     @torch.no_grad()
     def _sync_sampler(self) -> None:
         if self.sampler is not self.student.model:
+            # Under FSDP each parameter is gathered from its shards (a collective, same order on every rank).
             for dst, src in zip(self.sampler.parameters(), self.student.model.parameters(), strict=True):
-                dst.copy_(src)
+                dst.copy_(D.full_tensor(src.detach()))
 
     def make_batch(self, step: int) -> RolloutBatch:
         cfg = self.cfg
         index = self.order.batch(step)
+        per_rank = len(index) // self.dist.world_size
+        index = index[self.dist.rank * per_rank : (self.dist.rank + 1) * per_rank]  # this rank's prompts
         n = cfg.rollout.n_samples_per_prompt
         texts = [self.prompts[i] for i in index for _ in range(n)]
         prompt_index = torch.tensor([i for i in index for _ in range(n)], device=self.device)
@@ -234,12 +415,14 @@ class Trainer:
         if cfg.guidance.enabled:
             # Steps run 0..S-1: anneal over S-1 so that the cap reaches 0 at the last step.
             prefix_max = prefix_cap(step, cfg.steps - 1, cfg.rollout.max_new_tokens, cfg.guidance.schedule)
-            draw = torch.rand(len(texts), generator=generator(cfg.seed, step, 3))
+            # One draw for the whole (global) batch, sliced per rank: the same rows are guided at any world size.
+            draw = torch.rand(len(texts) * self.dist.world_size, generator=generator(cfg.seed, step, 3))
+            draw = draw[self.dist.rank * len(texts) : (self.dist.rank + 1) * len(texts)]
             guided = (draw < cfg.guidance.fraction).to(self.device)
         self._sync_sampler()
         return rollout(
             self.sampler,
-            self.teacher.model,
+            self.teacher_sampler,
             self.tokenizer,
             prompt_ids,
             prompt_mask,
@@ -248,7 +431,7 @@ class Trainer:
             min_new_tokens=cfg.rollout.min_new_tokens,
             temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p,
-            seed=seeded(cfg.seed, step),
+            seed=seeded(cfg.seed, step, *self._rank_keys()),
             prefix_max=prefix_max,
             prefix_sampling=cfg.guidance.prefix_sampling,
             guided_rows=guided,
@@ -260,7 +443,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.method.sft_source == "teacher":
             return rollout(
-                self.teacher.model,
+                self.teacher_sampler,
                 None,
                 self.tokenizer,
                 prompt_ids,
@@ -270,8 +453,8 @@ class Trainer:
                 min_new_tokens=0,
                 temperature=cfg.rollout.temperature,
                 top_p=cfg.rollout.top_p,
-                seed=seeded(cfg.seed, step),
-                backend=cfg.rollout.backend,
+                seed=seeded(cfg.seed, step, *self._rank_keys()),
+                backend="loop" if cfg.rollout.backend == "vllm" else cfg.rollout.backend,
             )
         eos = self.tokenizer.eos_token or ""
         answers = [self.examples[int(i)].answer for i in prompt_index.tolist()]
@@ -313,7 +496,19 @@ class Trainer:
         minis = [parts[s] for s in _micro_batches(len(parts), cfg.method.mini_batches)]
         # One draw of trust-region noise per rollout batch, keyed by (seed, step): micro-batching and
         # PPO epochs see the same mask.
-        noise = torch.rand(batch.response_mask.shape, generator=generator(cfg.seed, step, 5)).to(self.device)
+        noise_gen = generator(cfg.seed, step, 5, *self._rank_keys())
+        noise = torch.rand(batch.response_mask.shape, generator=noise_gen).to(self.device)
+        # The loss is a mean over the step's tokens (or sequences) on *all* ranks: one all-reduce of the
+        # counts per optimizer step, then each rank's share is its own sum over the global count.
+        mini_rows = [slice(mini[0].start, mini[-1].stop) for mini in minis]
+        counts = D.all_reduce(
+            [float(batch.response_mask[r].sum()) for r in mini_rows]
+            + [float(r.stop - r.start) for r in mini_rows]
+            + [float(batch.response_mask.sum()), float(n_seqs), float(batch.prefix_mask.sum())],
+            self.dist,
+        )
+        mini_tokens, mini_seqs = counts[: len(minis)], counts[len(minis) : 2 * len(minis)]
+        total_tokens, total_seqs, total_prefix = counts[2 * len(minis) :]
 
         t = time.perf_counter()
         teacher = [self._score_teacher(batch.rows(p)) for p in parts]
@@ -334,9 +529,7 @@ class Trainer:
                     old_logp[i] = logp_flat
                     entropy_grid[p] = to_grid(ent_flat, mb.response_mask)
             if keep_fraction is not None:
-                keep_grid = losses.top_fraction_mask(
-                    entropy_grid, batch.response_mask & ~batch.prefix_mask, keep_fraction
-                )
+                keep_grid = self._top_fraction(entropy_grid, batch.response_mask & ~batch.prefix_mask, keep_fraction)
             times["time_old_logp"] = time.perf_counter() - t
 
         metrics = Metrics()
@@ -345,10 +538,8 @@ class Trainer:
         skipped = 0  # optimizer updates left out because their loss or gradient was not finite
         lr = float(self.scheduler.get_last_lr()[0])
         for epoch in range(cfg.method.ppo_epochs):
-            for mini in minis:
-                rows = slice(mini[0].start, mini[-1].stop)
-                tokens = float(batch.response_mask[rows].sum())
-                seqs = rows.stop - rows.start
+            for j, mini in enumerate(minis):
+                tokens, seqs = mini_tokens[j], mini_seqs[j]
                 self.optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
                 for p in mini:
@@ -367,9 +558,12 @@ class Trainer:
                     )
                     times["time_student_fwd"] += time.perf_counter() - t
                     t = time.perf_counter()
-                    loss.backward()
+                    # FSDP averages gradients over ranks; each rank's loss is its share of the global mean,
+                    # so scaling by the world size makes the reduced gradient that of the global mean.
+                    (loss * self.dist.world_size if self.dist.enabled else loss).backward()
                     times["time_student_bwd"] += time.perf_counter() - t
                     step_loss += float(loss.detach())
+                step_loss = D.all_reduce([step_loss], self.dist)[0]
                 t = time.perf_counter()
                 grad_norm = self._optimizer_step(step_loss)
                 times["time_optimizer"] += time.perf_counter() - t
@@ -380,8 +574,7 @@ class Trainer:
                     skipped += 1
         self.scheduler.step()
 
-        total_tokens = float(batch.response_mask.sum())
-        result = metrics.means()
+        result = metrics.means(self.dist)
         result.update(
             step=step + 1,
             loss=sum(losses_per_step) / len(losses_per_step) if losses_per_step else math.nan,
@@ -389,45 +582,59 @@ class Trainer:
             lr=lr,
             optimizer_steps=float(len(grad_norms)),
             skipped_updates=float(skipped),
-            prefix_len=float(batch.prefix_mask.sum()) / n_seqs,
-            response_len=total_tokens / n_seqs,
+            prefix_len=total_prefix / total_seqs,
+            response_len=total_tokens / total_seqs,
             tokens=total_tokens,
             time_step=time.perf_counter() - t0,
         )
         result.update(times)
         return result
 
-    def _score_teacher(self, mb: RolloutBatch) -> tuple[TeacherScores, Tensor | None]:
-        """Teacher statistics at a micro-batch's response positions (and its hidden states for GKD)."""
+    def _score_teacher(self, mb: RolloutBatch) -> tuple[TeacherScores, Tensor | None, Tensor | None]:
+        """Teacher statistics at a micro-batch's response positions (and its hidden states and lm_head for GKD)."""
         top_k = min(self.cfg.method.top_k, lm_head_weight(self.teacher.model).shape[0]) if self.method.needs_topk else 0
-        with torch.no_grad():
-            hidden = response_hidden(self.teacher.model, mb)
-            scores = teacher_scores(
-                hidden,
-                lm_head_weight(self.teacher.model),
-                mb.response_ids[mb.response_mask],
-                top_k=top_k,
-                chunk_size=self.cfg.scoring.chunk_size,
-                temperature=self.scoring_temperature,
-            )
-        return scores, hidden if self.method.full_vocab else None
-
-    def _score_student(self, mb: RolloutBatch, gather_ids: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        hidden = response_hidden(self.student.model, mb)
-        logp, gathered, entropy = student_scores(
-            hidden,
-            lm_head_weight(self.student.model),
-            mb.response_ids[mb.response_mask],
-            gather_ids,
-            chunk_size=self.cfg.scoring.chunk_size,
-            temperature=self.scoring_temperature,
+        dev = self.teacher_device
+        scores, hidden, weight = self.teacher_scorer(
+            mb.input_ids.to(dev), mb.attention_mask.to(dev), mb.response_mask.to(dev), mb.prompt_len, top_k
         )
-        return logp, gathered, entropy, hidden
+        if dev != self.device:
+            scores = TeacherScores(
+                *(t.to(self.device) for t in (scores.logp, scores.topk_ids, scores.topk_logp, scores.entropy))
+            )
+        if not self.method.full_vocab:
+            return scores, None, None
+        # GKD needs the teacher's whole distribution: its hidden states and (gathered) lm_head on our device.
+        return scores, hidden.to(self.device), D.full_tensor(weight).detach().to(self.device)
+
+    def _score_student(
+        self, mb: RolloutBatch, gather_ids: Tensor | None, teacher: tuple[Tensor | None, Tensor | None] = (None, None)
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        return self.scorer(
+            mb.input_ids,
+            mb.attention_mask,
+            mb.response_mask,
+            mb.prompt_len,
+            gather_ids,
+            teacher[0],
+            teacher[1],
+            self.cfg.method.gkd_beta,
+        )
+
+    def _top_fraction(self, scores: Tensor, valid: Tensor, fraction: float) -> Tensor:
+        """:func:`losses.top_fraction_mask` over the step's tokens on every rank (one global threshold)."""
+        if not self.dist.enabled:
+            return losses.top_fraction_mask(scores, valid, fraction)
+        everyone = torch.cat(D.gather_object(scores[valid].float().cpu(), self.dist))
+        if everyone.numel() == 0 or fraction <= 0:
+            return torch.zeros_like(valid)
+        n_keep = max(1, min(everyone.numel(), round(fraction * everyone.numel())))
+        threshold = float(torch.topk(everyone, n_keep).values[-1])
+        return valid & (scores.float() >= threshold)
 
     def _micro_loss(
         self,
         mb: RolloutBatch,
-        teacher: tuple[TeacherScores, Tensor | None],
+        teacher: tuple[TeacherScores, Tensor | None, Tensor | None],
         old_logp_flat: Tensor | None,
         keep_mask: Tensor | None,
         noise: Tensor,
@@ -438,26 +645,12 @@ class Trainer:
     ) -> Tensor:
         """Student forward on one micro-batch and its share of the optimizer step's loss."""
         cfg = self.cfg
-        tscores, t_hidden = teacher
+        tscores, t_hidden, t_weight = teacher
         mask = mb.response_mask
-        logp_flat, topk_flat, entropy_flat, s_hidden = self._score_student(
-            mb, tscores.topk_ids if self.method.needs_topk else None
+        logp_flat, topk_flat, entropy_flat, jsd_flat = self._score_student(
+            mb, tscores.topk_ids if self.method.needs_topk else None, (t_hidden, t_weight)
         )
-        full_vocab = None
-        if self.method.full_vocab:
-            assert t_hidden is not None
-            full_vocab = to_grid(
-                generalized_jsd_chunked(
-                    s_hidden,
-                    lm_head_weight(self.student.model),
-                    t_hidden,
-                    lm_head_weight(self.teacher.model),
-                    beta=cfg.method.gkd_beta,
-                    chunk_size=cfg.scoring.chunk_size,
-                    temperature=self.scoring_temperature,
-                ),
-                mask,
-            )
+        full_vocab = to_grid(jsd_flat, mask) if jsd_flat is not None else None
         logp = to_grid(logp_flat, mask)
         # Without a pre-pass this is the first and only pass on-policy: rollout-time log-prob == logp.
         old_logp = logp.detach() if old_logp_flat is None else to_grid(old_logp_flat, mask)
@@ -506,7 +699,7 @@ class Trainer:
         gradient norm skips the update (gradients dropped, weights untouched) and returns NaN."""
         params = [p for p in self.student.model.parameters() if p.requires_grad]
         max_norm = self.cfg.optim.max_grad_norm if self.cfg.optim.max_grad_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = float(D.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))  # global under FSDP
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             log.warning("non-finite loss (%s) or gradient norm (%s): update skipped", loss, grad_norm)
@@ -544,69 +737,117 @@ class StopRequest:
 
 
 def train(
-    cfg: TrainConfig, *, output_dir: Path, hooks: TrainHooks | None = None, stop: StopRequest | None = None
+    cfg: TrainConfig,
+    *,
+    output_dir: Path,
+    hooks: TrainHooks | None = None,
+    stop: StopRequest | None = None,
+    dist: Dist = SINGLE,
+    device: torch.device | None = None,
 ) -> TrainResult:
     """Run ``cfg.steps`` optimizer steps (from a checkpoint with ``cfg.resume``) and save the student as a
-    Hugging Face checkpoint; with ``stop`` set mid-run, save a resumable checkpoint and return early."""
+    Hugging Face checkpoint; with ``stop`` set mid-run, save a resumable checkpoint and return early.
+
+    Under ``torchrun`` every rank calls this with its :class:`Dist` and device (see
+    :func:`tropd_cli.distributed.init_from_env`); only rank 0 should be given hooks, and only rank 0
+    writes files (resumable checkpoints are sharded: every rank writes its shard).
+    """
     hooks = hooks or NoHooks()
+    if cfg.rollout.batch_size % dist.world_size:
+        raise UserError(
+            f"rollout.batch_size={cfg.rollout.batch_size} prompts do not split evenly over {dist.world_size} "
+            f"ranks; use a multiple of {dist.world_size}"
+        )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = device or resolve_device(cfg.device)
+    teacher_device = resolve_device(cfg.teacher_device) if cfg.teacher_device else device
     cache = default_cache_dir(cfg.cache_dir)
     t0 = time.perf_counter()
-    teacher, student = load_pair(cfg.teacher, cfg.student, device=device, cache_dir=cache)
+    teacher, student = load_pair(
+        cfg.teacher, cfg.student, device=device, cache_dir=cache, teacher_device=teacher_device
+    )
     examples = examples_from_config(cfg.dataset)
-    eval_suites = load_suites(cfg.eval_suite) if cfg.eval_every else []  # load eval data before training starts
-    trainer = Trainer(cfg, teacher=teacher, student=student, examples=examples)
+    # Eval data is loaded before training starts; during training only rank 0 evaluates (the sampler copy).
+    eval_suites = load_suites(cfg.eval_suite) if cfg.eval_every and dist.is_main else []
+    n_teacher = sum(p.numel() for p in teacher.model.parameters())
+    n_student = sum(p.numel() for p in student.model.parameters())
+    trainer = Trainer(cfg, teacher=teacher, student=student, examples=examples, dist=dist)
     hooks.on_start(
         {
             "teacher": teacher.source,
             "student": student.source,
-            "teacher_params": sum(p.numel() for p in teacher.model.parameters()),
-            "student_params": sum(p.numel() for p in student.model.parameters()),
+            "teacher_params": n_teacher,
+            "student_params": n_student,
             "prompts": len(examples),
-            "device": str(device),
+            "device": str(device) + (f" x {dist.world_size} ranks" if dist.enabled else ""),
             "load_seconds": time.perf_counter() - t0,
         }
     )
     history: list[dict[str, float]] = []
     start = 0
-    resumed_from = checkpoint.resolve(cfg.resume, output_dir) if cfg.resume else None
+    resumed_from = checkpoint.resolve(cfg.resume, output_dir) if cfg.resume and dist.is_main else None
+    resumed_from = D.broadcast_object(resumed_from, dist)
     if resumed_from is not None:
-        state = checkpoint.load_state(resumed_from, student.model, cfg, force=cfg.resume_force)
-        trainer.optimizer.load_state_dict(state["optimizer"])
+        state = checkpoint.load_state(
+            resumed_from, student.model, cfg, force=cfg.resume_force, optimizer=trainer.optimizer, dist=dist
+        )
+        if "optimizer" in state:
+            trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
+        rng = state["rng"]
+        if isinstance(rng, list):  # one per rank
+            if len(rng) == dist.world_size:
+                checkpoint.set_rng_state(rng[dist.rank])
+            else:
+                log.warning(
+                    "resume: saved by %d ranks, running on %d: RNG states not restored", len(rng), dist.world_size
+                )
+        else:
+            checkpoint.set_rng_state(rng)
         start, history = int(state["step"]), list(state["history"])
         log.info("resumed from %s at step %d", resumed_from, start)
         for done, metrics in enumerate(history):
             hooks.on_step(done, metrics)  # replay the progress so metrics files and bars are complete
     nonfinite = 0  # steps in a row in which every update was skipped
+    eval_model = trainer.sampler if dist.enabled else student.model
     for step in range(start, cfg.steps):
         metrics = trainer.step(step)
         nonfinite = nonfinite + 1 if metrics["optimizer_steps"] == 0 else 0
-        if eval_suites and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            metrics.update(eval_metrics(student.model, trainer.tokenizer, eval_suites, seed=cfg.seed))
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            if dist.enabled:
+                trainer._sync_sampler()  # collective: every rank, then rank 0 evaluates the synced copy
+            if eval_suites:
+                metrics.update(eval_metrics(eval_model, trainer.tokenizer, eval_suites, seed=cfg.seed))
+            D.barrier(dist)
         history.append(metrics)
         hooks.on_step(step, metrics)
         diverged = nonfinite >= cfg.optim.max_nonfinite_steps
-        stopping = diverged or (stop is not None and stop.requested)
+        # Every rank must agree to stop at the same step (a signal may reach them at different times).
+        stopping = diverged or D.any_rank(stop is not None and stop.requested, dist)
         if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps):
+            state: dict[str, Any] = {
+                "step": step + 1,
+                "history": history,
+                "scheduler": trainer.scheduler.state_dict(),
+                "fingerprint": checkpoint.fingerprint(cfg),
+            }
+            if dist.enabled:
+                state["rng"] = D.gather_object(checkpoint.rng_state(), dist)
+            else:
+                state["rng"] = checkpoint.rng_state()
+                state["optimizer"] = trainer.optimizer.state_dict()
             saved = checkpoint.save(
                 output_dir / "checkpoints" / f"step_{step + 1:06d}",
                 student.model,
                 trainer.tokenizer,
-                {
-                    "step": step + 1,
-                    "history": history,
-                    "optimizer": trainer.optimizer.state_dict(),
-                    "scheduler": trainer.scheduler.state_dict(),
-                    "rng": checkpoint.rng_state(),
-                    "fingerprint": checkpoint.fingerprint(cfg),
-                },
+                state,
+                optimizer=trainer.optimizer,
+                dist=dist,
             )
-            checkpoint.prune(output_dir, cfg.keep_last)
+            if dist.is_main:
+                checkpoint.prune(output_dir, cfg.keep_last)
             if diverged:
                 hooks.on_end({"checkpoint": str(saved), "steps": step + 1, "interrupted": True})
                 raise UserError(
@@ -617,6 +858,13 @@ def train(
             if stopping:
                 hooks.on_end({"checkpoint": str(saved), "steps": step + 1, "interrupted": True})
                 return TrainResult(checkpoint=saved, history=history, interrupted=True)
-    final = save_checkpoint(student.model, trainer.tokenizer, output_dir / "checkpoint")
+    final = output_dir / "checkpoint"
+    if dist.enabled:
+        weights = D.full_state_dict(student.model, dist)  # collective: gathered to CPU on every rank
+        if dist.is_main:
+            save_checkpoint(student.model, trainer.tokenizer, final, state_dict=weights)
+        D.barrier(dist)
+    else:
+        save_checkpoint(student.model, trainer.tokenizer, final)
     hooks.on_end({"checkpoint": str(final), "steps": cfg.steps})
     return TrainResult(checkpoint=final, history=history)

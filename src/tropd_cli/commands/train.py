@@ -58,25 +58,46 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     quiet_libraries()
     train_cfg = to_object(cfg, TrainConfig)
     validate_train(train_cfg)
-    output_dir = hydra_output_dir()
-    output_dir.mkdir(parents=True, exist_ok=True)
+
+    from tropd_cli import distributed as D
+
+    # Under torchrun / accelerate launch: join the process group; rank 0's run directory is everyone's.
+    info, device = D.init_from_env(train_cfg.device, train_cfg.distributed.timeout_minutes)
+    own_dir = hydra_output_dir()
+    try:
+        output_dir = Path(D.broadcast_object(str(own_dir), info))
+        if not info.is_main:
+            with contextlib.suppress(OSError):
+                own_dir.rmdir()  # the empty scratch directory the dispatcher gave this rank's Hydra
+        return _run(cfg, train_cfg, output_dir, info, device)
+    finally:
+        D.shutdown(info)
+
+
+def _run(cfg: DictConfig, train_cfg: TrainConfig, output_dir: Path, info: Any, device: Any) -> dict[str, Any]:
+    if info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
     resolved = {str(k): v for k, v in OmegaConf.to_container(cfg, resolve=True).items()}  # type: ignore[union-attr]
 
     from tropd_cli.loggers import ConfigFile, Hooks, build_hooks
     from tropd_cli.trainer import StopRequest, train
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, quiet=not info.is_main)  # one rank talks
     # Files of the run are written once the models and data have loaded (the hooks' on_start), so bad
     # input never overwrites the config or metrics of an existing run directory (e.g. one being resumed).
-    hooks = Hooks(
-        ConfigFile(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True)),
-        build_hooks(
-            train_cfg.logger, steps=train_cfg.steps, output_dir=output_dir, run_config=resolved, console=console
-        ),
+    hooks = (
+        Hooks(
+            ConfigFile(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True)),
+            build_hooks(
+                train_cfg.logger, steps=train_cfg.steps, output_dir=output_dir, run_config=resolved, console=console
+            ),
+        )
+        if info.is_main
+        else None
     )
     stop = StopRequest()
     with stop_on_signals(stop, console) as received:
-        result = train(train_cfg, output_dir=output_dir, hooks=hooks, stop=stop)
+        result = train(train_cfg, output_dir=output_dir, hooks=hooks, stop=stop, dist=info, device=device)
     if result.interrupted:
         console.print(
             f"stopped after step {len(result.history)} of {train_cfg.steps}; resumable checkpoint "
@@ -95,7 +116,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "rkl_last": last,
         "seconds": sum(h["time_step"] for h in history),
     }
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if info.enabled:
+        summary["world_size"] = info.world_size
+    if info.is_main:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     console.print(
         f"reverse-KL estimate {first:.4f} (first {window} steps) -> {last:.4f} (last {window}); "
         f"checkpoint [green]{result.checkpoint}[/]"

@@ -1,0 +1,172 @@
+"""Multi-process training on the CPU: ``torchrun`` with 2 gloo ranks, FSDP2-sharded student (and teacher).
+
+What a 2-rank run must match: the single-process run on the same global batch. SFT on dataset answers
+has no sampling noise, so there the two must agree to float rounding, step by step and in the final
+weights; that pins the data split, the global token mean, the gradient reduction, the global gradient
+norm, the sharded AdamW and the consolidated checkpoint. TrOPD with guidance (teacher prefixes through
+a sharded teacher), evaluation on rank 0, sharded resumable checkpoints and resuming them at another
+world size are checked on their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tropd_cli import checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+
+SFT = ["experiment=tiny", "method=sft", "rollout.batch_size=4", "dataset.size=8", "optim.lr=1e-3"]
+
+
+def torchrun(cwd: Path, env: dict[str, str], *args: str, ranks: int = 2) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc_per_node RANKS -m tropd_cli train ARGS`` (one thread per rank)."""
+    env = {**env, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    return subprocess.run(
+        [*command, "-m", "tropd_cli", "train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def history(run: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 2e-6) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], rtol=1e-4, atol=atol), (name, (wa[name] - wb[name]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tmp_path_factory, tropd_env, tropd_in):
+    """The same 3-step SFT run in one process and on 2 ranks (with a sharded checkpoint after each step)."""
+    root = tmp_path_factory.mktemp("dist-sft")
+    single = tropd_in(root, "train", *SFT, "steps=3", f"hydra.run.dir={root / 'single'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    ranked = torchrun(
+        root, tropd_env, *SFT, "steps=3", "save_every=1", "keep_last=0", f"hydra.run.dir={root / 'ranked'}"
+    )
+    assert ranked.returncode == 0, ranked.stderr[-3000:]
+    return root
+
+
+def test_two_ranks_take_the_same_steps_as_one_process(sft_runs):
+    one, two = history(sft_runs / "single"), history(sft_runs / "ranked")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two, strict=True):
+        # Global token counts and the global loss / gradient norm: reduced over ranks, not per rank.
+        assert a["tokens"] == b["tokens"] and a["response_len"] == b["response_len"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["teacher_nll"] == pytest.approx(b["teacher_nll"], rel=1e-5)
+    assert one[0]["loss"] != one[-1]["loss"]  # it trained
+    summary = json.loads((sft_runs / "ranked" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+
+
+def test_the_consolidated_checkpoint_equals_the_single_process_one(sft_runs):
+    assert_same_weights(sft_runs / "single" / "checkpoint", sft_runs / "ranked" / "checkpoint")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(sft_runs / "ranked" / "checkpoint")  # a plain HF model
+    assert model.config.num_hidden_layers == 2
+
+
+def test_only_rank_0_writes_the_run_directory(sft_runs):
+    ranked = sft_runs / "ranked"
+    assert sorted(p.name for p in ranked.iterdir()) == [
+        ".hydra",
+        "checkpoint",
+        "checkpoints",
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "train.log",
+    ]
+    assert len(history(ranked)) == 3  # one line per step, not one per rank
+
+
+def test_sharded_checkpoints_are_valid_and_resume_at_another_world_size(sft_runs, tropd_env, tropd_in):
+    ranked = sft_runs / "ranked"
+    steps = checkpoint.step_dirs(ranked)
+    assert [p.name for p in steps] == ["step_000002", "step_000001"]
+    for path in steps:
+        assert checkpoint.problem(path) is None
+        assert (path / checkpoint.SHARDED / ".metadata").exists() and not (path / "model.safetensors").exists()
+    # Two ranks from step 1, and one process from step 2: both end where the uninterrupted run ended.
+    again = torchrun(
+        sft_runs, tropd_env, *SFT, "steps=3", f"resume={steps[1]}", f"hydra.run.dir={sft_runs / 'resumed2'}"
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_weights(sft_runs / "resumed2" / "checkpoint", ranked / "checkpoint")
+    one = tropd_in(sft_runs, "train", *SFT, "steps=3", f"resume={steps[0]}", f"hydra.run.dir={sft_runs / 'resumed1'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert_same_weights(sft_runs / "resumed1" / "checkpoint", ranked / "checkpoint")
+    assert [h["loss"] for h in history(sft_runs / "resumed1")] == pytest.approx([h["loss"] for h in history(ranked)])
+
+
+def test_a_single_process_checkpoint_is_refused_on_two_ranks(sft_runs, tropd_env, tropd_in):
+    single = tropd_in(sft_runs, "train", *SFT, "steps=2", "save_every=1", f"hydra.run.dir={sft_runs / 'single-ckpt'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    step = checkpoint.step_dirs(sft_runs / "single-ckpt")[0]
+    out = torchrun(sft_runs, tropd_env, *SFT, "steps=2", f"resume={step}", f"hydra.run.dir={sft_runs / 'refused'}")
+    assert out.returncode != 0  # torchrun's own code (1) for a worker that exited 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and "was saved by a single process" in errors[0] and "student.name=" in errors[0]
+
+
+def test_tropd_with_a_sharded_teacher_guidance_and_rank_0_eval(tmp_path, tropd_env):
+    """The default method end to end on 2 ranks: teacher prefixes sampled through the sharded teacher,
+    trust-region noise and top-k per rank, the student evaluated on rank 0 during training."""
+    out = torchrun(
+        tmp_path,
+        tropd_env,
+        "experiment=tiny",
+        "steps=2",
+        "rollout.batch_size=4",
+        "distributed.shard_teacher=true",
+        "eval_every=2",
+        "eval_suite=tiny",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = history(tmp_path / "run")
+    assert len(lines) == 2
+    for line in lines:
+        assert all(v == v for v in line.values())  # no NaN
+        assert 0.0 <= line["trust_fraction"] <= 1.0 and line["optimizer_steps"] == 1
+    # Step 1: the cosine cap is the whole budget, so the sharded teacher wrote the prefixes; step 2 (the
+    # last) is fully on-policy, with student tokens in and out of the trust region.
+    assert lines[0]["prefix_len"] > 0 and lines[-1]["prefix_len"] == 0
+    assert 0.0 < lines[-1]["trust_fraction"] <= 1.0
+    assert "eval/tiny/chain_sum" in lines[-1]
+    assert (tmp_path / "run" / "checkpoint" / "model.safetensors").exists()
+
+
+def test_batch_must_split_over_ranks_and_other_commands_refuse_torchrun(tmp_path, tropd_env):
+    out = torchrun(tmp_path, tropd_env, "experiment=tiny", "rollout.batch_size=3", f"hydra.run.dir={tmp_path / 'r'}")
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert out.returncode != 0 and errors
+    assert "rollout.batch_size=3 prompts do not split evenly over 2 ranks; use a multiple of 2" in errors[0]
+    assert os.listdir(tmp_path) == ["r"]  # rank 0's run directory only
+    env = {**tropd_env, "WORLD_SIZE": "2", "RANK": "0"}
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "tropd_cli", "eval"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert evaluated.returncode == 2 and "launch only `tropd train` with torchrun" in evaluated.stderr
