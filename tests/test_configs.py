@@ -35,7 +35,8 @@ EVAL_GROUPS = default_groups("eval")
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    """Every option of a group, nested ones as ``paper/NAME``."""
+    return sorted(str(p.relative_to(CONF_DIR / group).with_suffix("")) for p in (CONF_DIR / group).rglob("*.yaml"))
 
 
 def is_global(path: Path) -> bool:
@@ -49,6 +50,12 @@ USER_SUPPLIED = {
     ("student", "hub"): {"student.name": "org/student"},
     ("dataset", "hub"): {"dataset.name": "org/dataset"},
     ("dataset", "file"): {"dataset.path": "prompts.jsonl"},
+    # The authors' own checkpoints and prompts (docs/scaling.md).
+    ("experiment", "paper/qwen3_1p7b_from_nemotron4b"): {
+        "teacher.name": "org/teacher",
+        "student.name": "org/student",
+        "dataset.path": "prompts.jsonl",
+    },
 }
 
 
@@ -141,6 +148,25 @@ def test_every_group_option_composes_into_the_schema(compose_cfg, group, option)
     validate_train(train_cfg)
 
 
+@pytest.mark.parametrize("preset", ["paper/ds_r1_1p5b_from_skywork_math7b", "paper/qwen3_1p7b_from_nemotron4b"])
+def test_paper_presets_carry_the_papers_hyperparameters(compose_cfg, preset):
+    required = required_values("experiment", preset)
+    cfg = as_train(compose_cfg("train", [f"experiment={preset}", *(f"{k}={v}" for k, v in required.items())]))
+    assert (cfg.steps, cfg.optim.lr, cfg.optim.warmup_steps) == (200, 5e-6, 0)  # 200 steps, constant 5e-6
+    assert (cfg.rollout.batch_size, cfg.rollout.n_samples_per_prompt, cfg.rollout.max_new_tokens) == (128, 4, 8192)
+    assert (cfg.method.name, cfg.method.top_k, cfg.guidance.beta) == ("tropd", 64, 0.001)
+    assert cfg.guidance.enabled and cfg.trust_region.kind == "bernoulli" and cfg.outlier.strategy == "fkl"
+    assert cfg.teacher.dtype == "bfloat16" and cfg.student.dtype == "float32" and cfg.student.gradient_checkpointing
+    assert cfg.rollout.batch_size % 8 == 0  # splits over 1 node x 8 GPUs
+    assert cfg.eval_suite  # its matching benchmarks, for eval_every=N or `tropd eval eval_suite=...`
+    if preset.startswith("paper/ds_r1"):
+        assert cfg.teacher.name == "Skywork/Skywork-OR1-Math-7B"
+        assert cfg.student.name == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+        assert set(cfg.eval_suite) == {"math_competition", "math_standard"}
+    else:
+        assert set(cfg.eval_suite) == {"math_competition", "code_competition", "general"}
+
+
 def test_tiny_experiment_overrides_the_groups(compose_cfg):
     cfg = as_train(compose_cfg("train", ["experiment=tiny"]))
     assert cfg.teacher.name == "tiny-random"
@@ -222,8 +248,9 @@ def test_validate_train_accepts_the_tiny_experiment(compose_cfg):
 @pytest.mark.parametrize(("group", "option"), sorted(USER_SUPPLIED), ids=lambda v: str(v))
 def test_an_option_without_its_user_supplied_value_is_a_user_error(compose_cfg, group, option):
     """``dataset=hub`` alone must not fall back to a schema default such as the task name chain_sum."""
-    train_cfg = common.to_object(compose_cfg("train", ["experiment=tiny", f"{group}={option}"]), TrainConfig)
-    (key,) = USER_SUPPLIED[(group, option)]
+    base = [] if group == "experiment" else ["experiment=tiny"]
+    train_cfg = common.to_object(compose_cfg("train", [*base, f"{group}={option}"]), TrainConfig)
+    key = next(iter(USER_SUPPLIED[(group, option)]))  # the first one validation checks
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         validate_train(train_cfg)
 
