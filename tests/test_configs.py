@@ -52,9 +52,9 @@ USER_SUPPLIED = {
     ("dataset", "file"): {"dataset.path": "prompts.jsonl"},
     # The authors' own checkpoints and prompts (docs/scaling.md).
     ("experiment", "paper/qwen3_1p7b_from_nemotron4b"): {
+        "dataset.path": "prompts.jsonl",
         "teacher.name": "org/teacher",
         "student.name": "org/student",
-        "dataset.path": "prompts.jsonl",
     },
 }
 
