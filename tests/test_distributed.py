@@ -170,3 +170,38 @@ def test_batch_must_split_over_ranks_and_other_commands_refuse_torchrun(tmp_path
         [sys.executable, "-m", "tropd_cli", "eval"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert evaluated.returncode == 2 and "launch only `tropd train` with torchrun" in evaluated.stderr
+
+
+def test_the_paper_preset_runs_on_two_ranks_at_toy_scale(tmp_path, tropd_env):
+    """experiment=paper/ds_r1_... with its structure kept (4 rollouts per prompt, 16 micro-batches, activation
+    checkpointing, fp32 student + bf16 teacher, resume=auto, DeepScaleR's problem/answer fields) and only
+    the sizes cut: tiny models, a local prompt file."""
+    prompts = tmp_path / "deepscaler.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n" for i in range(8))
+    )
+    out = torchrun(
+        tmp_path,
+        tropd_env,
+        "experiment=paper/ds_r1_1p5b_from_skywork_math7b",
+        "teacher.name=tiny-random",  # the preset names its models itself, so values, not group choices
+        "student.name=null",
+        "student.from_teacher=true",
+        "student.keep_layers=[0,3]",
+        "dataset.source=file",
+        f"dataset.path={prompts}",
+        "dataset.size=8",
+        "rollout.batch_size=2",
+        "rollout.max_new_tokens=8",
+        "rollout.backend=loop",
+        "scoring.chunk_size=16",
+        "steps=2",
+        "logger=none",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "n_samples_per_prompt: 4" in config and "micro_batches: 16" in config and "lr: 5.0e-06" in config
+    lines = history(tmp_path / "run")
+    assert [line["optimizer_steps"] for line in lines] == [1, 1]
+    assert all(line["tokens"] > 0 for line in lines)
