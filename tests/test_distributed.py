@@ -205,3 +205,24 @@ def test_the_paper_preset_runs_on_two_ranks_at_toy_scale(tmp_path, tropd_env):
     lines = history(tmp_path / "run")
     assert [line["optimizer_steps"] for line in lines] == [1, 1]
     assert all(line["tokens"] > 0 for line in lines)
+
+
+def test_accelerate_launch_runs_the_same_job(tmp_path, tropd_env, sft_runs):
+    """``accelerate launch --multi_gpu`` exports the same rank variables as torchrun: same run, same weights."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    if not accelerate.exists():
+        pytest.skip("accelerate is not installed (pip install 'tropd[gguf]' or accelerate)")
+    command = [str(accelerate), "launch", "--num_processes=2", "--num_machines=1", "--multi_gpu"]
+    command += ["--mixed_precision=no", "--dynamo_backend=no", "-m", "tropd_cli", "train"]
+    out = subprocess.run(
+        [*command, *SFT, "steps=3", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        env={**tropd_env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["world_size"] == 2
+    assert_same_weights(tmp_path / "run" / "checkpoint", sft_runs / "single" / "checkpoint")
