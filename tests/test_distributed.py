@@ -226,3 +226,24 @@ def test_accelerate_launch_runs_the_same_job(tmp_path, tropd_env, sft_runs):
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["world_size"] == 2
     assert_same_weights(tmp_path / "run" / "checkpoint", sft_runs / "single" / "checkpoint")
+
+
+def test_a_submitit_job_of_two_tasks_is_one_two_rank_run(tmp_path, tropd_in, sft_runs):
+    """hydra/launcher=slurm_8gpu's path: submitit starts N tasks of one job; tropd reads their ranks from
+    submitit's environment. submitit_local with 2 tasks runs the same code without SLURM."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    out = tropd_in(
+        tmp_path,
+        "train",
+        "-m",
+        *SFT,
+        "steps=3",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.tasks_per_node=2",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    job = tmp_path / "sweep" / "0"
+    assert json.loads((job / "summary.json").read_text())["world_size"] == 2
+    assert len(history(job)) == 3
+    assert_same_weights(job / "checkpoint", sft_runs / "single" / "checkpoint")

@@ -70,7 +70,7 @@ def sbatch_script(launcher: DictConfig, folder: Path, jobs: int) -> str:
 
 
 def test_the_presets_are_there():
-    assert {"slurm_gpu", "slurm_2gpu", "slurm_cpu"} <= set(SLURM_PRESETS)
+    assert {"slurm_gpu", "slurm_2gpu", "slurm_8gpu", "slurm_cpu"} <= set(SLURM_PRESETS)
     assert {"ray_local", "ray_cluster"} <= set(RAY_PRESETS)
 
 
@@ -79,9 +79,12 @@ def test_the_presets_are_there():
 def test_slurm_presets_compose_into_submitit_slurm(preset, config):
     launcher = launcher_config(config, f"hydra/launcher={preset}", "hydra.launcher.partition=gpu")
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert launcher.partition == "gpu" and launcher.tasks_per_node == 1 and launcher.nodes == 1
-    assert launcher.max_num_timeout == 0 and launcher.signal_delay_s == 120 and launcher.setup is None
-    assert launcher.gpus_per_node == {"slurm_gpu": 1, "slurm_2gpu": 2, "slurm_cpu": None}[preset]
+    gpus = {"slurm_gpu": 1, "slurm_2gpu": 2, "slurm_8gpu": 8, "slurm_cpu": None}[preset]
+    assert launcher.partition == "gpu" and launcher.nodes == 1
+    assert launcher.tasks_per_node == (8 if preset == "slurm_8gpu" else 1)  # one rank per GPU
+    assert launcher.max_num_timeout == 0 and launcher.setup is None
+    assert launcher.signal_delay_s == (300 if preset == "slurm_8gpu" else 120)
+    assert launcher.gpus_per_node == gpus
     assert launcher.timeout_min > 0 and launcher.cpus_per_task > 0 and launcher.mem_gb > 0
     # Job logs and pickles go under the sweep directory (for ablate: next to the cells).
     sweep_dir = "outputs/ablate/paper_table1" if config == "ablate" else "multirun/train/"
@@ -109,6 +112,12 @@ def test_slurm_2gpu_is_one_process_with_two_gpus(tmp_path):
     launcher = launcher_config("train", "hydra/launcher=slurm_2gpu", "teacher_device=cuda:1")
     lines = set(sbatch_script(launcher, tmp_path / "%j", jobs=1).splitlines())
     assert {"#SBATCH --gpus-per-node=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=16"} <= lines
+
+
+def test_slurm_8gpu_is_eight_tasks_with_a_gpu_each(tmp_path):
+    launcher = launcher_config("train", "hydra/launcher=slurm_8gpu")
+    lines = set(sbatch_script(launcher, tmp_path / "%j", jobs=1).splitlines())
+    assert {"#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --signal=USR2@300"} <= lines
 
 
 def test_slurm_overrides_reach_the_sbatch_script(tmp_path):

@@ -44,8 +44,22 @@ class Dist:
 SINGLE = Dist()
 
 
+def export_submitit_ranks() -> None:
+    """In a submitit job of several tasks (``hydra/launcher=slurm_8gpu``: one task per GPU), export the
+    rank variables torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) from submitit's job
+    environment. Nothing happens outside submitit or when a launcher already set them."""
+    if "RANK" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    import submitit
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # we pick cuda:LOCAL_RANK ourselves
+
+
 def env_world() -> Dist:
     """The rank layout ``torchrun`` / ``accelerate launch`` / SLURM-via-torchrun export (no process group yet)."""
+    export_submitit_ranks()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return SINGLE
