@@ -112,7 +112,12 @@ def _smollm2_dir(cfg: ModelConfig, cache: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"{SMOLLM2_GGUF} sha256={digest}\n")
-        os.replace(tmp, target)  # atomic: a killed conversion never leaves a half-written cache
+        try:
+            os.replace(tmp, target)  # atomic: a killed conversion never leaves a half-written cache
+        except OSError:
+            # Another process (a parallel sweep job, another rank) finished the same conversion first.
+            if not (target / "model.safetensors").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
