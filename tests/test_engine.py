@@ -412,3 +412,33 @@ def test_a_teacher_behind_the_forward_adapter_samples_the_same_prefixes(rollout_
     adapted = make_rollout((behind, student, prompt_ids, prompt_mask), seed=11, prefix_max=6)
     assert direct.prefix_mask.any()
     assert torch.equal(direct.input_ids, adapted.input_ids) and torch.equal(direct.prefix_mask, adapted.prefix_mask)
+
+
+def test_a_teacher_with_a_padded_lm_head_is_scored_over_the_shared_rows(rollout_models, tmp_path):
+    """Qwen2.5-7B pads its lm_head to 152064 rows, the 1.5B has 151936 (same tokenizer): the teacher's
+    extra rows are left out, so its scores equal those of the unpadded teacher."""
+    import copy
+
+    from tropd_cli.models import shared_vocab
+    from tropd_cli.trainer import TeacherScorer
+
+    teacher, student, _, _ = rollout_models
+    vocab = lm_head_weight(student.model).shape[0]
+    padded = copy.deepcopy(teacher.model)
+    padded.resize_token_embeddings(vocab + 8)
+    with torch.no_grad():
+        lm_head_weight(padded)[vocab:] = 5.0  # rows that would dominate the softmax if they were scored
+    padded_teacher = LoadedModel(padded, teacher.tokenizer, "padded")
+    assert shared_vocab(padded_teacher, student) == vocab
+    batch = make_rollout(rollout_models, seed=2)
+    args = (batch.input_ids, batch.attention_mask, batch.response_mask, batch.prompt_len, 4)
+    want, _, _ = TeacherScorer(teacher.model, chunk_size=16, temperature=1.0)(*args)
+    got, _, _ = TeacherScorer(padded, chunk_size=16, temperature=1.0, vocab=vocab)(*args)
+    for name in ("logp", "topk_ids", "topk_logp", "entropy"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name))
+    with pytest.raises(UserError, match="the student's lm_head has more rows than the teacher's"):
+        shared_vocab(student, padded_teacher)
+    small = copy.deepcopy(student.model)
+    small.resize_token_embeddings(vocab - 8)
+    with pytest.raises(UserError, match=f"lm_head sizes differ \\({vocab} vs {vocab - 8}\\) and the tokenizer has"):
+        shared_vocab(teacher, LoadedModel(small, student.tokenizer, "small"))

@@ -49,3 +49,20 @@ def test_a_tropd_step_on_cuda_matches_the_cpu_step(make_config, tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for k, v in gpu.items() if not k.startswith("time_"))
     # Same seed, same tiny fp32 models: the rollout can differ only through kernel rounding.
     assert gpu["response_len"] == pytest.approx(cpu["response_len"], abs=2.0)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_precision_auto_is_bf16_compute_on_a_bf16_gpu_and_stays_close_to_fp32(make_config, tmp_path):
+    from tropd_cli.trainer import train
+
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    runs = {
+        p: train(make_config(steps=2, device="cuda", precision=p), output_dir=tmp_path / p).history
+        for p in ("auto", "fp32")
+    }
+    for history in runs.values():
+        assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert runs["auto"][0]["teacher_nll"] == pytest.approx(runs["fp32"][0]["teacher_nll"], rel=1e-3)
+    assert runs["auto"][0]["rkl_estimate"] == pytest.approx(runs["fp32"][0]["rkl_estimate"], abs=0.05)

@@ -377,10 +377,28 @@ def load_pair(
         else:
             student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     check_tokenizers(teacher.tokenizer, student.tokenizer)
+    shared_vocab(teacher, student)
+    return teacher, student
+
+
+def shared_vocab(teacher: LoadedModel, student: LoadedModel) -> int:
+    """The number of lm_head rows both models score over.
+
+    Equal sizes are the usual case. A teacher whose lm_head is padded beyond the tokenizer (e.g. Qwen2.5-7B's
+    152064 rows against 151936 for the 1.5B, same tokenizer) is scored over the student's rows only: the
+    extra rows are no token the tokenizer can produce, so both distributions share one support. A student
+    with more rows than the teacher could sample ids the teacher cannot score, so that is refused.
+    """
     t_vocab = teacher.model.get_output_embeddings().weight.shape[0]
     s_vocab = student.model.get_output_embeddings().weight.shape[0]
-    if t_vocab != s_vocab:
+    if t_vocab < s_vocab:
         raise UserError(
-            f"teacher and student lm_head sizes differ ({t_vocab} vs {s_vocab}); they must share one vocabulary"
+            f"the student's lm_head has more rows than the teacher's ({s_vocab} vs {t_vocab}); the teacher "
+            "could not score every token the student samples"
         )
-    return teacher, student
+    if t_vocab > s_vocab and len(student.tokenizer) > s_vocab:
+        raise UserError(
+            f"teacher and student lm_head sizes differ ({t_vocab} vs {s_vocab}) and the tokenizer has "
+            f"{len(student.tokenizer)} tokens; they must share one vocabulary"
+        )
+    return s_vocab

@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from tropd_cli.vllm_backend import VLLMEngine
 
 
 @dataclass
@@ -159,7 +163,7 @@ def _sample_loop(
 
 @torch.no_grad()
 def sample(
-    model: PreTrainedModel,
+    model: PreTrainedModel | VLLMEngine,
     input_ids: Tensor,
     attention_mask: Tensor,
     *,
@@ -177,9 +181,29 @@ def sample(
 
     Sampling is from the full distribution at ``temperature`` (no top-k, and top-p only when asked),
     so that rollout log-probs match the trainer's scoring. ``temperature <= 0`` means greedy.
-    ``backend``: ``loop`` (a minimal KV-cache loop, the default) or ``generate`` (HF ``generate``).
+    ``backend``: ``loop`` (a minimal KV-cache loop, the default), ``generate`` (HF ``generate``) or
+    ``vllm`` (``model`` is then a :class:`tropd_cli.vllm_backend.VLLMEngine`; same layout, same
+    distribution, vLLM's own per-row seeded noise).
     ``stop_check``: see :func:`_sample_loop` (``loop`` only).
     """
+    if backend == "vllm":
+        from tropd_cli.vllm_backend import sample_with_engine
+
+        if isinstance(model, torch.nn.Module):
+            raise TypeError("backend='vllm' samples from a VLLMEngine, not a torch module; use loop or generate")
+        return sample_with_engine(
+            model,
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min(min_new_tokens, max_new_tokens),
+            temperature=temperature,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            seed=seed,
+        )
+    model = cast(PreTrainedModel, model)
     was_training = model.training
     model.eval()
     try:
@@ -199,7 +223,7 @@ def sample(
                 stop_check=stop_check,
             )
         if backend != "generate":
-            raise ValueError(f"unknown sampling backend {backend!r}; choose loop or generate")
+            raise ValueError(f"unknown sampling backend {backend!r}; choose loop, generate or vllm")
         do_sample = temperature > 0
         gen_cfg = GenerationConfig(
             max_new_tokens=max_new_tokens,
@@ -249,7 +273,7 @@ def _right_pad(seqs: list[Tensor], pad_id: int, width: int | None = None) -> Ten
 
 
 def rollout(
-    student: PreTrainedModel,
+    student: PreTrainedModel | VLLMEngine,
     teacher: PreTrainedModel | None,
     tokenizer: PreTrainedTokenizerBase,
     prompt_ids: Tensor,
@@ -271,6 +295,8 @@ def rollout(
     ``guided_rows`` (bool ``[B]``) selects the rows that get a teacher prefix of at most ``prefix_max``
     tokens; ``prefix_sampling="min"`` keeps ``min(prefix_max, len(teacher response))`` tokens,
     ``"uniform"`` draws the length from ``U[0, that]``. Randomness is keyed by ``seed``.
+    With ``backend="vllm"`` the student is a :class:`tropd_cli.vllm_backend.VLLMEngine` and the
+    teacher (an HF model) writes its prefixes with the ``loop`` sampler.
     """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -280,8 +306,14 @@ def rollout(
     prefixes = [prompt_ids.new_empty(0) for _ in range(batch)]
     if teacher is not None and prefix_max > 0 and guided_rows is not None and bool(guided_rows.any()):
         rows = guided_rows.nonzero().squeeze(1)
+        teacher_sampling = {**sampling, "backend": "loop"} if backend == "vllm" else sampling
         written = sample(
-            teacher, prompt_ids[rows], prompt_mask[rows], max_new_tokens=prefix_max, seed=seeded(seed, 1), **sampling
+            teacher,
+            prompt_ids[rows],
+            prompt_mask[rows],
+            max_new_tokens=prefix_max,
+            seed=seeded(seed, 1),
+            **teacher_sampling,
         )
         # The prefix never includes the teacher's EOS: the student must be able to continue.
         eos_ids = torch.tensor([eos] if not isinstance(eos, list) else eos, device=written.device)

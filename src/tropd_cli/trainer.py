@@ -30,7 +30,15 @@ from tropd_cli.distributed import SINGLE, Dist
 from tropd_cli.errors import UserError
 from tropd_cli.evaluation import SuiteTasks, evaluate, load_suites
 from tropd_cli.methods import TokenInputs, get_method
-from tropd_cli.models import LoadedModel, default_cache_dir, fast_bf16, load_pair, resolve_device, resolve_dtype
+from tropd_cli.models import (
+    LoadedModel,
+    default_cache_dir,
+    fast_bf16,
+    load_pair,
+    resolve_device,
+    resolve_dtype,
+    shared_vocab,
+)
 from tropd_cli.rollout import RolloutBatch, generator, prefix_cap, rollout, seeded, tokenize_prompts
 from tropd_cli.scoring import TeacherScores, generalized_jsd_chunked, student_scores, teacher_scores
 
@@ -159,23 +167,35 @@ class StudentScorer(nn.Module):
 class TeacherScorer(nn.Module):
     """The teacher's scoring forward (no gradients), as one module so that a sharded teacher gathers its root."""
 
-    def __init__(self, model: PreTrainedModel, *, chunk_size: int, temperature: float) -> None:
+    def __init__(
+        self, model: PreTrainedModel, *, chunk_size: int, temperature: float, vocab: int | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.chunk_size, self.temperature = chunk_size, temperature
+        self.vocab = vocab  # score over the first `vocab` lm_head rows (the student's; None = all)
 
     @torch.no_grad()
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, prompt_len: int, top_k: int
-    ) -> tuple[TeacherScores, Tensor, Tensor]:
-        """Teacher statistics at response tokens, its hidden states there, and its lm_head (for GKD)."""
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_mask: Tensor,
+        prompt_len: int,
+        top_k: int,
+        keep_weight: bool = False,
+    ) -> tuple[TeacherScores, Tensor, Tensor | None]:
+        """Teacher statistics at response tokens, its hidden states there and, with ``keep_weight``, a copy of
+        its lm_head (GKD; a copy because a sharded teacher frees its gathered weights after forward)."""
         hidden = _response_hidden(self.model, input_ids, attention_mask, prompt_len, response_mask)
         weight = lm_head_weight(self.model)  # type: ignore[arg-type]
+        if self.vocab is not None and weight.shape[0] > self.vocab:
+            weight = weight[: self.vocab]
         targets = input_ids[:, prompt_len:][response_mask]
         scores = teacher_scores(
             hidden, weight, targets, top_k=top_k, chunk_size=self.chunk_size, temperature=self.temperature
         )
-        return scores, hidden, weight
+        return scores, hidden, weight.detach().clone() if keep_weight else None
 
     def lm_forward(self, **kwargs: Any) -> Any:
         """The wrapped model's own forward (sampling guidance prefixes); under FSDP a registered forward method."""
@@ -287,7 +307,7 @@ class Trainer:
         self.device = next(student.model.parameters()).device
         self.teacher_device = next(teacher.model.parameters()).device
         self.method = get_method(cfg)
-        vocab = lm_head_weight(teacher.model).shape[0]
+        vocab = self.vocab = shared_vocab(teacher, student)  # teacher rows beyond it (lm_head padding): not scored
         if self.method.needs_topk and cfg.method.top_k > vocab:
             raise UserError(
                 f"method.top_k={cfg.method.top_k} is larger than the vocabulary ({vocab} tokens); set k <= {vocab}"
@@ -321,7 +341,7 @@ class Trainer:
             bf16=self.bf16 and not dist.enabled,  # under FSDP, its mixed-precision policy does this
         )
         self.teacher_scorer = TeacherScorer(
-            teacher.model, chunk_size=cfg.scoring.chunk_size, temperature=self.scoring_temperature
+            teacher.model, chunk_size=cfg.scoring.chunk_size, temperature=self.scoring_temperature, vocab=vocab
         )
         shard_teacher = dist.enabled and cfg.distributed.shard_teacher
         if dist.enabled:
@@ -592,10 +612,15 @@ class Trainer:
 
     def _score_teacher(self, mb: RolloutBatch) -> tuple[TeacherScores, Tensor | None, Tensor | None]:
         """Teacher statistics at a micro-batch's response positions (and its hidden states and lm_head for GKD)."""
-        top_k = min(self.cfg.method.top_k, lm_head_weight(self.teacher.model).shape[0]) if self.method.needs_topk else 0
+        top_k = min(self.cfg.method.top_k, self.vocab) if self.method.needs_topk else 0
         dev = self.teacher_device
         scores, hidden, weight = self.teacher_scorer(
-            mb.input_ids.to(dev), mb.attention_mask.to(dev), mb.response_mask.to(dev), mb.prompt_len, top_k
+            mb.input_ids.to(dev),
+            mb.attention_mask.to(dev),
+            mb.response_mask.to(dev),
+            mb.prompt_len,
+            top_k,
+            self.method.full_vocab,
         )
         if dev != self.device:
             scores = TeacherScores(
@@ -604,7 +629,8 @@ class Trainer:
         if not self.method.full_vocab:
             return scores, None, None
         # GKD needs the teacher's whole distribution: its hidden states and (gathered) lm_head on our device.
-        return scores, hidden.to(self.device), D.full_tensor(weight).detach().to(self.device)
+        assert weight is not None
+        return scores, hidden.to(self.device), weight.to(self.device)
 
     def _score_student(
         self, mb: RolloutBatch, gather_ids: Tensor | None, teacher: tuple[Tensor | None, Tensor | None] = (None, None)
