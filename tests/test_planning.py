@@ -1,0 +1,335 @@
+"""tropd_cli.planning against real objects: parameter counts of transformers models, byte sizes of real
+optimizer states, gradients, model copies and KV caches, and the tensors autograd actually saves."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from tropd_cli import planning
+from tropd_cli.planning import (
+    FP32,
+    H100,
+    H200,
+    ModelShape,
+    RunShape,
+    decoder_saved_bytes,
+    kv_cache_bytes,
+    linear_weights,
+    param_counts,
+    plan_memory,
+)
+from tropd_cli.rollout import sample
+
+SMOLLM2_CONFIG = Path.home() / ".cache" / "tropd" / "smollm2-135m-instruct" / "config.json"
+
+TINY = dict(
+    vocab_size=96,
+    hidden_size=40,
+    intermediate_size=88,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+CONFIGS: dict[str, PretrainedConfig] = {
+    "llama-untied-biases": LlamaConfig(**TINY, tie_word_embeddings=False, attention_bias=True, mlp_bias=True),
+    "llama-tied": LlamaConfig(**TINY, tie_word_embeddings=True),
+    "mistral": MistralConfig(**TINY, tie_word_embeddings=False),
+    "qwen2-untied": Qwen2Config(**TINY, tie_word_embeddings=False),
+    "qwen2-tied": Qwen2Config(**TINY, tie_word_embeddings=True),
+    "qwen3-tied": Qwen3Config(**TINY, head_dim=12, tie_word_embeddings=True),
+    "qwen3-untied-bias": Qwen3Config(**TINY, head_dim=12, tie_word_embeddings=False, attention_bias=True),
+}
+
+
+def build(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = copy.deepcopy(config)
+    config._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(config).to(dtype)
+
+
+def shape_of(config: PretrainedConfig) -> ModelShape:
+    return ModelShape.from_config(config.to_dict())
+
+
+def numel(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter counts
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_param_counts_equal_transformers_models(name: str) -> None:
+    config = CONFIGS[name]
+    counts = param_counts(config.to_dict())
+    assert counts.total == numel(build(config))
+    assert (counts.lm_head == 0) == config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("name", sorted(planning.PRESETS))
+def test_param_counts_of_the_paper_models(name: str) -> None:
+    """The preset configs (full size, built on the meta device: no memory, no download)."""
+    classes = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}
+    for raw in planning.PRESETS[name]:
+        config = classes[raw["model_type"]](**{k: v for k, v in raw.items() if k != "model_type"})
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        assert param_counts(raw).total == numel(model)
+
+
+def test_param_counts_published_totals() -> None:
+    """The model cards' sizes: 1.78B, 7.62B, Qwen3-1.7B (1.4B without embeddings), Qwen3-4B (4.0B, 3.6B)."""
+    assert param_counts(planning.R1_DISTILL_QWEN_1_5B).total == 1_777_088_000
+    assert param_counts(planning.SKYWORK_OR1_MATH_7B).total == 7_615_616_512
+    assert round(param_counts(planning.QWEN3_1_7B).body / 1e9, 1) == 1.4
+    assert round(param_counts(planning.QWEN3_4B).total / 1e9, 1) == 4.0
+    assert round(param_counts(planning.QWEN3_4B).body / 1e9, 1) == 3.6
+
+
+@pytest.mark.skipif(not SMOLLM2_CONFIG.exists(), reason="SmolLM2 not cached (tropd builds it on first use)")
+def test_param_counts_of_shipped_smollm2() -> None:
+    raw: dict[str, Any] = json.loads(SMOLLM2_CONFIG.read_text())
+    config = transformers.AutoConfig.for_model(**raw)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert param_counts(raw).total == numel(model) == 134_515_008
+
+
+def test_unknown_architecture_is_refused() -> None:
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        ModelShape.from_config({"model_type": "gpt2"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Persistent state: weights, gradients, AdamW states, the sampling copy, the teacher
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("name", ["qwen3-tied", "llama-untied-biases"])
+def test_persistent_components_equal_real_tensors(name: str) -> None:
+    config = CONFIGS[name]
+    student = build(config)
+    ids = torch.randint(0, config.vocab_size, (2, 6))
+    student(input_ids=ids, labels=ids).loss.backward()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    optimizer.step()
+    sampler = copy.deepcopy(student).to(torch.bfloat16)  # what Trainer._make_sampler makes
+    teacher = build(CONFIGS["qwen2-untied"], torch.bfloat16)
+    plan = plan_memory(
+        RunShape(
+            student=shape_of(config),
+            teacher=shape_of(CONFIGS["qwen2-untied"]),
+            sequences=2,
+            prompt_tokens=4,
+            response_tokens=2,
+            precision="fp32",
+        )
+    )
+    assert plan.get("student_weights") == _nbytes(student.parameters())
+    assert plan.get("student_grads") == _nbytes(p.grad for p in student.parameters())
+    states = [s[key] for s in optimizer.state.values() for key in ("exp_avg", "exp_avg_sq")]
+    assert plan.get("optimizer_states") == _nbytes(states)  # (plus one scalar ``step`` per tensor, on the host)
+    assert plan.get("sampler_copy") == _nbytes(sampler.parameters())
+    assert plan.get("teacher_weights") == _nbytes(teacher.parameters())
+
+
+def test_sharding_divides_the_trained_state_not_the_sampler() -> None:
+    run = planning.paper_run("r1-1.5b<-skywork-7b")
+    one, eight = plan_memory(run), plan_memory(replace(run, world_size=8))
+    for name in ("student_weights", "student_grads", "optimizer_states"):
+        assert eight.get(name) == one.get(name) // 8
+    assert eight.get("sampler_copy") == one.get("sampler_copy")
+    assert eight.get("teacher_weights") == one.get("teacher_weights")
+    sharded = plan_memory(replace(run, world_size=8, shard_teacher=True))
+    assert sharded.get("teacher_weights") == one.get("teacher_weights") // 8
+
+
+# ---------------------------------------------------------------------------------------------
+# The rollout KV cache
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("qwen2-untied", torch.bfloat16), ("qwen3-tied", torch.float32)])
+def test_kv_cache_equals_the_samplers_dynamic_cache(name: str, dtype: torch.dtype) -> None:
+    """rollout.sample's own DynamicCache, captured, after exactly ``new`` tokens of 3 left-padded rows."""
+    config = CONFIGS[name]
+    model = build(config, dtype).eval()
+    caches: set[Any] = set()
+
+    def capture(module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        caches.add(kwargs["past_key_values"])
+
+    model.register_forward_pre_hook(capture, with_kwargs=True)
+    rows, prompt, new = 3, 5, 7
+    ids = torch.randint(3, config.vocab_size, (rows, prompt))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    sample(model, ids, mask, max_new_tokens=new, min_new_tokens=new, eos_token_id=1, pad_token_id=0, seed=0)
+    (cache,) = caches
+    measured = _nbytes(t for layer in cache.layers for t in (layer.keys, layer.values))
+    element = torch.tensor([], dtype=dtype).element_size()
+    assert measured == kv_cache_bytes(shape_of(config), rows, prompt + new - 1, element)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations: what autograd saves in the decoder's forward
+
+
+def saved_bytes(
+    model: torch.nn.Module, rows: int, seq: int, *, autocast: bool = False, checkpointing: bool = False
+) -> int:
+    """Bytes of distinct non-parameter storages saved for backward in a padded decoder forward."""
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    torch.manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (rows, seq))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding, as in every rollout batch
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+    ):
+        model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("name", ["llama-untied-biases", "qwen2-tied", "qwen3-tied"])
+@pytest.mark.parametrize("precision", ["fp32", "autocast", "bf16"])
+def test_activation_model_equals_saved_tensors(name: str, precision: str) -> None:
+    """fp32; bf16 autocast over fp32 weights (one GPU); bf16 weights (FSDP2 mixed precision)."""
+    config = CONFIGS[name]
+    model = build(config, torch.bfloat16 if precision == "bf16" else torch.float32)
+    rows, seq = 2, 24
+    measured = saved_bytes(model, rows, seq, autocast=precision == "autocast")
+    expected = decoder_saved_bytes(shape_of(config), rows, seq, precision)
+    if precision == "autocast":  # the bf16 casts of the matmul weights are saved too
+        expected += linear_weights(shape_of(config)) * 2
+    assert measured == expected
+
+
+def test_checkpointing_keeps_only_each_layers_input() -> None:
+    """Two more checkpointed layers save exactly two more fp32 residual-stream tensors."""
+    small = build(CONFIGS["qwen2-untied"])
+    deep = build(Qwen2Config(**{**TINY, "num_hidden_layers": 4}))
+    rows, seq = 2, 24
+    extra = saved_bytes(deep, rows, seq, checkpointing=True) - saved_bytes(small, rows, seq, checkpointing=True)
+    assert extra == 2 * rows * seq * TINY["hidden_size"] * FP32
+    plain = saved_bytes(build(CONFIGS["qwen2-untied"]), rows, seq)
+    assert plain > 5 * saved_bytes(build(CONFIGS["qwen2-untied"]), rows, seq, checkpointing=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan as a whole
+
+
+def test_micro_batches_and_checkpointing_shrink_only_the_training_phase() -> None:
+    run = planning.paper_run("r1-1.5b<-skywork-7b", world_size=8)
+    coarse, fine = plan_memory(replace(run, micro_batches=2)), plan_memory(replace(run, micro_batches=32))
+    assert fine.phase_total("training") < coarse.phase_total("training")
+    assert fine.phase_total("sampling") == coarse.phase_total("sampling")
+    checkpointed = plan_memory(replace(run, micro_batches=2, gradient_checkpointing=True))
+    assert checkpointed.get("activations") < coarse.get("activations") / 5
+
+
+def test_guidance_prefix_sampling_can_set_the_peak() -> None:
+    """With a prefix cap the student's rows start prompt + cap wide and may run a whole response further."""
+    run = planning.paper_run("qwen3-1.7b<-qwen3-4b", world_size=8, micro_batches=64, gradient_checkpointing=True)
+    late, first = plan_memory(run), plan_memory(replace(run, prefix_tokens=run.response_tokens))
+    assert first.get("rollout_kv_cache") > 1.9 * late.get("rollout_kv_cache")
+    assert first.peak_phase == "sampling"
+
+
+def test_smallest_micro_batches_fits_and_one_fewer_does_not() -> None:
+    run = planning.paper_run("r1-1.5b<-skywork-7b", world_size=8, micro_batches=1)
+    m = planning.smallest_micro_batches(run, H100)
+    assert m is not None and m > 1
+    assert plan_memory(replace(run, micro_batches=m)).fits(H100)
+    assert not plan_memory(replace(run, micro_batches=m - 1)).fits(H100)
+
+
+def test_vllm_replaces_the_sampler_copy_and_cache() -> None:
+    run = planning.paper_run("r1-1.5b<-skywork-7b", world_size=8, backend="vllm", vllm_gpu_memory_utilization=0.4)
+    plan = plan_memory(run, H200)
+    assert plan.get("sampler_copy") == 0 and plan.get("rollout_kv_cache") == 0
+    assert plan.get("vllm_engine") == int(0.4 * H200.memory_bytes)
+    assert plan.persistent == plan_memory(replace(run, backend="loop")).persistent - plan_memory(
+        replace(run, backend="loop")
+    ).get("sampler_copy")  # asleep outside sampling: nothing of vLLM persists
+    awake = plan_memory(replace(run, vllm_sleep=False), H200)
+    assert awake.persistent == plan.persistent + plan.get("vllm_engine")
+    with pytest.raises(ValueError, match="pass the GPU"):
+        plan_memory(run)
+
+
+def test_one_process_fp32_sampler_is_the_student_itself() -> None:
+    run = planning.paper_run("r1-1.5b<-skywork-7b", precision="fp32", sampler_dtype="float32")
+    assert plan_memory(run).get("sampler_copy") == 0
+    assert plan_memory(replace(run, world_size=8)).get("sampler_copy") == param_counts(run.student).total * FP32
+
+
+def test_step_estimate_counts_flops_and_decode() -> None:
+    run = planning.paper_run("r1-1.5b<-skywork-7b", world_size=8)
+    est = planning.estimate_step(run, H200)
+    tokens = run.sequences * run.seq_len
+    # Dominant terms: 2 P_T and 6 P_S per token.
+    assert est.teacher_flops > 2 * param_counts(run.teacher).body * tokens
+    assert est.student_flops > 6 * param_counts(run.student).body * tokens
+    ckpt = planning.estimate_step(replace(run, gradient_checkpointing=True), H200)
+    assert ckpt.student_flops > est.student_flops
+    assert est.decode_steps == run.response_tokens
+    assert 0 < est.decode_bound_s <= est.decode_s
+    assert planning.estimate_step(run, H100).decode_bound_s > est.decode_bound_s  # less bandwidth
+    assert est.teacher_s == pytest.approx(est.teacher_flops / (8 * H200.bf16_flops * 0.35))
+
+
+def test_memory_plan_script_rewrites_only_its_section(tmp_path: Path) -> None:
+    """benchmarks/memory_plan.py --no-measure: the generated section lands between its markers, twice over."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_plan.py"
+    doc = tmp_path / "scaling.md"
+    doc.write_text(
+        "# Scaling\n\nbefore\n\n<!-- memory-plan:start -->\nSTALE-SECTION\n<!-- memory-plan:end -->\n\nafter\n"
+    )
+    for _ in range(2):
+        proc = subprocess.run(
+            [sys.executable, str(script), "--no-measure", "--out-md", str(doc)], capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    text = doc.read_text()
+    assert text.count("<!-- memory-plan:start -->") == 1 and "STALE-SECTION" not in text
+    assert text.index("before") < text.index("### Models") < text.index("after")
+    assert "| 8 | H100 | on | late steps | 5 | 13 |" in text  # R1-1.5B <- Skywork-7B: 5 micro-batches fit
