@@ -101,6 +101,21 @@ class GuidanceConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The colocated vLLM engine of ``rollout.backend=vllm`` (docs/vllm.md)."""
+
+    gpu_memory_utilization: float = 0.3  # share of the GPU for vLLM's weights + KV cache (it sleeps otherwise)
+    dtype: str = "bfloat16"  # auto | bfloat16 | float16 | float32
+    max_model_len: int | None = None  # None: dataset.max_prompt_tokens + rollout.max_new_tokens
+    enable_sleep_mode: bool = True  # release the KV cache and offload the weights outside rollouts
+    tensor_parallel_size: int = 1
+    max_logprobs: int = 64  # >= method.top_k when teacher_scoring
+    enforce_eager: bool = False  # no CUDA graphs (less memory, slower decode)
+    teacher_scoring: bool = False  # teacher log-probs and top-k from a second vLLM engine (temperature 1)
+    teacher_gpu_memory_utilization: float = 0.2
+
+
+@dataclass
 class RolloutConfig:
     batch_size: int = 4  # prompts per optimizer step
     n_samples_per_prompt: int = 1
@@ -111,6 +126,7 @@ class RolloutConfig:
     scoring_temperature: float | None = None  # None = same as rollout temperature
     backend: str = "loop"  # loop: minimal KV-cache loop | generate: HF generate | vllm: a colocated vLLM engine
     sampler_dtype: str = "auto"  # dtype of the sampling copy of the student (auto: bf16 where fast)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # rollout.backend=vllm only
 
 
 @dataclass
@@ -303,6 +319,22 @@ def validate_train(cfg: TrainConfig) -> None:
     _check(0.0 < cfg.rollout.top_p <= 1.0, "rollout.top_p must be in (0, 1]")
     _choice(cfg.rollout.backend, ("loop", "generate", "vllm"), "rollout.backend")
     _choice(cfg.precision, ("auto", "bf16", "fp32"), "precision")
+    if cfg.rollout.backend == "vllm":
+        v = cfg.rollout.vllm
+        _check(0.0 < v.gpu_memory_utilization < 1.0, "rollout.vllm.gpu_memory_utilization must be in (0, 1)")
+        _check(
+            not (v.teacher_scoring and cfg.method.name in ("gkd", "eopd")),
+            f"method={cfg.method.name} needs the teacher's full distribution (entropy or every logit); "
+            "set rollout.vllm.teacher_scoring=false",
+        )
+        _check(
+            not v.teacher_scoring or cfg.method.top_k <= v.max_logprobs,
+            f"method.top_k={cfg.method.top_k} is above rollout.vllm.max_logprobs={v.max_logprobs}; raise max_logprobs",
+        )
+        _check(
+            not v.teacher_scoring or (cfg.rollout.scoring_temperature or cfg.rollout.temperature) == 1.0,
+            "rollout.vllm.teacher_scoring works at temperature 1 only (vLLM returns raw log-probs)",
+        )
     _check(cfg.distributed.timeout_minutes > 0, "distributed.timeout_minutes must be positive")
     _choice(cfg.rollout.sampler_dtype, ("auto", "float32", "bfloat16", "float16"), "rollout.sampler_dtype")
     _check(cfg.method.top_k > 0, f"method.top_k={cfg.method.top_k} must be positive")

@@ -299,9 +299,11 @@ class Trainer:
         student: LoadedModel,
         examples: list[Example],
         dist: Dist = SINGLE,
+        work_dir: Path | None = None,
     ) -> None:
         self.cfg = cfg
         self.dist = dist
+        self.work_dir = work_dir  # where vLLM engines read their starting weights (a temp dir when None)
         self.teacher, self.student = teacher, student
         self.tokenizer = student.tokenizer
         self.device = next(student.model.parameters()).device
@@ -333,7 +335,14 @@ class Trainer:
         self.bf16 = cfg.precision == "bf16" or (
             cfg.precision == "auto" and self.device.type == "cuda" and fast_bf16("cuda")
         )
-        self.sampler = self._make_sampler()  # before sharding: a full copy of the student
+        # Parameter counts before sharding (a shard counts only its part).
+        self.n_params = tuple(sum(p.numel() for p in m.model.parameters()) for m in (teacher, student))
+        self.teacher_engine: Any = None
+        self._engine_dir: Path | None = None
+        if cfg.rollout.backend == "vllm":
+            self.sampler = self._make_engines()  # before sharding: saved from the full student
+        else:
+            self.sampler = self._make_sampler()  # before sharding: a full copy of the student
         self.scorer = StudentScorer(
             student.model,
             chunk_size=cfg.scoring.chunk_size,
@@ -410,8 +419,61 @@ class Trainer:
         sampler.requires_grad_(False)
         return sampler.eval()
 
+    def _make_engines(self) -> Any:
+        """``rollout.backend=vllm``: a colocated vLLM engine of the student (and of the teacher with
+        ``rollout.vllm.teacher_scoring``), started from the weights saved here once and asleep until used."""
+        from tropd_cli import vllm_backend
+
+        cfg, v = self.cfg, self.cfg.rollout.vllm
+        root = Path(D.broadcast_object(str(self.work_dir or tempfile.mkdtemp(prefix="tropd-vllm-")), self.dist))
+        self._engine_dir = root
+        common = dict(
+            dtype=v.dtype,
+            max_model_len=v.max_model_len or cfg.dataset.max_prompt_tokens + cfg.rollout.max_new_tokens,
+            seed=cfg.seed,
+            enable_sleep_mode=v.enable_sleep_mode,
+            tensor_parallel_size=v.tensor_parallel_size,
+            max_logprobs=v.max_logprobs,
+            enforce_eager=v.enforce_eager,
+        )
+        if self.dist.is_main:
+            save_checkpoint(self.student.model, self.tokenizer, root / "student")
+            if v.teacher_scoring:
+                save_checkpoint(self.teacher.model, self.teacher.tokenizer, root / "teacher")
+        D.barrier(self.dist)
+        engine = vllm_backend.VLLMEngine(root / "student", gpu_memory_utilization=v.gpu_memory_utilization, **common)
+        if v.enable_sleep_mode:
+            engine.sleep()
+        if v.teacher_scoring:
+            self.teacher_engine = vllm_backend.VLLMEngine(
+                root / "teacher", gpu_memory_utilization=v.teacher_gpu_memory_utilization, **common
+            )
+            if v.enable_sleep_mode:
+                self.teacher_engine.sleep()
+        return engine
+
+    def close(self) -> None:
+        """Shut down vLLM engines and remove the weights they started from (the end of a run)."""
+        if not self.uses_engine:
+            return
+        for engine in (self.sampler, self.teacher_engine):
+            if engine is not None:
+                engine.close()
+        if self.dist.is_main and self._engine_dir is not None:
+            shutil.rmtree(self._engine_dir, ignore_errors=True)
+
+    @property
+    def uses_engine(self) -> bool:
+        return self.cfg.rollout.backend == "vllm"
+
     @torch.no_grad()
     def _sync_sampler(self) -> None:
+        if self.uses_engine:
+            # Whole tensors, gathered from the shards under FSDP (collective; the same order on every rank).
+            self.sampler.load_weights(
+                (name, D.full_tensor(param.detach())) for name, param in self.student.model.named_parameters()
+            )
+            return
         if self.sampler is not self.student.model:
             # Under FSDP each parameter is gathered from its shards (a collective, same order on every rank).
             for dst, src in zip(self.sampler.parameters(), self.student.model.parameters(), strict=True):
@@ -440,7 +502,7 @@ class Trainer:
             draw = draw[self.dist.rank * len(texts) : (self.dist.rank + 1) * len(texts)]
             guided = (draw < cfg.guidance.fraction).to(self.device)
         self._sync_sampler()
-        return rollout(
+        batch = rollout(
             self.sampler,
             self.teacher_sampler,
             self.tokenizer,
@@ -457,6 +519,9 @@ class Trainer:
             guided_rows=guided,
             backend=cfg.rollout.backend,
         )
+        if self.uses_engine and cfg.rollout.vllm.enable_sleep_mode:
+            self.sampler.sleep()  # give its KV cache back before scoring and backward
+        return batch
 
     def _sft_batch(self, step: int, prompt_ids: Tensor, prompt_mask: Tensor, prompt_index: Tensor) -> RolloutBatch:
         """SFT targets: the dataset's answers, or responses the teacher writes."""
@@ -532,6 +597,8 @@ class Trainer:
 
         t = time.perf_counter()
         teacher = [self._score_teacher(batch.rows(p)) for p in parts]
+        if self.teacher_engine is not None and cfg.rollout.vllm.enable_sleep_mode:
+            self.teacher_engine.sleep()
         times["time_teacher"] = time.perf_counter() - t
 
         # Rollout-time log-probs must be frozen before the first optimizer step when there is more than
@@ -613,6 +680,14 @@ class Trainer:
     def _score_teacher(self, mb: RolloutBatch) -> tuple[TeacherScores, Tensor | None, Tensor | None]:
         """Teacher statistics at a micro-batch's response positions (and its hidden states and lm_head for GKD)."""
         top_k = min(self.cfg.method.top_k, self.vocab) if self.method.needs_topk else 0
+        if self.teacher_engine is not None:  # rollout.vllm.teacher_scoring (validated: not gkd, temperature 1)
+            from tropd_cli.vllm_backend import scoring_sequences
+
+            sequences, start = scoring_sequences(mb)
+            scores = self.teacher_engine.teacher_scores(
+                sequences, start, top_k=top_k, temperature=self.scoring_temperature, device=self.device
+            )
+            return scores, None, None
         dev = self.teacher_device
         scores, hidden, weight = self.teacher_scorer(
             mb.input_ids.to(dev),
@@ -784,6 +859,11 @@ def train(
             f"rollout.batch_size={cfg.rollout.batch_size} prompts do not split evenly over {dist.world_size} "
             f"ranks; use a multiple of {dist.world_size}"
         )
+    if dist.enabled and cfg.eval_every and cfg.rollout.backend == "vllm":
+        raise UserError(
+            "eval_every with rollout.backend=vllm on several ranks is not supported: the student is sharded and "
+            "the engine is not an HF model; run `tropd eval` on the checkpoint (or eval_every=0)"
+        )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -797,15 +877,33 @@ def train(
     examples = examples_from_config(cfg.dataset)
     # Eval data is loaded before training starts; during training only rank 0 evaluates (the sampler copy).
     eval_suites = load_suites(cfg.eval_suite) if cfg.eval_every and dist.is_main else []
-    n_teacher = sum(p.numel() for p in teacher.model.parameters())
-    n_student = sum(p.numel() for p in student.model.parameters())
-    trainer = Trainer(cfg, teacher=teacher, student=student, examples=examples, dist=dist)
+    trainer = Trainer(
+        cfg, teacher=teacher, student=student, examples=examples, dist=dist, work_dir=output_dir / ".vllm"
+    )
+    try:
+        return _train_loop(cfg, trainer, output_dir, hooks, stop, dist, device, t0, eval_suites)
+    finally:
+        trainer.close()
+
+
+def _train_loop(
+    cfg: TrainConfig,
+    trainer: Trainer,
+    output_dir: Path,
+    hooks: TrainHooks,
+    stop: StopRequest | None,
+    dist: Dist,
+    device: torch.device,
+    t0: float,
+    eval_suites: list[SuiteTasks],
+) -> TrainResult:
+    teacher, student, examples = trainer.teacher, trainer.student, trainer.examples
     hooks.on_start(
         {
             "teacher": teacher.source,
             "student": student.source,
-            "teacher_params": n_teacher,
-            "student_params": n_student,
+            "teacher_params": trainer.n_params[0],
+            "student_params": trainer.n_params[1],
             "prompts": len(examples),
             "device": str(device) + (f" x {dist.world_size} ranks" if dist.enabled else ""),
             "load_seconds": time.perf_counter() - t0,
