@@ -442,3 +442,77 @@ def test_a_teacher_with_a_padded_lm_head_is_scored_over_the_shared_rows(rollout_
     small.resize_token_embeddings(vocab - 8)
     with pytest.raises(UserError, match=f"lm_head sizes differ \\({vocab} vs {vocab - 8}\\) and the tokenizer has"):
         shared_vocab(teacher, LoadedModel(small, student.tokenizer, "small"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling cost: per-row budgets and chunked sampling
+
+
+class ForwardLog:
+    """Rows and context width of every forward call of a model (a forward pre-hook)."""
+
+    def __init__(self, model) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.handle = model.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, module, args, kwargs) -> None:
+        mask = kwargs["attention_mask"]
+        self.calls.append((mask.shape[0], mask.shape[1]))
+
+
+def test_guided_continuations_stop_at_each_rows_budget(rollout_models):
+    """A row with a long teacher prefix has a short student budget; the loop stops once every row is done,
+    with the same tokens as running all rows to the longest budget and cutting afterwards."""
+    teacher, student, prompt_ids, prompt_mask = rollout_models
+    log = ForwardLog(student.model)
+    with_limits = make_rollout(rollout_models, seed=8, max_new_tokens=24, prefix_max=20, sampling="uniform")
+    log.handle.remove()
+    prefix = with_limits.prefix_mask.sum(-1)
+    assert prefix.max() > prefix.min()  # uneven prefixes
+
+    import tropd_cli.rollout as rollout_mod
+
+    original = rollout_mod._sample_loop
+
+    def no_limits(*args, **kwargs):
+        kwargs.pop("row_limits", None)
+        return original(*args, **kwargs)
+
+    rollout_mod._sample_loop = no_limits
+    try:
+        log_all = ForwardLog(student.model)
+        without = make_rollout(rollout_models, seed=8, max_new_tokens=24, prefix_max=20, sampling="uniform")
+        log_all.handle.remove()
+    finally:
+        rollout_mod._sample_loop = original
+    assert torch.equal(with_limits.input_ids, without.input_ids)
+    assert torch.equal(with_limits.response_mask, without.response_mask)
+    assert len(log.calls) <= len(log_all.calls)
+
+
+def test_chunked_sampling_bounds_the_batch_and_keeps_greedy_outputs(rollout_models):
+    _, student, prompt_ids, prompt_mask = rollout_models
+    from tropd_cli.rollout import sample
+
+    kwargs = dict(max_new_tokens=10, temperature=0.0, eos_token_id=None, pad_token_id=0, seed=1)
+    whole_log = ForwardLog(student.model)
+    whole = sample(student.model, prompt_ids, prompt_mask, **kwargs)
+    whole_log.handle.remove()
+    chunk_log = ForwardLog(student.model)
+    chunked = sample(student.model, prompt_ids, prompt_mask, chunk_rows=2, **kwargs)
+    chunk_log.handle.remove()
+    assert torch.equal(chunked, whole)  # greedy: the same tokens however the rows are grouped
+    assert max(rows for rows, _ in chunk_log.calls) == 2 and max(rows for rows, _ in whole_log.calls) == 4
+    # Rows of similar length share a chunk and drop the padding they do not need: the short pair's
+    # context is narrower than the whole batch's.
+    assert min(width for _, width in chunk_log.calls) < min(width for _, width in whole_log.calls)
+    sampled = sample(student.model, prompt_ids, prompt_mask, chunk_rows=3, **{**kwargs, "temperature": 1.0})
+    assert sampled.shape[0] == 4 and not torch.equal(sampled, whole)
+
+
+def test_training_with_chunked_sampling(make_config, tmp_path):
+    """rollout.generation_batch_size=1: every rollout (teacher prefixes, student continuations) one row at a time."""
+    chunked = train(make_config(rollout={"generation_batch_size": 1}), output_dir=tmp_path / "c").history
+    whole = train(make_config(), output_dir=tmp_path / "w").history
+    assert all(math.isfinite(h["loss"]) for h in chunked) and chunked[0]["prefix_len"] > 0
+    assert [h["tokens"] for h in chunked] != [h["tokens"] for h in whole] or chunked[0]["loss"] != whole[0]["loss"]

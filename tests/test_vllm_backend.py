@@ -548,15 +548,17 @@ def without_times(history):
 
 def test_training_with_the_vllm_backend_takes_the_loop_backends_steps(make_config, tmp_path, hf_engines):
     """Same samples as the loop backend at every step: the engine starts from the saved student and gets
-    the updated weights before each rollout (without the sync, step 2 would sample from stale weights)."""
+    the updated weights before each rollout (without the sync, step 2 would sample from stale weights).
+    Teacher prefixes stay on the HF teacher here (rollout.vllm.teacher_prefixes=false), as in the loop run."""
     from tropd_cli.trainer import train
 
     common = dict(steps=3, rollout={"batch_size": 2, "max_new_tokens": 8, "sampler_dtype": "float32"})
     loop = train(make_config(**common), output_dir=tmp_path / "loop")
     cfg = make_config(**common)
-    cfg.rollout.backend = "vllm"
+    cfg.rollout.backend, cfg.rollout.vllm.teacher_prefixes = "vllm", False
     engine_run = train(cfg, output_dir=tmp_path / "vllm")
     assert without_times(engine_run.history) == without_times(loop.history)
+    assert engine_run.history[0]["prefix_len"] > 0
     (engine,) = hf_engines
     assert engine.model_dir == tmp_path / "vllm" / ".vllm" / "student"
     assert engine.kwargs["max_model_len"] == cfg.dataset.max_prompt_tokens + 8 and engine.kwargs["seed"] == 0
@@ -565,6 +567,21 @@ def test_training_with_the_vllm_backend_takes_the_loop_backends_steps(make_confi
     loop_w = load_file(tmp_path / "loop" / "checkpoint" / "model.safetensors")
     vllm_w = load_file(tmp_path / "vllm" / "checkpoint" / "model.safetensors")
     assert all(torch.equal(loop_w[k], vllm_w[k]) for k in loop_w)
+
+
+def test_guidance_prefixes_come_from_a_teacher_engine(make_config, tmp_path, hf_engines):
+    """rollout.vllm.teacher_prefixes (the default): a second engine, of the teacher, writes the prefixes."""
+    from tropd_cli.trainer import train
+
+    cfg = make_config(steps=3, rollout={"batch_size": 2, "max_new_tokens": 8})
+    cfg.rollout.backend = "vllm"
+    history = train(cfg, output_dir=tmp_path).history
+    engine, teacher = hf_engines
+    assert teacher.model_dir.name == "teacher" and "load" not in teacher.events  # frozen: never synced
+    # Prefix caps 8, 4, 0 (cosine over 3 steps): the teacher engine writes prefixes at steps 1 and 2.
+    assert teacher.events == ["sleep", "generate", "sleep", "generate", "sleep", "sleep", "close"]
+    assert engine.events == ["sleep", *["load", "generate", "sleep"] * 3, "close"]
+    assert history[0]["prefix_len"] > 0 and history[-1]["prefix_len"] == 0
 
 
 def test_teacher_scoring_through_a_vllm_engine_matches_hf_scoring(make_config, tmp_path, hf_engines):
@@ -581,7 +598,9 @@ def test_teacher_scoring_through_a_vllm_engine_matches_hf_scoring(make_config, t
     cfg.rollout.vllm.max_logprobs = vocab
     via = train(cfg, output_dir=tmp_path / "vllm")
     student, teacher = hf_engines
-    assert teacher.model_dir.name == "teacher" and teacher.events == ["sleep", *["score", "sleep"] * 2, "close"]
+    # Step 1: prefixes (cap 8), then scoring; step 2 (cap 0): scoring only.
+    assert teacher.model_dir.name == "teacher"
+    assert teacher.events == ["sleep", "generate", "sleep", "score", "sleep", "sleep", "score", "sleep", "close"]
     for a, b in zip(without_times(hf.history), without_times(via.history), strict=True):
         assert a.keys() == b.keys()
         for key in a:

@@ -111,7 +111,8 @@ class VLLMConfig:
     tensor_parallel_size: int = 1
     max_logprobs: int = 64  # >= method.top_k when teacher_scoring
     enforce_eager: bool = False  # no CUDA graphs (less memory, slower decode)
-    teacher_scoring: bool = False  # teacher log-probs and top-k from a second vLLM engine (temperature 1)
+    teacher_prefixes: bool = True  # guidance prefixes (and sft_source=teacher responses) from a teacher engine
+    teacher_scoring: bool = False  # teacher log-probs and top-k from that engine too (temperature 1)
     teacher_gpu_memory_utilization: float = 0.2
 
 
@@ -126,6 +127,9 @@ class RolloutConfig:
     scoring_temperature: float | None = None  # None = same as rollout temperature
     backend: str = "loop"  # loop: minimal KV-cache loop | generate: HF generate | vllm: a colocated vLLM engine
     sampler_dtype: str = "auto"  # dtype of the sampling copy of the student (auto: bf16 where fast)
+    generation_batch_size: int = (
+        0  # loop/generate: sample at most this many sequences at once (bounds the KV cache); 0 = all
+    )
     vllm: VLLMConfig = field(default_factory=VLLMConfig)  # rollout.backend=vllm only
 
 
@@ -336,6 +340,7 @@ def validate_train(cfg: TrainConfig) -> None:
             "rollout.vllm.teacher_scoring works at temperature 1 only (vLLM returns raw log-probs)",
         )
     _check(cfg.distributed.timeout_minutes > 0, "distributed.timeout_minutes must be positive")
+    _check(cfg.rollout.generation_batch_size >= 0, "rollout.generation_batch_size must be >= 0 (0 = all at once)")
     _choice(cfg.rollout.sampler_dtype, ("auto", "float32", "bfloat16", "float16"), "rollout.sampler_dtype")
     _check(cfg.method.top_k > 0, f"method.top_k={cfg.method.top_k} must be positive")
     _check(cfg.method.ppo_epochs >= 1, "method.ppo_epochs must be at least 1")

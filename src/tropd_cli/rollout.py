@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -106,11 +106,14 @@ def _sample_loop(
     generator: torch.Generator,
     stop_check: Callable[[Tensor], Tensor] | None = None,
     check_every: int = 8,
+    row_limits: Tensor | None = None,
 ) -> Tensor:
     """Autoregressive sampling with a KV cache and nothing else: one model call per token.
 
     HF ``generate`` does the same work with a general-purpose processor pipeline around it; on a CPU
     that overhead is a measurable share of a small model's step. Noise comes from ``generator``.
+    ``row_limits`` ``[B]``: each row's own token budget (at most ``max_new_tokens``); the loop ends when
+    every row has ended, instead of running every row to the longest budget.
     ``stop_check(tokens [B, t]) -> [B] bool``, asked every ``check_every`` tokens, ends rows early (as
     if they had written EOS: padding follows), e.g. once a stop string appears.
     """
@@ -143,6 +146,8 @@ def _sample_loop(
         next_token = torch.where(finished, pad_token_id, next_token)
         tokens.append(next_token)
         finished |= torch.isin(next_token, eos_ids)
+        if row_limits is not None:
+            finished |= t + 1 >= row_limits  # a row that reached its own budget pads from here on
         if stop_check is not None and (t + 1) % check_every == 0:
             finished |= stop_check(torch.stack(tokens, dim=1)).to(finished.device)
         if bool(finished.all()) or t == max_new_tokens - 1:
@@ -176,6 +181,8 @@ def sample(
     seed: int,
     backend: str = "loop",
     stop_check: Callable[[Tensor], Tensor] | None = None,
+    row_limits: Tensor | None = None,
+    chunk_rows: int = 0,
 ) -> Tensor:
     """Sample continuations ``[B, T']`` (padded with ``pad_token_id`` after EOS) from ``model``.
 
@@ -184,8 +191,29 @@ def sample(
     ``backend``: ``loop`` (a minimal KV-cache loop, the default), ``generate`` (HF ``generate``) or
     ``vllm`` (``model`` is then a :class:`tropd_cli.vllm_backend.VLLMEngine`; same layout, same
     distribution, vLLM's own per-row seeded noise).
-    ``stop_check``: see :func:`_sample_loop` (``loop`` only).
+    ``stop_check``, ``row_limits``: see :func:`_sample_loop` (``loop`` only; elsewhere rows are cut by
+    the caller). ``chunk_rows > 0`` (HF backends): sample at most that many rows at a time, rows of
+    similar length together, each chunk without the padding columns it does not need; this bounds the
+    KV cache at ``chunk_rows x (longest context + max_new_tokens)``. Chunk ``c`` draws its noise from
+    ``seeded(seed, 7, c)``, so the samples differ from the unchunked ones (same distribution).
     """
+    if chunk_rows > 0 and input_ids.shape[0] > chunk_rows and backend != "vllm":
+        return _sample_in_chunks(
+            model,
+            input_ids,
+            attention_mask,
+            chunk_rows=chunk_rows,
+            row_limits=row_limits,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            seed=seed,
+            backend=backend,
+            stop_check=stop_check,
+        )
     if backend == "vllm":
         from tropd_cli.vllm_backend import sample_with_engine
 
@@ -221,6 +249,7 @@ def sample(
                 pad_token_id=pad_token_id,
                 generator=generator(seed),
                 stop_check=stop_check,
+                row_limits=row_limits,
             )
         if backend != "generate":
             raise ValueError(f"unknown sampling backend {backend!r}; choose loop, generate or vllm")
@@ -242,6 +271,41 @@ def sample(
         return out[:, input_ids.shape[1] :]
     finally:
         model.train(was_training)
+
+
+def _sample_in_chunks(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    chunk_rows: int,
+    row_limits: Tensor | None,
+    seed: int,
+    pad_token_id: int,
+    **kwargs: Any,
+) -> Tensor:
+    """:func:`sample` over chunks of ``chunk_rows`` rows, longest contexts first, reassembled in row order."""
+    order = torch.argsort(attention_mask.sum(-1), descending=True, stable=True)
+    pieces: list[tuple[Tensor, Tensor]] = []
+    for c, start in enumerate(range(0, len(order), chunk_rows)):
+        rows = order[start : start + chunk_rows]
+        ids, mask = input_ids[rows], attention_mask[rows]
+        first = int(mask.any(0).long().argmax())  # left padding no row of this chunk needs
+        out = sample(
+            model,
+            ids[:, first:],
+            mask[:, first:],
+            seed=seeded(seed, 7, c),
+            pad_token_id=pad_token_id,
+            row_limits=None if row_limits is None else row_limits[rows],
+            **kwargs,
+        )
+        pieces.append((rows, out))
+    width = max(out.shape[1] for _, out in pieces)
+    result = input_ids.new_full((input_ids.shape[0], width), pad_token_id)
+    for rows, out in pieces:
+        result[rows, : out.shape[1]] = out
+    return result
 
 
 def prefix_cap(step: int, steps: int, max_new_tokens: int, schedule: str = "cosine") -> int:
@@ -289,6 +353,8 @@ def rollout(
     prefix_sampling: str = "min",
     guided_rows: Tensor | None = None,
     backend: str = "loop",
+    teacher_backend: str | None = None,
+    chunk_rows: int = 0,
 ) -> RolloutBatch:
     """One batch of rollouts: optionally a teacher prefix per row, then the student continues.
 
@@ -296,7 +362,9 @@ def rollout(
     tokens; ``prefix_sampling="min"`` keeps ``min(prefix_max, len(teacher response))`` tokens,
     ``"uniform"`` draws the length from ``U[0, that]``. Randomness is keyed by ``seed``.
     With ``backend="vllm"`` the student is a :class:`tropd_cli.vllm_backend.VLLMEngine` and the
-    teacher (an HF model) writes its prefixes with the ``loop`` sampler.
+    teacher writes its prefixes with ``teacher_backend`` (default: ``loop`` for an HF teacher; ``vllm``
+    when ``teacher`` is an engine too). Each row's continuation stops at its own budget,
+    ``max_new_tokens - len(prefix)``; ``chunk_rows``: see :func:`sample`.
     """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -306,13 +374,16 @@ def rollout(
     prefixes = [prompt_ids.new_empty(0) for _ in range(batch)]
     if teacher is not None and prefix_max > 0 and guided_rows is not None and bool(guided_rows.any()):
         rows = guided_rows.nonzero().squeeze(1)
-        teacher_sampling = {**sampling, "backend": "loop"} if backend == "vllm" else sampling
+        if teacher_backend is None:
+            teacher_backend = "loop" if backend == "vllm" else backend
+        teacher_sampling = {**sampling, "backend": teacher_backend}
         written = sample(
             teacher,
             prompt_ids[rows],
             prompt_mask[rows],
             max_new_tokens=prefix_max,
             seed=seeded(seed, 1),
+            chunk_rows=chunk_rows,
             **teacher_sampling,
         )
         # The prefix never includes the teacher's EOS: the student must be able to continue.
@@ -343,6 +414,8 @@ def rollout(
             max_new_tokens=budget,
             min_new_tokens=max(0, min_new_tokens - min(prefix_lens)),
             seed=seeded(seed, 0),
+            row_limits=torch.tensor([max_new_tokens - n for n in prefix_lens], device=cont_ids.device),
+            chunk_rows=chunk_rows,
             **sampling,
         )
         if budget > 0

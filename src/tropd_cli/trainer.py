@@ -436,15 +436,17 @@ class Trainer:
             max_logprobs=v.max_logprobs,
             enforce_eager=v.enforce_eager,
         )
+        writes = cfg.guidance.enabled or (cfg.method.name == "sft" and cfg.method.sft_source == "teacher")
+        want_teacher = v.teacher_scoring or (v.teacher_prefixes and writes)
         if self.dist.is_main:
             save_checkpoint(self.student.model, self.tokenizer, root / "student")
-            if v.teacher_scoring:
+            if want_teacher:
                 save_checkpoint(self.teacher.model, self.teacher.tokenizer, root / "teacher")
         D.barrier(self.dist)
         engine = vllm_backend.VLLMEngine(root / "student", gpu_memory_utilization=v.gpu_memory_utilization, **common)
         if v.enable_sleep_mode:
             engine.sleep()
-        if v.teacher_scoring:
+        if want_teacher:
             self.teacher_engine = vllm_backend.VLLMEngine(
                 root / "teacher", gpu_memory_utilization=v.teacher_gpu_memory_utilization, **common
             )
@@ -461,6 +463,10 @@ class Trainer:
                 engine.close()
         if self.dist.is_main and self._engine_dir is not None:
             shutil.rmtree(self._engine_dir, ignore_errors=True)
+
+    @property
+    def scores_by_engine(self) -> bool:
+        return self.teacher_engine is not None and self.cfg.rollout.vllm.teacher_scoring
 
     @property
     def uses_engine(self) -> bool:
@@ -502,9 +508,10 @@ class Trainer:
             draw = draw[self.dist.rank * len(texts) : (self.dist.rank + 1) * len(texts)]
             guided = (draw < cfg.guidance.fraction).to(self.device)
         self._sync_sampler()
+        prefixes_by_engine = self.teacher_engine is not None and cfg.rollout.vllm.teacher_prefixes
         batch = rollout(
             self.sampler,
-            self.teacher_sampler,
+            self.teacher_engine if prefixes_by_engine else self.teacher_sampler,
             self.tokenizer,
             prompt_ids,
             prompt_mask,
@@ -518,17 +525,22 @@ class Trainer:
             prefix_sampling=cfg.guidance.prefix_sampling,
             guided_rows=guided,
             backend=cfg.rollout.backend,
+            teacher_backend="vllm" if prefixes_by_engine else None,
+            chunk_rows=cfg.rollout.generation_batch_size,
         )
         if self.uses_engine and cfg.rollout.vllm.enable_sleep_mode:
             self.sampler.sleep()  # give its KV cache back before scoring and backward
+            if prefixes_by_engine:
+                self.teacher_engine.sleep()
         return batch
 
     def _sft_batch(self, step: int, prompt_ids: Tensor, prompt_mask: Tensor, prompt_index: Tensor) -> RolloutBatch:
         """SFT targets: the dataset's answers, or responses the teacher writes."""
         cfg = self.cfg
         if cfg.method.sft_source == "teacher":
-            return rollout(
-                self.teacher_sampler,
+            by_engine = self.teacher_engine is not None and cfg.rollout.vllm.teacher_prefixes
+            batch = rollout(
+                self.teacher_engine if by_engine else self.teacher_sampler,
                 None,
                 self.tokenizer,
                 prompt_ids,
@@ -539,8 +551,12 @@ class Trainer:
                 temperature=cfg.rollout.temperature,
                 top_p=cfg.rollout.top_p,
                 seed=seeded(cfg.seed, step, *self._rank_keys()),
-                backend="loop" if cfg.rollout.backend == "vllm" else cfg.rollout.backend,
+                backend="vllm" if by_engine else "loop" if cfg.rollout.backend == "vllm" else cfg.rollout.backend,
+                chunk_rows=cfg.rollout.generation_batch_size,
             )
+            if by_engine and cfg.rollout.vllm.enable_sleep_mode:
+                self.teacher_engine.sleep()
+            return batch
         eos = self.tokenizer.eos_token or ""
         answers = [self.examples[int(i)].answer for i in prompt_index.tolist()]
         if any(a is None for a in answers):
@@ -597,7 +613,7 @@ class Trainer:
 
         t = time.perf_counter()
         teacher = [self._score_teacher(batch.rows(p)) for p in parts]
-        if self.teacher_engine is not None and cfg.rollout.vllm.enable_sleep_mode:
+        if self.scores_by_engine and cfg.rollout.vllm.enable_sleep_mode:
             self.teacher_engine.sleep()
         times["time_teacher"] = time.perf_counter() - t
 
@@ -680,7 +696,7 @@ class Trainer:
     def _score_teacher(self, mb: RolloutBatch) -> tuple[TeacherScores, Tensor | None, Tensor | None]:
         """Teacher statistics at a micro-batch's response positions (and its hidden states and lm_head for GKD)."""
         top_k = min(self.cfg.method.top_k, self.vocab) if self.method.needs_topk else 0
-        if self.teacher_engine is not None:  # rollout.vllm.teacher_scoring (validated: not gkd, temperature 1)
+        if self.scores_by_engine:  # rollout.vllm.teacher_scoring (validated: not gkd/eopd, temperature 1)
             from tropd_cli.vllm_backend import scoring_sequences
 
             sequences, start = scoring_sequences(mb)
