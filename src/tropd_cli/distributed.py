@@ -93,10 +93,9 @@ def init_from_env(device: str, timeout_minutes: int = 60) -> tuple[Dist, torch.d
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
+        kwargs: dict[str, Any] = {"device_id": dev} if use_cuda else {}
         dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-            **({"device_id": dev} if use_cuda else {}),
+            backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs
         )
     if dist.get_world_size() != info.world_size or dist.get_rank() != info.rank:  # pragma: no cover
         raise UserError("the process group does not match WORLD_SIZE/RANK; launch with torchrun")
@@ -221,7 +220,9 @@ def full_state_dict(model: nn.Module, info: Dist) -> dict[str, Tensor]:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    weights: dict[str, Any] = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     # Tied parameters (lm_head = embeddings) come out under every name; a checkpoint stores the first only.
     seen: set[int] = set()
     for name, param in model.named_parameters(remove_duplicate=False):

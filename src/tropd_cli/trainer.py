@@ -427,7 +427,7 @@ class Trainer:
         cfg, v = self.cfg, self.cfg.rollout.vllm
         root = Path(D.broadcast_object(str(self.work_dir or tempfile.mkdtemp(prefix="tropd-vllm-")), self.dist))
         self._engine_dir = root
-        common = dict(
+        common: dict[str, Any] = dict(
             dtype=v.dtype,
             max_model_len=v.max_model_len or cfg.dataset.max_prompt_tokens + cfg.rollout.max_new_tokens,
             seed=cfg.seed,
@@ -757,7 +757,7 @@ class Trainer:
         noise: Tensor,
         step: int,
         total_tokens: float,
-        total_seqs: int,
+        total_seqs: float,
         metrics: Metrics | None,
     ) -> Tensor:
         """Student forward on one micro-batch and its share of the optimizer step's loss."""
@@ -824,7 +824,7 @@ class Trainer:
         self.optimizer.step()
         return grad_norm
 
-    def _aggregate(self, per_token: Tensor, mask: Tensor, total_tokens: float, n_seqs: int) -> Tensor:
+    def _aggregate(self, per_token: Tensor, mask: Tensor, total_tokens: float, n_seqs: float) -> Tensor:
         """Reduce one micro-batch's per-token loss so that micro-batches sum to the step's mean."""
         if self.cfg.method.aggregation == "token_mean":
             return losses.masked_mean(per_token, mask, total=total_tokens)
@@ -930,7 +930,7 @@ def _train_loop(
     resumed_from = checkpoint.resolve(cfg.resume, output_dir) if cfg.resume and dist.is_main else None
     resumed_from = D.broadcast_object(resumed_from, dist)
     if resumed_from is not None:
-        state = checkpoint.load_state(
+        state: dict[str, Any] = checkpoint.load_state(
             resumed_from, student.model, cfg, force=cfg.resume_force, optimizer=trainer.optimizer, dist=dist
         )
         if "optimizer" in state:
@@ -967,7 +967,7 @@ def _train_loop(
         # Every rank must agree to stop at the same step (a signal may reach them at different times).
         stopping = diverged or D.any_rank(stop is not None and stop.requested, dist)
         if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps):
-            state: dict[str, Any] = {
+            state = {
                 "step": step + 1,
                 "history": history,
                 "scheduler": trainer.scheduler.state_dict(),
