@@ -2,8 +2,11 @@
 
 Computed (``tropd_cli.planning``, no GPU needed): every component tropd holds per GPU for
 R1-Distill-Qwen-1.5B <- Skywork-OR1-Math-7B and Qwen3-1.7B <- Qwen3-4B at the paper's settings
-(128 prompts x 4 rollouts, 8192 new tokens, top-k 64) on 1 and 8 GPUs, the fewest
-``optim.micro_batches`` that fit an 80 GB H100 and a 141 GB H200, and a FLOP / bandwidth step time.
+(128 prompts x 4 rollouts, 8192 new tokens, top-k 64, 200 steps): the presets as configured
+(``conf/experiment/paper/*.yaml``: vLLM engines, 16 micro-batches, checkpointing) on 8 H100s and 8
+H200s, what fits and the settings recommended there, the HF loop with ``rollout.generation_batch_size``
+instead, the fewest ``optim.micro_batches`` with the HF sampler over a whole rank batch, and FLOP /
+bandwidth step and run times.
 
 Measured (CPU, a fresh child process): one training step of the default ``tropd train`` config
 (teacher SmolLM2-135M-Instruct, 16-layer student), resident memory before and after loading, after the
@@ -13,7 +16,7 @@ first step, and the peak of the second step (kernel high-water mark, ``/proc/sel
 Usage::
 
     python benchmarks/memory_plan.py               # tables + CPU measurement (a few minutes); writes docs/scaling.md
-    python benchmarks/memory_plan.py --no-measure  # tables only (a second; keeps the measurement in the doc)
+    python benchmarks/memory_plan.py --no-measure  # tables only (seconds; keeps the measurement in the doc)
     python benchmarks/memory_plan.py --out-md /tmp/s.md --json /tmp/plan.json
 """
 
@@ -65,6 +68,31 @@ def gib(n: float) -> str:
 # Computed
 
 
+def short(gpu: GPU) -> str:
+    return gpu.name.split()[0]
+
+
+# Settings recommended for the presets on 8 GPUs (per preset and GPU), from the "What fits" tables: the
+# engines' shares must fit the room the rest of the sampling phase leaves (more micro-batches make torch's
+# cached training blocks smaller), the student engine holds as many of the rank's 64 rollouts as it can and
+# the teacher engine gets the rest (it writes the guidance prefixes: 7B decode is the slow part early on).
+RECOMMENDED: dict[tuple[str, str], dict[str, Any]] = {
+    ("r1-1.5b<-skywork-7b", "H100"): dict(
+        micro_batches=64, vllm_gpu_memory_utilization=0.2, vllm_teacher_gpu_memory_utilization=0.35
+    ),
+    ("r1-1.5b<-skywork-7b", "H200"): dict(
+        micro_batches=16, vllm_gpu_memory_utilization=0.2, vllm_teacher_gpu_memory_utilization=0.4
+    ),
+    ("qwen3-1.7b<-qwen3-4b", "H100"): dict(
+        micro_batches=64, vllm_gpu_memory_utilization=0.25, vllm_teacher_gpu_memory_utilization=0.35
+    ),
+    ("qwen3-1.7b<-qwen3-4b", "H200"): dict(
+        micro_batches=16, vllm_gpu_memory_utilization=0.25, vllm_teacher_gpu_memory_utilization=0.35
+    ),
+}
+STEPS = 200  # the presets' `steps`
+
+
 def step0(run: RunShape) -> RunShape:
     """Guidance at step 0: the prefix cap is the whole response budget (cosine schedule)."""
     return replace(run, prefix_tokens=run.response_tokens)
@@ -83,73 +111,119 @@ def fit_row(run: RunShape, gpu: GPU) -> dict[str, Any]:
     }
 
 
-def largest_single_gpu_batch(preset: str, gpu: GPU, *, prefix: bool) -> int:
-    """The most sequences (a multiple of 4 rollouts) one GPU can sample and train on, checkpointing on."""
-    best = 0
-    for seqs in range(4, 513, 4):
-        run = planning.paper_run(preset, sequences=seqs, gradient_checkpointing=True)
-        run = step0(run) if prefix else run
-        if planning.smallest_micro_batches(run, gpu, USABLE) is None:
-            break
-        best = seqs
-    return best
-
-
-def vllm_row(run: RunShape, gpu: GPU) -> dict[str, Any]:
-    """The largest gpu_memory_utilization the sampling phase leaves room for (the engine sleeps outside
-    it), and whether that KV pool holds the rank's rollouts at full length."""
-    base = plan_memory(replace(run, backend="vllm", vllm_gpu_memory_utilization=0.0), gpu)
-    sampling = base.persistent + base.phase_total("sampling")
-    util = max(0.0, (USABLE * gpu.memory_bytes - sampling) / gpu.memory_bytes)
-    weights = planning.param_counts(run.student).total * 2
-    pool = util * gpu.memory_bytes - weights
-    demand = planning.kv_cache_bytes(run.student, run.sequences_per_rank, run.seq_len)
+def vllm_case(label: str, run: RunShape, gpu: GPU) -> dict[str, Any]:
+    plan = plan_memory(run, gpu)
     return {
-        "max_utilization": util,
-        "pool_gib": pool / GiB,
-        "demand_gib": demand / GiB,
-        "rest_peak_gib": base.peak / GiB,
-        "rest_phase": base.peak_phase,
+        "label": label,
+        "gpu": short(gpu),
+        "micro_batches": run.micro_batches,
+        "shares": [run.vllm_gpu_memory_utilization, run.vllm_teacher_gpu_memory_utilization],
+        "room": planning.vllm_engine_room(run, gpu, USABLE),
+        "peak_gib": plan.peak / GiB,
+        "phase": plan.peak_phase,
+        "startup_gib": plan.startup / GiB,
+        "problems": plan.problems(gpu, USABLE),
+        "rows_at_once": [planning.vllm_concurrent_rows(run, gpu, role) for role in ("student", "teacher")],
+        "late_s": planning.estimate_step(run, gpu).total_s,
+        "step0_s": planning.estimate_step(step0(run), gpu).total_s,
+        "run_h": planning.estimate_run_seconds(run, gpu, STEPS) / 3600,
     }
+
+
+def loop_case(run: RunShape, gpu: GPU) -> dict[str, Any]:
+    """rollout.backend=loop instead of vllm: the largest generation_batch_size that fits, and the smallest one
+    with as few chunks (same time, less memory)."""
+    rows = run.sequences_per_rank
+    late = planning.largest_generation_batch_size(run, gpu, USABLE)
+    first = planning.largest_generation_batch_size(step0(run), gpu, USABLE)
+    out: dict[str, Any] = {"gpu": short(gpu), "largest_late": late, "largest_step0": first, "recommended": None}
+    if first is None:
+        return out
+    chunks = -(-rows // first)
+    size = -(-rows // chunks)
+    chosen = replace(run, generation_batch_size=0 if size >= rows else size)
+    plan = plan_memory(step0(chosen), gpu)
+    out.update(
+        recommended=chosen.generation_batch_size,
+        chunks=chosen.generation_chunks,
+        peak_gib=plan.peak / GiB,
+        phase=plan.peak_phase,
+        late_s=planning.estimate_step(chosen, gpu).total_s,
+        step0_s=planning.estimate_step(step0(chosen), gpu).total_s,
+        run_h=planning.estimate_run_seconds(chosen, gpu, STEPS) / 3600,
+        run=chosen,
+    )
+    return out
+
+
+def single_gpu(preset: str, gpu: GPU) -> dict[str, Any]:
+    """One GPU, the paper's 512 rollouts, HF loop: the largest generation_batch_size (checkpointing, one
+    sequence per micro-batch) and the run's time."""
+    run = planning.paper_run(
+        preset, prompt_tokens=1024, chunk_size=1024, gradient_checkpointing=True, micro_batches=512
+    )
+    first = planning.largest_generation_batch_size(step0(run), gpu, USABLE)
+    out: dict[str, Any] = {"gpu": short(gpu), "largest_step0": first}
+    if first:
+        chunks = -(-run.sequences // first)
+        chosen = replace(run, generation_batch_size=-(-run.sequences // chunks))
+        out.update(
+            recommended=chosen.generation_batch_size,
+            chunks=chunks,
+            run_h=planning.estimate_run_seconds(chosen, gpu, STEPS) / 3600,
+        )
+    return out
 
 
 def compute(micro_batches: dict[str, int]) -> dict[str, Any]:
     out: dict[str, Any] = {"presets": {}}
     for preset in planning.PRESETS:
+        configured = planning.preset_run(preset)
+        plans = {short(gpu): plan_memory(configured, gpu) for gpu in (H100, H200)}
+        cases, loops, steps = [], [], {}
+        for gpu in (H100, H200):
+            recommended = replace(configured, **RECOMMENDED[(preset, short(gpu))])
+            cases += [
+                vllm_case("as configured", configured, gpu),
+                vllm_case(
+                    "as configured, torch cache emptied before a wake",
+                    replace(configured, release_torch_cache=True),
+                    gpu,
+                ),
+                vllm_case("recommended", recommended, gpu),
+            ]
+            loop = loop_case(replace(configured, backend="loop"), gpu)
+            loops.append(loop)
+            runs = [("vLLM as configured", configured), ("vLLM recommended", recommended)]
+            if loop.get("run") is not None:
+                n = loop["run"].generation_batch_size
+                runs.append((f"loop, generation_batch_size={n}", loop.pop("run")))
+            for label, run in runs:
+                steps[(gpu.name, label)] = {
+                    "late steps": planning.estimate_step(run, gpu),
+                    "step 0": planning.estimate_step(step0(run), gpu),
+                    "run_s": planning.estimate_run_seconds(run, gpu, STEPS),
+                }
+        # The HF sampler over the whole rank batch (no generation_batch_size): the earlier planning view.
         ref = planning.paper_run(preset, world_size=8, gradient_checkpointing=True, micro_batches=micro_batches[preset])
-        plans = {"late": plan_memory(ref), "step0": plan_memory(step0(ref))}
-        no_ckpt = plan_memory(replace(ref, gradient_checkpointing=False))
         fits = []
-        for n in (8, 1):
+        for n in (8,):  # one GPU never holds the whole batch's cache: see single_gpu
             for ckpt in (False, True):
                 for prefix in (False, True):
                     run = planning.paper_run(preset, world_size=n, gradient_checkpointing=ckpt)
                     run = step0(run) if prefix else run
                     for gpu in (H100, H200):
                         fits.append({"gpus": n, "ckpt": ckpt, "prefix": prefix, "gpu": gpu.name, **fit_row(run, gpu)})
-        single = {
-            gpu.name: {p: largest_single_gpu_batch(preset, gpu, prefix=p) for p in (False, True)}
-            for gpu in (H100, H200)
-        }
-        steps = {}
-        for gpu in (H100, H200):
-            for label, run in (
-                ("loop, late steps", ref),
-                ("loop, step 0", step0(ref)),
-                ("vllm, late steps", replace(ref, backend="vllm")),
-            ):
-                steps[(gpu.name, label)] = planning.estimate_step(run, gpu)
         out["presets"][preset] = {
-            "ref": ref,
+            "configured": configured,
             "plans": plans,
-            "no_ckpt": no_ckpt,
-            "fits": fits,
-            "single": single,
-            "vllm": {gpu.name: vllm_row(ref, gpu) for gpu in (H100, H200)},
-            "teacher_prefix_kv": planning.kv_cache_bytes(
-                ref.teacher, ref.sequences_per_rank, ref.prompt_tokens + ref.response_tokens - 1
-            ),
+            "no_ckpt": plan_memory(replace(configured, gradient_checkpointing=False), H100),
+            "cases": cases,
+            "loops": loops,
             "steps": steps,
+            "ref": ref,
+            "fits": fits,
+            "single": [single_gpu(preset, gpu) for gpu in (H100, H200)],
         }
     return out
 
@@ -372,48 +446,94 @@ PHASE_LABEL = {
     "teacher_scoring": "teacher scoring",
     "training": "training",
     "optimizer": "optimizer step",
+    "startup": "startup",
+    "host": "host RAM",
 }
+ORDER = ("persistent", "sampling", "teacher_scoring", "training", "optimizer", "startup", "host")
 
 
 def component_table(data: dict[str, Any]) -> list[str]:
-    ref: RunShape = data["ref"]
-    late: MemoryPlan = data["plans"]["late"]
-    first: MemoryPlan = data["plans"]["step0"]
-    no_ckpt: MemoryPlan = data["no_ckpt"]
-    b = ref.micro_batch_sequences
+    run: RunShape = data["configured"]
+    h100: MemoryPlan = data["plans"]["H100"]
+    h200: MemoryPlan = data["plans"]["H200"]
+    b = run.micro_batch_sequences
     lines = [
-        f"8 GPUs, {ref.sequences_per_rank} rollouts per GPU, `optim.micro_batches={ref.micro_batches}` "
-        f"({b} sequences of up to {ref.seq_len} tokens per micro-batch), `student.gradient_checkpointing=true`, "
-        "bf16 compute (FSDP2 mixed precision), bf16 sampler copy and teacher (replicated).",
+        f"8 GPUs, {run.sequences_per_rank} rollouts per GPU, `optim.micro_batches={run.micro_batches}` ({b} sequences "
+        f"of up to {run.seq_len} tokens per micro-batch: prompts planned at `dataset.max_prompt_tokens={run.prompt_tokens}`), "
+        f"`student.gradient_checkpointing=true`, `scoring.chunk_size={run.chunk_size}`, bf16 compute (FSDP2 mixed "
+        "precision), teacher replicated in bf16 and scored by HF, `rollout.backend=vllm` with the `rollout.vllm` defaults: "
+        f"student engine `gpu_memory_utilization={run.vllm_gpu_memory_utilization}`, teacher engine (guidance prefixes) "
+        f"`teacher_gpu_memory_utilization={run.vllm_teacher_gpu_memory_utilization}`, sleep mode. vLLM's memory does not "
+        "depend on the prefix cap, so this holds for every step but the last (cap 0: the teacher engine stays asleep).",
         "",
-        "| component | phase | GiB per GPU | what |",
-        "|---|---|---|---|",
+        "| component | phase | H100 GiB | H200 GiB | what |",
+        "|---|---|---|---|---|",
     ]
-    for c in late.components:
-        if c.phase == "sampling":
-            continue
-        label = c.name.replace("_", " ")
-        lines.append(f"| {label} | {PHASE_LABEL[c.phase]} | {gib(c.bytes)} | {c.note} |")
-        if c.name == "activations":
-            alt = no_ckpt.get("activations")
+    for phase in ORDER:
+        for c, d in zip(h100.components, h200.components, strict=True):
+            if c.phase != phase:
+                continue
             lines.append(
-                f"| activations without checkpointing | (training) | {gib(alt)} | same micro-batch, not counted above |"
+                f"| {c.name.replace('_', ' ')} | {PHASE_LABEL[c.phase]} | {gib(c.bytes)} | {gib(d.bytes)} | {c.note} |"
             )
-    for label, plan in (("late steps (no prefix)", late), ("step 0 (prefix cap 8192)", first)):
-        for c in plan.components:
-            if c.phase == "sampling":
-                lines.append(f"| {c.name.replace('_', ' ')}, {label} | sampling | {gib(c.bytes)} | {c.note} |")
-    lines.append("")
-    lines.append(
-        "| phase | late steps GiB | step 0 GiB |\n|---|---|---|\n"
-        + "\n".join(
-            f"| always + {PHASE_LABEL[p]} | {gib(late.persistent + late.phase_total(p))} | "
-            f"{gib(first.persistent + first.phase_total(p))} |"
-            for p in planning.PHASES
+            if c.name == "activations":
+                alt = gib(data["no_ckpt"].get("activations"))
+                lines.append(
+                    f"| activations without checkpointing | (training) | {alt} | {alt} | same micro-batch, not counted |"
+                )
+    lines += ["", "| phase | H100 GiB | H200 GiB |", "|---|---|---|"]
+    for p in planning.PHASES:
+        lines.append(
+            f"| always + {PHASE_LABEL[p]} | {gib(h100.persistent + h100.phase_total(p))} | "
+            f"{gib(h200.persistent + h200.phase_total(p))} |"
         )
-        + f"\n| **peak** | **{gib(late.peak)}** ({PHASE_LABEL[late.peak_phase]}) | "
-        f"**{gib(first.peak)}** ({PHASE_LABEL[first.peak_phase]}) |"
+    lines.append(
+        f"| **peak** (fits: {USABLE:.0%} of {gib(H100.memory_bytes)} / {gib(H200.memory_bytes)}) | "
+        f"**{gib(h100.peak)}** ({PHASE_LABEL[h100.peak_phase]}) | **{gib(h200.peak)}** ({PHASE_LABEL[h200.peak_phase]}) |"
     )
+    lines.append(
+        f"| startup (models before sharding + an engine's share) | {gib(h100.startup)} | {gib(h200.startup)} |"
+    )
+    lines.append(
+        f"| host RAM per rank (per node of 8) | {gib(h100.host)} ({gib(8 * h100.host)}) | "
+        f"{gib(h200.host)} ({gib(8 * h200.host)}) |"
+    )
+    return lines
+
+
+def cases_table(data: dict[str, Any]) -> list[str]:
+    lines = [
+        "| GPU | settings | `optim.micro_batches` | engine shares: student + teacher | room for the engines | "
+        "peak GiB (phase) | fits | rollouts held at once: student / teacher engine (of 64) | late step s | step 0 s | "
+        f"{STEPS} steps h |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in data["cases"]:
+        fits = "yes" if not c["problems"] else "**no**: " + "; ".join(c["problems"])
+        su, te = c["shares"]
+        lines.append(
+            f"| {c['gpu']} | {c['label']} | {c['micro_batches']} | {su:g} + {te:g} = {su + te:g} | {c['room']:.2f} | "
+            f"{c['peak_gib']:.1f} ({PHASE_LABEL[c['phase']]}) | {fits} | {c['rows_at_once'][0]} / {c['rows_at_once'][1]} | "
+            f"{c['late_s']:.0f} | {c['step0_s']:.0f} | {c['run_h']:.1f} |"
+        )
+    return lines
+
+
+def loop_table(data: dict[str, Any]) -> list[str]:
+    lines = [
+        "| GPU | largest `generation_batch_size`: late steps / step 0 | recommended | sampling calls per rollout | "
+        f"step-0 peak GiB (phase) | late step s | step 0 s | {STEPS} steps h |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["loops"]:
+        if r["recommended"] is None:
+            lines.append(f"| {r['gpu']} | {r['largest_late']} / none | does not fit | — | — | — | — | — |")
+            continue
+        rec = "0 (all 64 at once)" if r["recommended"] == 0 else str(r["recommended"])
+        lines.append(
+            f"| {r['gpu']} | {r['largest_late']} / {r['largest_step0']} | {rec} | {r['chunks']} | "
+            f"{r['peak_gib']:.1f} ({PHASE_LABEL[r['phase']]}) | {r['late_s']:.0f} | {r['step0_s']:.0f} | {r['run_h']:.1f} |"
+        )
     return lines
 
 
@@ -438,18 +558,22 @@ def fit_table(data: dict[str, Any]) -> list[str]:
 
 
 def step_table(data: dict[str, Any]) -> list[str]:
-    ref: RunShape = data["ref"]
+    ref: RunShape = data["configured"]
     lines = [
-        "| GPU | rollouts | teacher PFLOP | student PFLOP | teacher s | student s | decode bound s | decode s | step s | 200 steps h | new tokens/s (all GPUs) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GPU | rollouts | step | teacher PFLOP | student PFLOP | teacher s | student s | decode bound s | decode s | "
+        f"step s | new tokens/s (all GPUs) | {STEPS} steps h |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (gpu, label), est in data["steps"].items():
-        tokens = ref.sequences * ref.response_tokens
-        lines.append(
-            f"| {gpu.split()[0]} | {label} | {est.teacher_flops / 1e15:.1f} | {est.student_flops / 1e15:.1f} | "
-            f"{est.teacher_s:.0f} | {est.student_s:.0f} | {est.decode_bound_s:.0f} | {est.decode_s:.0f} | "
-            f"{est.total_s:.0f} | {est.total_s * 200 / 3600:.1f} | {tokens / est.total_s:,.0f} |"
-        )
+    tokens = ref.sequences * ref.response_tokens
+    for (gpu, label), entry in data["steps"].items():
+        for when in ("late steps", "step 0"):
+            est = entry[when]
+            hours = f"{entry['run_s'] / 3600:.1f}" if when == "late steps" else ""
+            lines.append(
+                f"| {gpu.split()[0]} | {label} | {when} | {est.teacher_flops / 1e15:.1f} | {est.student_flops / 1e15:.1f} | "
+                f"{est.teacher_s:.0f} | {est.student_s:.0f} | {est.decode_bound_s:.0f} | {est.decode_s:.0f} | "
+                f"{est.total_s:.0f} | {tokens / est.total_s:,.0f} | {hours} |"
+            )
     return lines
 
 
@@ -490,6 +614,10 @@ def measured_section(m: dict[str, Any]) -> list[str]:
         ),
     ]
     lines = [
+        "Measured before per-row guidance budgets and `rollout.generation_batch_size` existed; at "
+        "`generation_batch_size=0` the plan's cache bounds are the same formulas (a sampling call's rows, left-"
+        "padded to its longest context, decoding to its longest budget).",
+        "",
         f"`tropd train` defaults on this CPU: teacher `{m['teacher']}` ({m['teacher_dtype']}), student = its "
         f"{m['student_layers']}-layer copy ({m['student_dtype']}, compute {m['precision']}), sampling copy "
         f"{m['sampler_dtype']}; method `{c['method']}`, guidance {'on' if c['guidance'] else 'off'}, "
@@ -507,56 +635,73 @@ def measured_section(m: dict[str, Any]) -> list[str]:
     return lines
 
 
+def overrides(values: dict[str, Any]) -> str:
+    keys = {
+        "micro_batches": "optim.micro_batches",
+        "vllm_gpu_memory_utilization": "rollout.vllm.gpu_memory_utilization",
+        "vllm_teacher_gpu_memory_utilization": "rollout.vllm.teacher_gpu_memory_utilization",
+    }
+    return " ".join(f"{keys[k]}={v}" for k, v in values.items())
+
+
 def markdown(computed: dict[str, Any], measured: dict[str, Any] | None, env: dict[str, Any]) -> str:
     out = [MD_START, "## Planning figures (generated)", ""]
     out.append(
-        "Regenerate with `python benchmarks/memory_plan.py` (tables: `--no-measure`, a second). "
-        "All figures per GPU, GiB = 2^30 bytes; a plan *fits* when its peak is within "
+        "Regenerate with `python benchmarks/memory_plan.py` (tables only: `--no-measure`, a few seconds). "
+        "All figures per GPU, GiB = 2^30 bytes. A plan *fits* when its peak and its startup are within "
         f"{USABLE:.0%} of the GPU's memory (H100: {H100.memory_bytes / GiB:.1f} GiB, H200: "
-        f"{H200.memory_bytes / GiB:.1f} GiB); the rest is for the CUDA context, NCCL and allocator fragmentation. "
-        "Paper settings throughout: 128 prompts x 4 rollouts = 512 sequences per step, up to 8192 new tokens, "
-        "prompts planned at 512 tokens, top-k 64, `scoring.chunk_size=512`."
+        f"{H200.memory_bytes / GiB:.1f} GiB; the rest is for the CUDA context, NCCL and allocator fragmentation) "
+        "and every vLLM engine's KV pool holds one `max_model_len` sequence. Paper settings throughout: "
+        "128 prompts x 4 rollouts = 512 sequences per step, up to 8192 new tokens, top-k 64, 200 steps."
     )
     out += ["", "### Models", ""] + models_table()
     for preset, data in computed["presets"].items():
-        out += ["", f"### {PRESET_TITLES[preset]}", "", "#### Components"]
-        out += [""] + component_table(data)
-        out += ["", "#### What fits", ""] + fit_table(data)
-        single = data["single"]
+        out += ["", f"### {PRESET_TITLES[preset]}", "", "#### As configured (`experiment=paper/...`, 8 GPUs)", ""]
+        out += component_table(data)
+        out += ["", "#### What fits on 8 GPUs with vLLM", ""] + cases_table(data)
+        recs = "; ".join(f"{gpu}: `{overrides(RECOMMENDED[(preset, gpu)])}`" for gpu in ("H100", "H200"))
         out += [
             "",
-            "One GPU cannot hold the paper's 512 rollouts with the HF sampler: the largest rollout batch "
-            "(`rollout.batch_size x n_samples_per_prompt`) one GPU fits, with checkpointing and the best "
-            "`optim.micro_batches`: "
-            + "; ".join(
-                f"{g.split()[0]}: {v[False]} sequences in late steps, {v[True]} at step 0" for g, v in single.items()
-            )
-            + ".",
+            "*Room for the engines*: the most `gpu_memory_utilization + teacher_gpu_memory_utilization` the rest of "
+            "the sampling phase leaves (both engines are awake together while the student continues the teacher's "
+            "prefixes). *Rollouts held at once*: `max_model_len` sequences an engine's KV pool holds (its share "
+            "less its bf16 weights, an upper bound); fewer than 64 and vLLM queues the rest (waves, in the step "
+            f"times). Recommended: {recs}.",
         ]
-        v = data["vllm"]
+        out += ["", "#### The HF loop instead (`rollout.backend=loop`, 8 GPUs, `optim.micro_batches=16`)", ""]
+        out += loop_table(data)
+        singles = []
+        for r in data["single"]:
+            if r.get("recommended"):
+                singles.append(
+                    f"{r['gpu']}: `rollout.generation_batch_size={r['recommended']}` ({r['chunks']} sampling calls "
+                    f"per rollout), about {r['run_h']:.0f} h for {STEPS} steps"
+                )
+            else:
+                singles.append(f"{r['gpu']}: does not fit")
         out += [
             "",
-            "With `rollout.backend=vllm` (no sampler copy and no HF cache; the engine sleeps outside sampling; "
-            "the teacher's guidance prefixes still come from the HF loop), the most `gpu_memory_utilization` "
-            "the sampling phase of the late steps leaves room for, at the micro-batches above: "
-            + "; ".join(
-                f"{g.split()[0]}: {r['max_utilization']:.2f}, a {r['pool_gib']:.0f} GiB KV pool for "
-                f"{r['demand_gib']:.0f} GiB of full-length rollouts per GPU (the rest of the step peaks at "
-                f"{r['rest_peak_gib']:.0f} GiB, {PHASE_LABEL[r['rest_phase']]})"
-                for g, r in v.items()
-            )
-            + ". A pool smaller than the rollouts makes vLLM queue or preempt sequences: slower, not out of memory. "
-            f"At step 0 the teacher's HF-loop cache for 8192-token prefixes ({gib(data['teacher_prefix_kv'])} GiB "
-            "per GPU) must fit as well, beside the engine unless the engine sleeps while the teacher writes.",
+            "The recommended value is the smallest with as many sampling calls as the largest that fits step 0's "
+            "bound (same time, less memory); `generation_batch_size` changes the samples (each chunk draws its own "
+            "noise), not their distribution. One GPU with the paper's 512 rollouts (HF loop, checkpointing, one "
+            "sequence per micro-batch): " + "; ".join(singles) + ".",
         ]
+        out += [
+            "",
+            "#### The HF sampler over the whole rank batch (`generation_batch_size=0`, prompts at 512, `scoring.chunk_size=512`)",
+            "",
+        ] + fit_table(data)
         out += ["", "#### Step time (8 GPUs, estimate)", ""] + step_table(data)
     out += [
         "",
-        "Step-time assumptions: every response runs to 8192 tokens; compute at 35% of the dense bf16 peak "
-        "(989 TFLOP/s); decode reads the sampler's weights and the whole KV cache once per token at 70% of "
-        "HBM bandwidth (H100 3.35 TB/s, H200 4.8 TB/s) and, with the HF loop, takes at least 0.6 ms per "
-        "decoder layer per token (kernel-launch bound eager PyTorch; vLLM's CUDA graphs assumed free of it). "
-        "`decode bound` is the bandwidth bound alone. Step 0 adds the teacher writing 8192-token prefixes.",
+        "Step-time assumptions: every response (and every teacher prefix) runs to the cap, so a guided row's "
+        "student continuation is `8192 - cap`; compute at 35% of the dense bf16 peak (989 TFLOP/s); decode reads "
+        "the sampling weights and the KV cache of the rows decoding together once per token at 70% of HBM "
+        "bandwidth (H100 3.35 TB/s, H200 4.8 TB/s) and, with the HF loop, takes at least 0.6 ms per decoder "
+        "layer per token (kernel-launch bound eager PyTorch; vLLM's CUDA graphs assumed free of it). HF sampling "
+        "calls (`generation_batch_size`) run one after the other; an engine whose pool holds fewer rows than "
+        "the rank's runs them in waves. `decode bound` is the bandwidth bound alone. Step 0: the teacher writes "
+        f"8192-token prefixes and the student nothing more; `{STEPS} steps h` sums every step at its cosine cap.",
     ]
     if measured is not None:
         out += ["", "### Measured vs planned (CPU)", ""] + measured_section(measured)
@@ -604,13 +749,21 @@ def main(argv: list[str] | None = None) -> None:
         payload = {
             "presets": {
                 k: {
-                    "ref": asdict(v["ref"]),
-                    "late": [asdict(c) for c in v["plans"]["late"].components],
-                    "step0": [asdict(c) for c in v["plans"]["step0"].components],
-                    "fits": v["fits"],
-                    "single_gpu_sequences": v["single"],
-                    "vllm": v["vllm"],
-                    "steps": {f"{g} / {label}": asdict(e) for (g, label), e in v["steps"].items()},
+                    "configured": asdict(v["configured"]),
+                    "components": {gpu: [asdict(c) for c in plan.components] for gpu, plan in v["plans"].items()},
+                    "vllm_cases": v["cases"],
+                    "loop": v["loops"],
+                    "recommended": {gpu: RECOMMENDED[(k, gpu)] for gpu in ("H100", "H200")},
+                    "hf_sampler_fits": v["fits"],
+                    "single_gpu": v["single"],
+                    "steps": {
+                        f"{g} / {label}": {
+                            "late steps": asdict(e["late steps"]),
+                            "step 0": asdict(e["step 0"]),
+                            "run_s": e["run_s"],
+                        }
+                        for (g, label), e in v["steps"].items()
+                    },
                 }
                 for k, v in computed["presets"].items()
             },

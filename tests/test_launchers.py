@@ -252,6 +252,9 @@ def test_sigusr2_requeues_the_job_and_resume_auto_continues_it(tmp_path, tropd_e
     assert "Caught signal SIGUSR2" in log and "this job is preempted" in log and "Requeued job" in log
     job = sweep / "0"
     assert "resumed from" in (job / "train.log").read_text()
+    # tropd caught the signal first: it finished the step and saved a checkpoint, then submitit requeued.
+    err = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.err"))
+    assert "SIGUSR2: finishing this step, then saving a checkpoint" in err
     assert json.loads((job / "summary.json").read_text())["steps"] == steps
     assert len((job / "metrics.jsonl").read_text().splitlines()) == steps  # one line per step, no repeats
     assert (sweep / "summary.md").exists()

@@ -192,6 +192,151 @@ def test_kv_cache_equals_the_samplers_dynamic_cache(name: str, dtype: torch.dtyp
     assert measured == kv_cache_bytes(shape_of(config), rows, prompt + new - 1, element)
 
 
+def _capture_caches(*models: torch.nn.Module) -> dict[int, Any]:
+    """Every DynamicCache the models are called with (one per sampling call), by id."""
+    caches: dict[int, Any] = {}
+
+    def capture(module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        cache = kwargs.get("past_key_values")
+        if cache is not None:
+            caches[id(cache)] = cache
+
+    for model in models:
+        model.register_forward_pre_hook(capture, with_kwargs=True)
+    return caches
+
+
+def _cache_shape(cache: Any) -> tuple[int, int, int]:
+    """(rows, positions, bytes) of a DynamicCache."""
+    keys = cache.layers[0].keys
+    return keys.shape[0], keys.shape[-2], _nbytes(t for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def test_chunked_kv_cache_equals_each_chunks_dynamic_cache() -> None:
+    """rollout.generation_batch_size: each chunk's own DynamicCache holds its rows x (its own width + new - 1)
+    positions (chunks cut the left padding they do not need); the plan's bound is the first, widest chunk."""
+    config = CONFIGS["qwen2-untied"]
+    model = build(config, torch.bfloat16).eval()
+    caches = _capture_caches(model)
+    lengths, new, chunk = [5, 3, 7, 2, 6], 4, 2
+    width = max(lengths)
+    ids = torch.randint(3, config.vocab_size, (len(lengths), width))
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        mask[i, width - n :] = 1
+    sample(
+        model,
+        ids,
+        mask,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        eos_token_id=1,
+        pad_token_id=0,
+        seed=0,
+        chunk_rows=chunk,
+    )
+    shape = shape_of(config)
+    ordered = sorted(lengths, reverse=True)  # longest contexts first
+    expected = [(len(ordered[i : i + chunk]), ordered[i] + new - 1) for i in range(0, len(ordered), chunk)]
+    got = sorted((_cache_shape(c) for c in caches.values()), key=lambda x: -x[1])
+    assert [(rows, positions) for rows, positions, _ in got] == expected  # (2, 10), (2, 8), (1, 5)
+    for rows, positions, nbytes in got:
+        assert nbytes == kv_cache_bytes(shape, rows, positions)
+    run = RunShape(
+        student=shape,
+        teacher=shape,
+        sequences=len(lengths),
+        prompt_tokens=width,
+        response_tokens=new,
+        generation_batch_size=chunk,
+    )
+    assert max(nbytes for *_, nbytes in got) == planning.sampling_kv_cache_bytes(run, "student")
+
+
+def test_guided_rollout_caches_reach_the_plans_bounds() -> None:
+    """rollout() with guidance, per-row budgets and chunks: the teacher's calls hold at most generation_rows x
+    (prompt + cap - 1) positions; a student chunk that mixes a guided row (context prompt + cap, budget
+    max_new - cap) with an unguided one (budget max_new) decodes to prompt + cap + max_new - 1."""
+    from types import SimpleNamespace
+
+    from tropd_cli.rollout import rollout
+
+    config = CONFIGS["qwen2-untied"]
+    student, teacher = build(config).eval(), build(CONFIGS["llama-tied"]).eval()
+    student_caches, teacher_caches = _capture_caches(student), _capture_caches(teacher)
+    rows, prompt, cap, max_new, chunk = 4, 6, 5, 7, 2
+    # An EOS id outside the vocabulary: no row ends early, every prefix reaches the cap.
+    tokenizer = SimpleNamespace(eos_token_id=config.vocab_size + 7, pad_token_id=0)
+    ids = torch.randint(3, config.vocab_size, (rows, prompt))
+    batch = rollout(
+        student,
+        teacher,
+        tokenizer,  # type: ignore[arg-type]
+        ids,
+        torch.ones_like(ids),
+        prompt_index=torch.arange(rows),
+        max_new_tokens=max_new,
+        min_new_tokens=0,
+        temperature=1.0,
+        top_p=1.0,
+        seed=0,
+        prefix_max=cap,
+        guided_rows=torch.tensor([True, True, True, False]),
+        chunk_rows=chunk,
+    )
+    assert batch.prefix_mask.sum(-1).tolist() == [cap, cap, cap, 0]
+    assert batch.response_mask.sum(-1).tolist() == [max_new] * rows  # each row stopped at its own budget
+    run = RunShape(
+        student=shape_of(config),
+        teacher=shape_of(CONFIGS["llama-tied"]),
+        sequences=rows,
+        prompt_tokens=prompt,
+        response_tokens=max_new,
+        prefix_tokens=cap,
+        generation_batch_size=chunk,
+        sampler_dtype="float32",
+        teacher_dtype="float32",
+    )
+    # Teacher: 3 guided rows in chunks of 2 -> (2, 10) and (1, 10).
+    assert sorted(_cache_shape(c)[:2] for c in teacher_caches.values()) == [
+        (1, prompt + cap - 1),
+        (2, prompt + cap - 1),
+    ]
+    assert max(_cache_shape(c)[2] for c in teacher_caches.values()) == planning.sampling_kv_cache_bytes(run, "teacher")
+    # Student: two guided rows (budget 2 each: 11 + 2 - 1), then a guided and an unguided row (11 + 7 - 1).
+    assert sorted(_cache_shape(c)[:2] for c in student_caches.values()) == [
+        (2, prompt + cap + (max_new - cap) - 1),
+        (2, prompt + cap + max_new - 1),
+    ]
+    assert max(_cache_shape(c)[2] for c in student_caches.values()) == planning.sampling_kv_cache_bytes(run, "student")
+
+
+def test_generation_batch_size_bounds_only_the_hf_sampling_phase() -> None:
+    run = planning.paper_run("qwen3-1.7b<-qwen3-4b", world_size=8, micro_batches=16, gradient_checkpointing=True)
+    whole, chunked = plan_memory(run), plan_memory(replace(run, generation_batch_size=16))
+    assert chunked.get("rollout_kv_cache") == whole.get("rollout_kv_cache") // 4  # 16 of 64 rows per call
+    for phase in ("teacher_scoring", "training", "optimizer"):
+        assert chunked.phase_total(phase) == whole.phase_total(phase)
+    assert replace(run, generation_batch_size=16).generation_chunks == 4
+    assert replace(run, generation_batch_size=100).generation_rows == 64  # never more than the rank's rows
+    step0 = replace(run, prefix_tokens=run.response_tokens)
+    n = planning.largest_generation_batch_size(step0, H100)
+    assert n is not None and 1 < n < 64
+    assert plan_memory(replace(step0, generation_batch_size=n)).fits(H100)
+    assert not plan_memory(replace(step0, generation_batch_size=n + 1)).fits(H100)
+    vllm = replace(run, backend="vllm")  # generation_batch_size is for loop/generate only
+    assert plan_memory(replace(vllm, generation_batch_size=16), H100).components == plan_memory(vllm, H100).components
+
+
+def test_guidance_cap_is_the_trainers() -> None:
+    from tropd_cli.rollout import prefix_cap
+
+    for steps in (1, 2, 200):
+        for step in range(steps):
+            assert planning.guidance_cap(step, steps, 8192) == prefix_cap(step, steps - 1, 8192, "cosine")
+    assert planning.guidance_cap(0, 200, 8192) == 8192 and planning.guidance_cap(199, 200, 8192) == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Activations: what autograd saves in the decoder's forward
 
@@ -279,18 +424,125 @@ def test_smallest_micro_batches_fits_and_one_fewer_does_not() -> None:
     assert not plan_memory(replace(run, micro_batches=m - 1)).fits(H100)
 
 
-def test_vllm_replaces_the_sampler_copy_and_cache() -> None:
+def test_vllm_engines_replace_the_sampler_copy_and_its_cache() -> None:
+    """rollout.backend=vllm: no HF sampler copy or cache; each engine takes its share of the GPU while awake."""
     run = planning.paper_run("r1-1.5b<-skywork-7b", world_size=8, backend="vllm", vllm_gpu_memory_utilization=0.4)
     plan = plan_memory(run, H200)
     assert plan.get("sampler_copy") == 0 and plan.get("rollout_kv_cache") == 0
-    assert plan.get("vllm_engine") == int(0.4 * H200.memory_bytes)
-    assert plan.persistent == plan_memory(replace(run, backend="loop")).persistent - plan_memory(
-        replace(run, backend="loop")
-    ).get("sampler_copy")  # asleep outside sampling: nothing of vLLM persists
+    assert plan.get("vllm_student_engine") == int(0.4 * H200.memory_bytes)
+    assert plan.get("vllm_teacher_engine") == int(0.2 * H200.memory_bytes)  # guidance prefixes from a teacher engine
+    loop = plan_memory(replace(run, backend="loop"))
+    assert plan.persistent == loop.persistent - loop.get("sampler_copy")  # asleep outside sampling: nothing persists
+    # Level-1 sleep keeps every engine's bf16 weights in host RAM; an engine starts with its share free.
+    s, t = param_counts(run.student).total, param_counts(run.teacher).total
+    assert plan.host == plan.get("engine_weights_offloaded") == (s + t) * 2
+    assert plan.startup == s * FP32 + t * 2 + int(0.4 * H200.memory_bytes)
     awake = plan_memory(replace(run, vllm_sleep=False), H200)
-    assert awake.persistent == plan.persistent + plan.get("vllm_engine")
+    assert awake.persistent == plan.persistent + plan.get("vllm_student_engine") + plan.get("vllm_teacher_engine")
+    assert awake.get("torch_cache_held") == 0 and awake.host == 0
     with pytest.raises(ValueError, match="pass the GPU"):
         plan_memory(run)
+
+
+def test_teacher_engine_follows_the_trainers_rules() -> None:
+    """Trainer._make_engines: a teacher engine with teacher_scoring, or with teacher_prefixes and guidance."""
+    run = planning.preset_run("qwen3-1.7b<-qwen3-4b")
+    share = int(run.vllm_teacher_gpu_memory_utilization * H100.memory_bytes)
+    assert plan_memory(run, H100).get("vllm_teacher_engine") == share
+    unguided = plan_memory(replace(run, guidance=False), H100)
+    assert not replace(run, guidance=False).teacher_engine and unguided.get("vllm_teacher_engine") == 0
+    scoring = plan_memory(replace(run, guidance=False, vllm_teacher_scoring=True), H100)
+    assert scoring.get("vllm_teacher_engine_scoring") == share and scoring.get("teacher_forward") == 0
+    # Prefixes from the HF teacher (teacher_prefixes=false): its loop's cache sits beside the student engine.
+    hf = plan_memory(replace(run, vllm_teacher_prefixes=False, prefix_tokens=4096), H100)
+    assert hf.get("vllm_teacher_engine") == 0
+    assert hf.get("rollout_kv_cache") == planning.sampling_kv_cache_bytes(replace(run, prefix_tokens=4096), "teacher")
+
+
+def test_torch_cache_held_beside_the_engines() -> None:
+    """vLLM wakes its engines outside torch's allocator and empties torch's cache only when they go to sleep:
+    the sampling phase holds torch's high-water mark of the other phases, unless the cache is emptied first."""
+    run = planning.preset_run("r1-1.5b<-skywork-7b")
+    plan = plan_memory(run, H100)
+    torch_only = {
+        p: sum(c.bytes for c in plan.components if c.phase == p and not c.name.startswith(("vllm_", "torch_cache")))
+        for p in planning.PHASES
+    }
+    high = max(torch_only["teacher_scoring"], torch_only["training"], torch_only["optimizer"])
+    assert plan.get("torch_cache_held") == high - torch_only["sampling"]
+    engines = plan.get("vllm_student_engine") + plan.get("vllm_teacher_engine")
+    assert plan.phase_total("sampling") == high + engines
+    released = plan_memory(replace(run, release_torch_cache=True), H100)
+    assert released.get("torch_cache_held") == 0
+    assert released.phase_total("sampling") == torch_only["sampling"] + engines
+    # The room the engines have together is what the rest of the sampling phase leaves.
+    room = planning.vllm_engine_room(run, H100)
+    assert room * H100.memory_bytes == pytest.approx(0.9 * H100.memory_bytes - plan.persistent - high)
+    assert planning.vllm_engine_room(replace(run, release_torch_cache=True), H100) > room
+
+
+def test_engine_pool_and_the_sequences_it_holds() -> None:
+    run = planning.preset_run("r1-1.5b<-skywork-7b")
+    pool = planning.vllm_kv_pool_bytes(run, H100, "teacher")
+    assert pool == int(0.2 * H100.memory_bytes) - param_counts(run.teacher).total * 2
+    per_sequence = planning.kv_cache_bytes(run.teacher, 1, 1024 + 8192)
+    assert planning.vllm_concurrent_rows(run, H100, "teacher") == pool // per_sequence == 3
+    assert planning.vllm_concurrent_rows(run, H100, "student") >= run.sequences_per_rank  # 64 rows at once
+    # A share below the teacher's weights: vLLM would refuse to start the engine.
+    small = replace(run, vllm_teacher_gpu_memory_utilization=0.15)
+    assert planning.vllm_concurrent_rows(small, H100, "teacher") == 0
+    assert not plan_memory(small, H100).fits(H100)
+    assert any("teacher engine" in p for p in plan_memory(small, H100).problems(H100))
+
+
+def test_preset_run_matches_the_paper_presets() -> None:
+    """planning.preset_run against the composed conf/experiment/paper/*.yaml (and VLLMConfig's defaults)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from tropd_cli.config import TrainConfig, register_configs
+
+    register_configs()
+    presets = {
+        "r1-1.5b<-skywork-7b": ("paper/ds_r1_1p5b_from_skywork_math7b", []),
+        "qwen3-1.7b<-qwen3-4b": (
+            "paper/qwen3_1p7b_from_nemotron4b",
+            ["teacher.name=t", "student.name=s", "dataset.path=p.jsonl"],
+        ),
+    }
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        for name, (experiment, required) in presets.items():
+            cfg = OmegaConf.to_object(compose("train", [f"experiment={experiment}", *required]))
+            assert isinstance(cfg, TrainConfig)
+            run, v = planning.preset_run(name), cfg.rollout.vllm
+            assert run.sequences == cfg.rollout.batch_size * cfg.rollout.n_samples_per_prompt
+            assert (run.response_tokens, run.prompt_tokens) == (
+                cfg.rollout.max_new_tokens,
+                cfg.dataset.max_prompt_tokens,
+            )
+            assert (run.micro_batches, run.chunk_size, run.top_k) == (
+                cfg.optim.micro_batches,
+                cfg.scoring.chunk_size,
+                cfg.method.top_k,
+            )
+            assert run.gradient_checkpointing == cfg.student.gradient_checkpointing
+            assert (run.backend, run.generation_batch_size, run.guidance) == (
+                cfg.rollout.backend,
+                cfg.rollout.generation_batch_size,
+                cfg.guidance.enabled,
+            )
+            assert (run.vllm_gpu_memory_utilization, run.vllm_teacher_gpu_memory_utilization) == (
+                v.gpu_memory_utilization,
+                v.teacher_gpu_memory_utilization,
+            )
+            assert (run.vllm_teacher_prefixes, run.vllm_teacher_scoring, run.vllm_sleep) == (
+                v.teacher_prefixes,
+                v.teacher_scoring,
+                v.enable_sleep_mode,
+            )
+            assert run.max_model_len == cfg.dataset.max_prompt_tokens + cfg.rollout.max_new_tokens
+            assert run.world_size == 8 and run.sequences_per_rank * 8 == run.sequences
 
 
 def test_one_process_fp32_sampler_is_the_student_itself() -> None:
@@ -314,6 +566,26 @@ def test_step_estimate_counts_flops_and_decode() -> None:
     assert est.teacher_s == pytest.approx(est.teacher_flops / (8 * H200.bf16_flops * 0.35))
 
 
+def test_step_estimate_chunks_budgets_and_waves() -> None:
+    """HF chunks run one after the other; a guided row's continuation is max_new - prefix; a vLLM engine whose
+    pool holds fewer rows than the rank's runs them in waves."""
+    run = planning.paper_run("r1-1.5b<-skywork-7b", world_size=8)
+    one = planning.estimate_step(run, H100)
+    four = planning.estimate_step(replace(run, generation_batch_size=16), H100)
+    assert four.decode_steps == 4 * one.decode_steps
+    assert four.decode_s == pytest.approx(4 * one.decode_s, rel=0.05)  # launch-bound: chunks cost time, not rows
+    guided = planning.estimate_step(replace(run, prefix_tokens=3000), H100)
+    assert guided.decode_steps == 3000 + (8192 - 3000)  # teacher prefix, then the student's remaining budget
+    vllm = planning.preset_run("qwen3-1.7b<-qwen3-4b")
+    rows_at_once = planning.vllm_concurrent_rows(vllm, H100, "student")
+    waves = -(-vllm.sequences_per_rank // rows_at_once)
+    assert waves > 1 and planning.estimate_step(vllm, H100).decode_steps == waves * 8192
+    hours = planning.estimate_run_seconds(run, H100, steps=4) / 3600
+    caps = [planning.guidance_cap(i, 4, 8192) for i in range(4)]
+    expected = sum(planning.estimate_step(replace(run, prefix_tokens=c), H100).total_s for c in caps) / 3600
+    assert hours == pytest.approx(expected)
+
+
 def test_memory_plan_script_rewrites_only_its_section(tmp_path: Path) -> None:
     """benchmarks/memory_plan.py --no-measure: the generated section lands between its markers, twice over."""
     import subprocess
@@ -333,3 +605,8 @@ def test_memory_plan_script_rewrites_only_its_section(tmp_path: Path) -> None:
     assert text.count("<!-- memory-plan:start -->") == 1 and "STALE-SECTION" not in text
     assert text.index("before") < text.index("### Models") < text.index("after")
     assert "| 8 | H100 | on | late steps | 5 | 13 |" in text  # R1-1.5B <- Skywork-7B: 5 micro-batches fit
+    # The presets as configured on 8 H100s: R1 <- Skywork does not fit (engines beside torch's cached blocks).
+    assert "| H100 | as configured | 16 | 0.3 + 0.2 = 0.5 | 0.46 | 74.6 (sampling) | **no**" in text
+    assert "H100: `optim.micro_batches=64 rollout.vllm.gpu_memory_utilization=0.2 " in text
+    recommended = [line for line in text.splitlines() if line.startswith("| H") and "| recommended |" in line]
+    assert len(recommended) == 4 and all("| yes |" in line for line in recommended)

@@ -137,6 +137,8 @@ def test_request_sampling_kwargs_match_the_hf_sampling_settings():
     assert first["stop_token_ids"] == [3, 7] and first["ignore_eos"] and not first["detokenize"]
     greedy = request_sampling_kwargs(1, max_new_tokens=4, temperature=0.0, top_p=0.5, seed=0)[0]
     assert greedy["temperature"] == 0.0 and greedy["top_p"] == 1.0
+    per_row = request_sampling_kwargs(3, max_new_tokens=[16, 5, 2], min_new_tokens=4, seed=11)
+    assert [kw["max_tokens"] for kw in per_row] == [16, 5, 2] and [kw["min_tokens"] for kw in per_row] == [4, 4, 2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,12 +160,17 @@ class LoopEngine:
         self, prompt_token_ids, *, max_new_tokens, min_new_tokens, temperature, top_p, seed, stop_token_ids
     ) -> list[list[int]]:
         self.calls += 1
+        self.budgets = max_new_tokens  # one per row from rollout(): what each request would ask vLLM for
+        limits = torch.tensor(
+            [max_new_tokens] * len(prompt_token_ids) if isinstance(max_new_tokens, int) else max_new_tokens
+        )
         ids, mask = _left_pad([torch.tensor(row) for row in prompt_token_ids], self.pad_id)
         out = _sample_loop(
             self.model,
             ids,
             mask,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=int(limits.max()),
+            row_limits=limits,
             min_new_tokens=min_new_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -204,6 +211,8 @@ def test_rollout_with_a_student_engine_matches_the_loop_backend(make_config, loa
 
     reference, via_engine = run(student.model, "loop"), run(engine, "vllm")
     assert engine.calls == 1  # the teacher's prefixes went through the HF loop, not the engine
+    # Each request asks for what its row's prefix leaves of the 10-token budget (vLLM's max_tokens).
+    assert engine.budgets == (10 - via_engine.prefix_mask.sum(-1)).tolist()
     for field in ("input_ids", "attention_mask", "response_mask", "prefix_mask", "prompt_index"):
         assert torch.equal(getattr(via_engine, field), getattr(reference, field)), field
     assert bool(via_engine.prefix_mask.any()) == bool(prefix_max)
@@ -578,8 +587,9 @@ def test_guidance_prefixes_come_from_a_teacher_engine(make_config, tmp_path, hf_
     history = train(cfg, output_dir=tmp_path).history
     engine, teacher = hf_engines
     assert teacher.model_dir.name == "teacher" and "load" not in teacher.events  # frozen: never synced
-    # Prefix caps 8, 4, 0 (cosine over 3 steps): the teacher engine writes prefixes at steps 1 and 2.
-    assert teacher.events == ["sleep", "generate", "sleep", "generate", "sleep", "sleep", "close"]
+    # Prefix caps 8, 4, 0 (cosine over 3 steps): the teacher engine writes prefixes at steps 1 and 2, and
+    # sleeps as soon as they are written (before the student's engine continues them).
+    assert teacher.events == ["sleep", "generate", "sleep", "generate", "sleep", "close"]
     assert engine.events == ["sleep", *["load", "generate", "sleep"] * 3, "close"]
     assert history[0]["prefix_len"] > 0 and history[-1]["prefix_len"] == 0
 
@@ -600,7 +610,7 @@ def test_teacher_scoring_through_a_vllm_engine_matches_hf_scoring(make_config, t
     student, teacher = hf_engines
     # Step 1: prefixes (cap 8), then scoring; step 2 (cap 0): scoring only.
     assert teacher.model_dir.name == "teacher"
-    assert teacher.events == ["sleep", "generate", "sleep", "score", "sleep", "sleep", "score", "sleep", "close"]
+    assert teacher.events == ["sleep", "generate", "sleep", "score", "sleep", "score", "sleep", "close"]
     for a, b in zip(without_times(hf.history), without_times(via.history), strict=True):
         assert a.keys() == b.keys()
         for key in a:

@@ -5,9 +5,16 @@ Everything here mirrors what the code does (docs/scaling.md explains each compon
 
 - the student trains with fp32 master weights, fp32 gradients and torch AdamW (two fp32 states); with
   ``world_size > 1`` FSDP2 shards all three over the ranks;
-- rollouts come from a separate copy of the student in ``rollout.sampler_dtype`` (bf16 on a GPU),
-  whole on every rank, with an HF ``DynamicCache`` over the rank's whole rollout batch; guidance
-  prefixes are sampled by the teacher the same way, before the student continues them;
+- HF rollouts (``rollout.backend=loop|generate``) come from a separate copy of the student in
+  ``rollout.sampler_dtype`` (bf16 on a GPU), whole on every rank, with an HF ``DynamicCache`` over the
+  rows of one sampling call: ``rollout.generation_batch_size`` rows at a time (0: the rank's whole batch);
+  guidance prefixes are sampled by the teacher the same way, before the student continues them, and
+  each row's continuation stops at its own budget (``max_new_tokens - len(prefix)``);
+- ``rollout.backend=vllm`` has no HF sampler: a student engine (and, with guidance, a teacher engine
+  for the prefixes) takes ``gpu_memory_utilization`` (``teacher_gpu_memory_utilization``) of the GPU
+  while awake and nothing while asleep (level 1: bf16 weights in host RAM); vLLM maps that memory
+  outside torch's caching allocator, so the blocks torch cached in the previous step stay reserved
+  beside the awake engines (tropd does not empty torch's cache before a wake);
 - the teacher is frozen in bf16, replicated or (``distributed.shard_teacher``) FSDP-sharded;
 - scoring projects the lm_head only at response positions, ``scoring.chunk_size`` rows at a time;
   the teacher's top-k ids and log-probs of the whole rank batch are kept until the update is done;
@@ -23,6 +30,7 @@ exactly). It assumes a memory-efficient SDPA kernel on GPU (saves q, k, v, outpu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -261,7 +269,7 @@ class RunShape:
     sequences: int = 512  # rollout.batch_size x rollout.n_samples_per_prompt, all ranks together
     prompt_tokens: int = 512  # prompt width after left-padding (<= dataset.max_prompt_tokens)
     response_tokens: int = 8192  # rollout.max_new_tokens
-    prefix_tokens: int = 0  # guidance prefix cap at the step planned (step 0: max_new_tokens; 0: guidance off)
+    prefix_tokens: int = 0  # guidance prefix cap at the step planned (step 0: max_new_tokens; late steps: about 0)
     micro_batches: int = 1  # optim.micro_batches (x method.mini_batches)
     chunk_size: int = 512  # scoring.chunk_size
     top_k: int = 64  # method.top_k
@@ -271,8 +279,17 @@ class RunShape:
     sampler_dtype: str = "bfloat16"  # rollout.sampler_dtype as resolved
     teacher_dtype: str = "bfloat16"  # teacher.dtype as resolved
     backend: str = "loop"  # rollout.backend: loop / generate (HF cache) or vllm
-    vllm_gpu_memory_utilization: float = 0.3  # vLLM's share of the GPU (weights + paged KV pool)
-    vllm_sleep: bool = True  # the engine sleeps (frees its KV pool, weights to host) outside sampling
+    generation_batch_size: int = 0  # rollout.generation_batch_size: rows loop/generate sample at once (0: all)
+    guidance: bool = True  # guidance.enabled (with vllm: the teacher engine wakes every step the cap is > 0)
+    vllm_gpu_memory_utilization: float = 0.3  # rollout.vllm.gpu_memory_utilization: the student engine's share
+    vllm_teacher_gpu_memory_utilization: float = 0.2  # rollout.vllm.teacher_gpu_memory_utilization
+    vllm_teacher_prefixes: bool = True  # rollout.vllm.teacher_prefixes: a teacher engine writes the prefixes
+    vllm_teacher_scoring: bool = False  # rollout.vllm.teacher_scoring: ... and scores the rollouts
+    vllm_sleep: bool = True  # rollout.vllm.enable_sleep_mode: engines asleep (level 1) outside their use
+    # Whether torch.cuda.empty_cache() runs before an engine wakes. tropd does not call it: vLLM maps an
+    # engine's memory outside torch's caching allocator, so the blocks torch cached during the previous
+    # step's scoring and backward stay reserved beside the engines (``torch_cache_held``).
+    release_torch_cache: bool = False
 
     @property
     def sequences_per_rank(self) -> int:
@@ -298,11 +315,32 @@ class RunShape:
             return "fp32"
         return "bf16" if self.world_size > 1 else "autocast"
 
+    @property
+    def generation_rows(self) -> int:
+        """Rows one HF sampling call holds (``rollout.sample``: chunks of ``generation_batch_size`` rows)."""
+        rows = self.sequences_per_rank
+        return min(self.generation_batch_size, rows) if self.generation_batch_size > 0 else rows
+
+    @property
+    def generation_chunks(self) -> int:
+        """HF sampling calls per rank and rollout, one after the other."""
+        return -(-self.sequences_per_rank // self.generation_rows)
+
+    @property
+    def teacher_engine(self) -> bool:
+        """``Trainer._make_engines`` starts a teacher engine (it writes prefixes and/or scores)."""
+        return self.backend == "vllm" and (self.vllm_teacher_scoring or (self.vllm_teacher_prefixes and self.guidance))
+
+    @property
+    def max_model_len(self) -> int:
+        """The engines' ``max_model_len`` (``dataset.max_prompt_tokens + rollout.max_new_tokens``)."""
+        return self.prompt_tokens + self.response_tokens
+
 
 @dataclass(frozen=True)
 class Component:
     name: str
-    phase: str  # persistent | sampling | teacher_scoring | training | optimizer
+    phase: str  # persistent | sampling | teacher_scoring | training | optimizer | startup | host
     bytes: int
     note: str = ""
 
@@ -312,10 +350,15 @@ PHASES = ("sampling", "teacher_scoring", "training", "optimizer")
 
 @dataclass
 class MemoryPlan:
-    """Named per-GPU components; the peak is the persistent state plus the largest phase."""
+    """Named per-GPU components; the peak is the persistent state plus the largest phase.
+
+    Two more figures stand apart: ``startup`` (the models as loaded, before FSDP shards them, plus the
+    share an engine asks for when it starts) and ``host`` (host RAM per rank: engine weights while asleep).
+    """
 
     run: RunShape
     components: list[Component] = field(default_factory=list)
+    gpu: GPU | None = None
 
     def add(self, name: str, phase: str, nbytes: float, note: str = "") -> None:
         self.components.append(Component(name, phase, int(nbytes), note))
@@ -338,9 +381,33 @@ class MemoryPlan:
     def peak(self) -> int:
         return self.persistent + self.phase_total(self.peak_phase)
 
+    @property
+    def startup(self) -> int:
+        return self.phase_total("startup")
+
+    @property
+    def host(self) -> int:
+        return self.phase_total("host")
+
+    def problems(self, gpu: GPU, usable: float = 0.9) -> list[str]:
+        """Why the plan does not fit ``gpu`` (empty: it fits)."""
+        limit = usable * gpu.memory_bytes
+        out = []
+        if self.peak > limit:
+            out.append(f"peak {self.peak / GiB:.1f} GiB ({self.peak_phase}) > {limit / GiB:.1f} GiB")
+        if self.startup > limit:
+            out.append(f"startup {self.startup / GiB:.1f} GiB > {limit / GiB:.1f} GiB")
+        if self.run.backend == "vllm":
+            roles = ["student"] + (["teacher"] if self.run.teacher_engine else [])
+            for role in roles:
+                if vllm_concurrent_rows(self.run, gpu, role) < 1:
+                    out.append(f"the {role} engine's KV pool cannot hold one {self.run.max_model_len}-token sequence")
+        return out
+
     def fits(self, gpu: GPU, usable: float = 0.9) -> bool:
-        """Peak within ``usable`` of the GPU (the rest: CUDA context, NCCL buffers, allocator fragmentation)."""
-        return self.peak <= usable * gpu.memory_bytes
+        """Peak and startup within ``usable`` of the GPU (the rest: CUDA context, NCCL buffers, allocator
+        fragmentation), and every vLLM engine's KV pool holds at least one ``max_model_len`` sequence."""
+        return not self.problems(gpu, usable)
 
 
 def _sampling_sub_phase(
@@ -349,7 +416,7 @@ def _sampling_sub_phase(
     """(KV cache, other temporaries, which moment) at the peak of one HF-loop sampling call.
 
     Prefill: the cache of ``prompt`` positions plus one layer's temporaries over all ``rows x prompt``
-    tokens (the loop prefills the whole batch at once). Decode: the cache at its longest, ``prompt +
+    tokens (the loop prefills the whole call at once). Decode: the cache at its longest, ``prompt +
     new_tokens - 1`` positions (the last sampled token is never fed back), one layer's cache twice
     while ``torch.cat`` grows it, and the last position's logits (model dtype, fp32 copy, probabilities).
     """
@@ -363,17 +430,69 @@ def _sampling_sub_phase(
     return kv_final, decode, f"decode, {rows} rows x up to {final} positions"
 
 
+def sampling_kv_cache_bytes(run: RunShape, role: str = "student") -> int:
+    """The largest ``DynamicCache`` one HF sampling call of ``run`` reaches (the end of its decode).
+
+    Student: ``generation_rows`` rows x (prompt + prefix cap + a whole response - 1) positions: a call's
+    rows are left-padded to its longest context, and it decodes until its longest budget is spent (a row
+    with no or a short prefix has a whole response). Teacher (guidance prefixes): ``generation_rows`` rows x
+    (prompt + prefix cap - 1). The last sampled token is never fed back, hence the - 1.
+    """
+    if role == "student":
+        positions = run.prompt_tokens + run.prefix_tokens + run.response_tokens - 1
+        return kv_cache_bytes(run.student, run.generation_rows, positions, DTYPE_BYTES[run.sampler_dtype])
+    if role == "teacher":
+        positions = run.prompt_tokens + max(run.prefix_tokens, 1) - 1
+        return kv_cache_bytes(run.teacher, run.generation_rows, positions, DTYPE_BYTES[run.teacher_dtype])
+    raise ValueError(f"role {role!r}: student or teacher")
+
+
+def vllm_kv_pool_bytes(run: RunShape, gpu: GPU, role: str = "student") -> int:
+    """An engine's paged KV pool, at most: its share of the GPU less its bf16 weights. vLLM also takes its
+    profiled activation peak (and, in recent releases, its CUDA graphs) out of the share: not modelled."""
+    model, share = _engine(run, role)
+    return int(share * gpu.memory_bytes) - param_counts(model).total * BF16
+
+
+def vllm_concurrent_rows(run: RunShape, gpu: GPU, role: str = "student") -> int:
+    """Sequences of ``max_model_len`` positions the engine's pool holds at once (vLLM refuses to start
+    below 1); with fewer than a rank's rollouts it queues or preempts the rest."""
+    model, _ = _engine(run, role)
+    return max(0, vllm_kv_pool_bytes(run, gpu, role) // kv_cache_bytes(model, 1, run.max_model_len))
+
+
+def _engine(run: RunShape, role: str) -> tuple[ModelShape, float]:
+    if role == "student":
+        return run.student, run.vllm_gpu_memory_utilization
+    if role == "teacher":
+        return run.teacher, run.vllm_teacher_gpu_memory_utilization
+    raise ValueError(f"role {role!r}: student or teacher")
+
+
 def plan_memory(run: RunShape, gpu: GPU | None = None) -> MemoryPlan:
     """Per-GPU bytes of every component of a step of ``run`` (``gpu`` needed for ``backend=vllm``)."""
     s, t = run.student, run.teacher
     n = run.world_size
     ps, pt = param_counts(s), param_counts(t)
-    plan = MemoryPlan(run)
+    plan = MemoryPlan(run, gpu=gpu)
     rows, b = run.sequences_per_rank, run.micro_batch_sequences
     sampler_bytes = DTYPE_BYTES[run.sampler_dtype]
     teacher_bytes = DTYPE_BYTES[run.teacher_dtype]
     compute_bytes = FP32 if run.precision == "fp32" else BF16
     sharded = " / world_size (FSDP2)" if n > 1 else ""
+    vllm = run.backend == "vllm"
+    if vllm and gpu is None:
+        raise ValueError("backend=vllm: pass the GPU (an engine takes a share of its memory)")
+    # One process with an fp32 sampler samples from the student itself; vLLM needs no HF sampler at all.
+    sampler_copy = not vllm and (n > 1 or sampler_bytes != FP32)
+
+    # -- startup: the models as load_pair leaves them, before FSDP shards them --------------------
+    plan.add(
+        "models_loaded",
+        "startup",
+        ps.total * FP32 + pt.total * teacher_bytes + (ps.total * sampler_bytes if sampler_copy else 0),
+        "student whole in fp32, teacher whole" + (", the sampling copy" if sampler_copy else "") + " (before sharding)",
+    )
 
     # -- persistent: lives through the whole step -------------------------------------------------
     plan.add("student_weights", "persistent", ps.total * FP32 // n, f"fp32 master weights{sharded}")
@@ -381,17 +500,7 @@ def plan_memory(run: RunShape, gpu: GPU | None = None) -> MemoryPlan:
         "student_grads", "persistent", ps.total * FP32 // n, f"fp32, kept from backward to the next zero_grad{sharded}"
     )
     plan.add("optimizer_states", "persistent", 2 * ps.total * FP32 // n, f"AdamW exp_avg + exp_avg_sq, fp32{sharded}")
-    if run.backend == "vllm":
-        if gpu is None:
-            raise ValueError("backend=vllm: pass the GPU (vLLM reserves a share of its memory)")
-        plan.add(
-            "vllm_engine",
-            "sampling" if run.vllm_sleep else "persistent",
-            run.vllm_gpu_memory_utilization * gpu.memory_bytes,
-            "gpu_memory_utilization x GPU: student weights + paged KV pool"
-            + (", released while asleep" if run.vllm_sleep else ""),
-        )
-    elif n > 1 or sampler_bytes != FP32:  # one process with an fp32 sampler samples from the student itself
+    if sampler_copy:
         plan.add(
             "sampler_copy",
             "persistent",
@@ -410,49 +519,108 @@ def plan_memory(run: RunShape, gpu: GPU | None = None) -> MemoryPlan:
     if teacher_div > 1:  # the root (embeddings, lm_head) for the whole forward, plus two layers in flight
         gathered_teacher = (pt.embed + pt.lm_head + 2 * pt.per_layer) * teacher_bytes
 
+    # -- vLLM engines: a share of the GPU each while awake ------------------------------------------
+    if vllm:
+        assert gpu is not None
+        asleep = ", asleep (nothing on the GPU) otherwise" if run.vllm_sleep else ", always resident (no sleep mode)"
+        share_s = run.vllm_gpu_memory_utilization * gpu.memory_bytes
+        plan.add(
+            "vllm_student_engine",
+            "sampling" if run.vllm_sleep else "persistent",
+            share_s,
+            "gpu_memory_utilization x GPU: bf16 student, activations, paged KV pool" + asleep,
+        )
+        shares = [share_s]
+        if run.teacher_engine:
+            share_t = run.vllm_teacher_gpu_memory_utilization * gpu.memory_bytes
+            shares.append(share_t)
+            note = "teacher_gpu_memory_utilization x GPU: bf16 teacher, activations, paged KV pool"
+            if not run.vllm_sleep:
+                plan.add("vllm_teacher_engine", "persistent", share_t, note + asleep)
+            else:
+                if run.guidance and run.vllm_teacher_prefixes:
+                    plan.add(
+                        "vllm_teacher_engine",
+                        "sampling",
+                        share_t,
+                        note + ", awake from the prefixes to the end of the rollout",
+                    )
+                if run.vllm_teacher_scoring:
+                    plan.add(
+                        "vllm_teacher_engine_scoring", "teacher_scoring", share_t, note + ", awake while it scores"
+                    )
+        # An engine starts only when its share is free (vLLM checks): the first beside the whole models, the
+        # second once the first is asleep (or beside it, without sleep mode).
+        plan.add(
+            "engine_start",
+            "startup",
+            max(shares) if run.vllm_sleep else sum(shares),
+            "vLLM starts an engine only with gpu_memory_utilization x GPU free",
+        )
+        if run.vllm_sleep:
+            plan.add(
+                "engine_weights_offloaded",
+                "host",
+                ps.total * BF16 + (pt.total * BF16 if run.teacher_engine else 0),
+                "sleep level 1: every engine's bf16 weights in pinned host RAM while it sleeps",
+            )
+
     # -- sampling: guidance prefixes (teacher), then the student's continuation --------------------
-    # The two calls run one after the other; the larger is the phase's peak. With a prefix the student's
-    # rows start at prompt + prefix cap (left-padded to the longest) and may run a full response further:
-    # a row's budget is max_new_tokens minus the *shortest* prefix of the batch.
+    # Rows are sampled `generation_rows` at a time (longest contexts first, each chunk cut to its own width);
+    # each row stops at its own budget, max_new_tokens - len(prefix), but a chunk's cache grows until its
+    # last row is done: bound by its longest context (prompt + prefix cap) plus the longest budget in it (a
+    # whole response when it also holds a row with a short or no prefix).
+    g = run.generation_rows
+    chunks = f" (chunks of {g} rows)" if g < rows else ""
     start = run.prompt_tokens + run.prefix_tokens
-    if run.backend == "vllm":
-        kv, other, where = 0, 0, "student: in vLLM's pool (vllm_engine)"
-    else:
-        kv, other, moment = _sampling_sub_phase(s, rows, start, run.response_tokens, sampler_bytes)
-        where = f"student {moment}"
-    if run.prefix_tokens > 0:  # the teacher writes the prefixes with the HF loop (any backend)
-        t_kv, t_other, moment = _sampling_sub_phase(t, rows, run.prompt_tokens, run.prefix_tokens, teacher_bytes)
+    kv = other = 0
+    where = "none: the student samples in its vLLM engine"
+    if not vllm:
+        kv, other, moment = _sampling_sub_phase(s, g, start, run.response_tokens, sampler_bytes)
+        where = f"student {moment}{chunks}"
+    prefixes_by_engine = vllm and run.teacher_engine and run.vllm_teacher_prefixes
+    if run.prefix_tokens > 0 and not prefixes_by_engine:  # the HF teacher writes them with the loop
+        t_kv, t_other, moment = _sampling_sub_phase(t, g, run.prompt_tokens, run.prefix_tokens, teacher_bytes)
         t_other += gathered_teacher
-        if t_kv + t_other > kv + other:
-            kv, other, where = t_kv, t_other, f"teacher (guidance prefixes) {moment}"
+        if vllm:  # torch keeps these blocks cached while the student engine wakes: they add up
+            kv, other, where = (
+                t_kv,
+                t_other,
+                f"teacher (guidance prefixes, HF loop) {moment}{chunks}, beside the engine",
+            )
+        elif t_kv + t_other > kv + other:
+            kv, other, where = t_kv, t_other, f"teacher (guidance prefixes) {moment}{chunks}"
     plan.add("rollout_kv_cache", "sampling", kv, where)
     plan.add(
-        "sampling_temporaries", "sampling", other, "prefill: one layer over all rows; decode: logits, cache growth"
+        "sampling_temporaries", "sampling", other, "prefill: one layer over a call's rows; decode: logits, cache growth"
     )
     if n > 1:
         largest = max(ps.embed, ps.lm_head, ps.per_layer)
-        plan.add("sampler_sync", "sampling", largest * FP32, "one parameter gathered whole in fp32 to re-sync the copy")
+        plan.add(
+            "sampler_sync", "sampling", largest * FP32, "one parameter gathered whole in fp32 to re-sync the sampler"
+        )
 
     # -- teacher scoring: every micro-batch scored before the update --------------------------------
     tokens_mb = b * run.seq_len
     resp_mb = b * run.response_tokens
     topk_per_token = run.top_k * (INT64 + FP32) + 2 * FP32  # ids, log-probs; log-prob and entropy of the target
     topk_all = rows * run.response_tokens * topk_per_token
-    plan.add(
-        "teacher_forward",
-        "teacher_scoring",
-        tokens_mb * (inference_bytes_per_token(t, run.seq_len, teacher_bytes) + t.hidden * teacher_bytes)
-        + resp_mb * t.hidden * teacher_bytes
-        + gathered_teacher,
-        "one micro-batch: a layer's temporaries, last hidden states",
-    )
     chunk = min(run.chunk_size, resp_mb)  # a chunk never has more rows than the micro-batch's response tokens
-    plan.add(
-        "teacher_scoring_chunks",
-        "teacher_scoring",
-        chunk * t.vocab * (teacher_bytes + 2 * FP32),
-        "chunk x V: the product, its fp32 copy, one fp32 temporary",
-    )
+    if not (vllm and run.vllm_teacher_scoring):
+        plan.add(
+            "teacher_forward",
+            "teacher_scoring",
+            tokens_mb * (inference_bytes_per_token(t, run.seq_len, teacher_bytes) + t.hidden * teacher_bytes)
+            + resp_mb * t.hidden * teacher_bytes
+            + gathered_teacher,
+            "one micro-batch: a layer's temporaries, last hidden states",
+        )
+        plan.add(
+            "teacher_scoring_chunks",
+            "teacher_scoring",
+            chunk * t.vocab * (teacher_bytes + 2 * FP32),
+            "chunk x V: the product, its fp32 copy, one fp32 temporary",
+        )
     plan.add("teacher_topk", "teacher_scoring", topk_all, f"k={run.top_k} ids + log-probs, whole rank batch")
 
     # -- training: one micro-batch forward + backward, then the optimizer step -----------------------
@@ -500,6 +668,23 @@ def plan_memory(run: RunShape, gpu: GPU | None = None) -> MemoryPlan:
         ps.total * FP32 // n,
         f"foreach AdamW's sqrt(exp_avg_sq) / bias correction + eps: one parameter-sized fp32 buffer{sharded}",
     )
+
+    # -- what torch keeps cached when the engines wake ----------------------------------------------
+    # An engine maps its memory with the CUDA driver, outside torch's caching allocator; vLLM empties torch's
+    # cache when an engine goes to sleep, not when it wakes. So from the second step on, the blocks torch
+    # cached for the previous step's scoring, backward and optimizer step are still reserved when the
+    # engines wake: the sampling phase holds torch's high-water mark of those phases, not its own tensors.
+    if vllm and run.vllm_sleep and not run.release_torch_cache:
+        torch_phase = {
+            p: sum(c.bytes for c in plan.components if c.phase == p and not c.name.startswith("vllm_")) for p in PHASES
+        }
+        high = max(torch_phase[p] for p in PHASES if p != "sampling")
+        plan.add(
+            "torch_cache_held",
+            "sampling",
+            max(0, high - torch_phase["sampling"]),
+            "blocks torch cached in the last step's scoring / training, still reserved beside the engines",
+        )
     return plan
 
 
@@ -517,6 +702,30 @@ def smallest_micro_batches(run: RunShape, gpu: GPU, usable: float = 0.9) -> int 
     return None
 
 
+def largest_generation_batch_size(run: RunShape, gpu: GPU, usable: float = 0.9) -> int | None:
+    """The most rows ``rollout.generation_batch_size`` may sample at once with the plan fitting ``gpu``
+    (HF backends; None: not even one row fits). Returns the rank's row count when no chunking is needed."""
+    for size in range(run.sequences_per_rank, 0, -1):
+        if plan_memory(replace(run, generation_batch_size=size), gpu).fits(gpu, usable):
+            return size
+    return None
+
+
+def vllm_engine_room(run: RunShape, gpu: GPU, usable: float = 0.9) -> float:
+    """The most GPU share the awake engines may take together in the sampling phase (``gpu_memory_utilization``
+    plus ``teacher_gpu_memory_utilization`` when the teacher engine writes prefixes) with the plan fitting."""
+    base = plan_memory(replace(run, vllm_gpu_memory_utilization=0.0, vllm_teacher_gpu_memory_utilization=0.0), gpu)
+    return (usable * gpu.memory_bytes - base.persistent - base.phase_total("sampling")) / gpu.memory_bytes
+
+
+def guidance_cap(step: int, steps: int, max_new_tokens: int, schedule: str = "cosine") -> int:
+    """The guidance prefix cap at ``step`` of ``steps`` (``tropd_cli.rollout.prefix_cap`` as the trainer calls
+    it: annealed over ``steps - 1`` so that it reaches 0 at the last step)."""
+    if schedule == "constant":
+        return max_new_tokens
+    return int(max_new_tokens * 0.5 * (1.0 + math.cos(math.pi * step / max(steps - 1, 1))))
+
+
 # ---------------------------------------------------------------------------------------------
 # Throughput
 
@@ -527,7 +736,7 @@ class StepEstimate:
 
     teacher_flops: float
     student_flops: float
-    decode_steps: int
+    decode_steps: int  # decode steps one after the other on a rank (chunks and vLLM waves add up)
     decode_bound_s: float  # HBM-bandwidth bound of the student's (and the teacher's prefix) sampling
     decode_s: float  # with the per-step launch overhead floor
     teacher_s: float
@@ -560,6 +769,15 @@ def _decode_seconds(
     return bound, floored
 
 
+def _sampling_groups(run: RunShape, gpu: GPU, role: str, by_engine: bool) -> tuple[int, int]:
+    """(calls one after the other, rows per call): HF chunks, or vLLM waves of what its pool holds."""
+    rows = run.sequences_per_rank
+    if by_engine:
+        at_once = max(1, min(rows, vllm_concurrent_rows(run, gpu, role)))
+        return -(-rows // at_once), at_once
+    return run.generation_chunks, run.generation_rows
+
+
 def estimate_step(
     run: RunShape,
     gpu: GPU,
@@ -574,9 +792,12 @@ def estimate_step(
     ``6 P T`` (+ ``2 P T`` recompute with checkpointing); its lm_head costs 8 V H per response token
     (forward, recomputed forward in backward, two gradient matmuls). Compute runs at ``mfu`` of the
     bf16 peak (fp32 peak for ``precision=fp32``: tropd does not enable TF32). Sampling is one decode
-    step per new token over the rank's rows, bound by reading the weights and the KV cache at
-    ``bw_efficiency`` of HBM bandwidth, and never faster than the eager loop's launch overhead
-    (``launch_overhead_per_layer_s`` per decoder layer and step). All responses assumed full length.
+    step per new token over the rows of a call, bound by reading the weights and the KV cache at
+    ``bw_efficiency`` of HBM bandwidth, and (HF loop) never faster than the eager loop's launch overhead
+    (``launch_overhead_per_layer_s`` per decoder layer and step). Every response runs to
+    ``max_new_tokens``, so every guided row's prefix reaches the cap and its student continuation is the
+    rest (``max_new_tokens - prefix``). HF chunks (``generation_batch_size``) run one after the other;
+    a vLLM engine whose pool holds fewer than the rank's rows runs them in waves of what it holds.
     """
     s, t = run.student, run.teacher
     tokens = run.sequences * run.seq_len
@@ -587,31 +808,35 @@ def estimate_step(
     student = passes * tokens * forward_flops_per_token(s, ctx) + resp * 8.0 * s.vocab * s.hidden
     peak = gpu.fp32_flops if run.precision == "fp32" else gpu.bf16_flops
     rate = run.world_size * peak * mfu
-    rows = run.sequences_per_rank
-    sampler_bytes = DTYPE_BYTES[run.sampler_dtype]
+    vllm = run.backend == "vllm"
+    prefix = min(run.prefix_tokens, run.response_tokens)
+    steps = run.response_tokens - prefix
+    groups, rows = _sampling_groups(run, gpu, "student", vllm)
     bound, floored = _decode_seconds(
         s,
         rows,
-        run.prompt_tokens + run.prefix_tokens,
-        run.response_tokens,
-        sampler_bytes,
+        run.prompt_tokens + prefix,
+        steps,
+        BF16 if vllm else DTYPE_BYTES[run.sampler_dtype],
         gpu,
         bw_efficiency,
-        0.0 if run.backend == "vllm" else launch_overhead_per_layer_s * s.layers,
+        0.0 if vllm else launch_overhead_per_layer_s * s.layers,
     )
-    steps = run.response_tokens
-    if run.prefix_tokens:
+    bound, floored, steps = groups * bound, groups * floored, groups * steps
+    if prefix:
+        by_engine = vllm and run.teacher_engine and run.vllm_teacher_prefixes
+        t_groups, t_rows = _sampling_groups(run, gpu, "teacher", by_engine)
         tb, tf = _decode_seconds(
             t,
-            rows,
+            t_rows,
             run.prompt_tokens,
-            run.prefix_tokens,
-            DTYPE_BYTES[run.teacher_dtype],
+            prefix,
+            BF16 if by_engine else DTYPE_BYTES[run.teacher_dtype],
             gpu,
             bw_efficiency,
-            launch_overhead_per_layer_s * t.layers,
+            0.0 if by_engine else launch_overhead_per_layer_s * t.layers,
         )
-        bound, floored, steps = bound + tb, floored + tf, steps + run.prefix_tokens
+        bound, floored, steps = bound + t_groups * tb, floored + t_groups * tf, steps + t_groups * prefix
     return StepEstimate(
         teacher_flops=teacher,
         student_flops=student,
@@ -621,6 +846,16 @@ def estimate_step(
         teacher_s=teacher / rate,
         student_s=student / rate,
     )
+
+
+def estimate_run_seconds(run: RunShape, gpu: GPU, steps: int = 200, **kwargs: Any) -> float:
+    """The whole run: :func:`estimate_step` at every step's guidance cap (cosine, ``steps`` steps)."""
+    caps = [guidance_cap(i, steps, run.response_tokens) if run.guidance else 0 for i in range(steps)]
+    per_cap: dict[int, float] = {}
+    for cap in caps:
+        if cap not in per_cap:
+            per_cap[cap] = estimate_step(replace(run, prefix_tokens=cap), gpu, **kwargs).total_s
+    return sum(per_cap[cap] for cap in caps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -680,4 +915,21 @@ def paper_run(preset: str, **overrides: Any) -> RunShape:
     """The paper's hyperparameters (128 prompts x 4 rollouts, 8192 new tokens, k = 64) for ``preset``."""
     student, teacher = PRESETS[preset]
     base = RunShape(student=ModelShape.from_config(student), teacher=ModelShape.from_config(teacher))
+    return replace(base, **overrides)
+
+
+def preset_run(preset: str, **overrides: Any) -> RunShape:
+    """``paper_run`` as ``conf/experiment/paper/*.yaml`` configure it, on one node of 8 GPUs: prompts up to
+    ``dataset.max_prompt_tokens`` (1024, planned at that bound), ``scoring.chunk_size=1024``,
+    ``optim.micro_batches=16``, checkpointing, ``rollout.backend=vllm`` with the ``rollout.vllm`` defaults
+    (shares 0.3 and 0.2, sleep mode, teacher prefixes from a teacher engine, HF teacher scoring)."""
+    base = paper_run(
+        preset,
+        world_size=8,
+        prompt_tokens=1024,
+        chunk_size=1024,
+        micro_batches=16,
+        gradient_checkpointing=True,
+        backend="vllm",
+    )
     return replace(base, **overrides)

@@ -191,8 +191,9 @@ def sample(
     ``backend``: ``loop`` (a minimal KV-cache loop, the default), ``generate`` (HF ``generate``) or
     ``vllm`` (``model`` is then a :class:`tropd_cli.vllm_backend.VLLMEngine`; same layout, same
     distribution, vLLM's own per-row seeded noise).
-    ``stop_check``, ``row_limits``: see :func:`_sample_loop` (``loop`` only; elsewhere rows are cut by
-    the caller). ``chunk_rows > 0`` (HF backends): sample at most that many rows at a time, rows of
+    ``stop_check``: see :func:`_sample_loop` (``loop`` only). ``row_limits``: each row's own budget
+    (``loop``; ``vllm``: each request's ``max_tokens``; ``generate`` runs to ``max_new_tokens`` and the
+    caller cuts the rows). ``chunk_rows > 0`` (HF backends): sample at most that many rows at a time, rows of
     similar length together, each chunk without the padding columns it does not need; this bounds the
     KV cache at ``chunk_rows x (longest context + max_new_tokens)``. Chunk ``c`` draws its noise from
     ``seeded(seed, 7, c)``, so the samples differ from the unchunked ones (same distribution).
@@ -230,6 +231,7 @@ def sample(
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
             seed=seed,
+            row_limits=row_limits,
         )
     model = cast(PreTrainedModel, model)
     was_training = model.training
@@ -355,6 +357,7 @@ def rollout(
     backend: str = "loop",
     teacher_backend: str | None = None,
     chunk_rows: int = 0,
+    after_prefixes: Callable[[], None] | None = None,
 ) -> RolloutBatch:
     """One batch of rollouts: optionally a teacher prefix per row, then the student continues.
 
@@ -364,7 +367,8 @@ def rollout(
     With ``backend="vllm"`` the student is a :class:`tropd_cli.vllm_backend.VLLMEngine` and the
     teacher writes its prefixes with ``teacher_backend`` (default: ``loop`` for an HF teacher; ``vllm``
     when ``teacher`` is an engine too). Each row's continuation stops at its own budget,
-    ``max_new_tokens - len(prefix)``; ``chunk_rows``: see :func:`sample`.
+    ``max_new_tokens - len(prefix)``; ``chunk_rows``: see :func:`sample`. ``after_prefixes`` is called
+    once the teacher has written its prefixes (e.g. to put a teacher engine to sleep before the student's).
     """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -397,6 +401,8 @@ def rollout(
             raise ValueError(f"unknown prefix_sampling {prefix_sampling!r}; choose min or uniform")
         for j, row in enumerate(rows.tolist()):
             prefixes[row] = written[j, : int(lengths[j])]
+        if after_prefixes is not None:
+            after_prefixes()
 
     prefix_lens = [len(p) for p in prefixes]
     if max(prefix_lens) == 0:

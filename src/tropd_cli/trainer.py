@@ -507,8 +507,12 @@ class Trainer:
             draw = torch.rand(len(texts) * self.dist.world_size, generator=generator(cfg.seed, step, 3))
             draw = draw[self.dist.rank * len(texts) : (self.dist.rank + 1) * len(texts)]
             guided = (draw < cfg.guidance.fraction).to(self.device)
-        self._sync_sampler()
         prefixes_by_engine = self.teacher_engine is not None and cfg.rollout.vllm.teacher_prefixes
+        if self.uses_engine and self.device.type == "cuda":
+            # Blocks torch cached during the last step's scoring and backward would sit beside the engines:
+            # vLLM maps its memory outside torch's allocator, so give them back before the engines wake.
+            torch.cuda.empty_cache()
+        self._sync_sampler()
         batch = rollout(
             self.sampler,
             self.teacher_engine if prefixes_by_engine else self.teacher_sampler,
@@ -527,11 +531,14 @@ class Trainer:
             backend=cfg.rollout.backend,
             teacher_backend="vllm" if prefixes_by_engine else None,
             chunk_rows=cfg.rollout.generation_batch_size,
+            # The teacher engine sleeps as soon as its prefixes are written: the student's engine then has
+            # the room to itself.
+            after_prefixes=self.teacher_engine.sleep
+            if prefixes_by_engine and cfg.rollout.vllm.enable_sleep_mode
+            else None,
         )
         if self.uses_engine and cfg.rollout.vllm.enable_sleep_mode:
             self.sampler.sleep()  # give its KV cache back before scoring and backward
-            if prefixes_by_engine:
-                self.teacher_engine.sleep()
         return batch
 
     def _sft_batch(self, step: int, prompt_ids: Tensor, prompt_mask: Tensor, prompt_index: Tensor) -> RolloutBatch:
@@ -698,6 +705,9 @@ class Trainer:
         top_k = min(self.cfg.method.top_k, self.vocab) if self.method.needs_topk else 0
         if self.scores_by_engine:  # rollout.vllm.teacher_scoring (validated: not gkd/eopd, temperature 1)
             from tropd_cli.vllm_backend import scoring_sequences
+
+            if self.device.type == "cuda" and getattr(self.teacher_engine, "asleep", False):
+                torch.cuda.empty_cache()  # before the engine wakes (see make_batch)
 
             sequences, start = scoring_sequences(mb)
             scores = self.teacher_engine.teacher_scores(

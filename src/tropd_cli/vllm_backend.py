@@ -137,7 +137,7 @@ def unpad_completions(tokens: Tensor, eos_token_id: int | Sequence[int] | None) 
 def request_sampling_kwargs(
     n_rows: int,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     min_new_tokens: int = 0,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -155,14 +155,17 @@ def request_sampling_kwargs(
     Stopping is tropd's, not the checkpoint's: ``ignore_eos=True`` and ``stop_token_ids`` = tropd's
     EOS ids, so a ``generation_config.json`` listing more EOS ids cannot end rows the loop would
     continue. ``min_tokens`` holds these ids back for the first ``min_new_tokens`` tokens.
+    ``max_new_tokens`` is one budget for every row, or one per row (a guided row's budget is what its
+    teacher prefix leaves).
     """
     greedy = temperature <= 0
     stops = [int(s) for s in stop_token_ids]
+    budgets = [max_new_tokens] * n_rows if isinstance(max_new_tokens, int) else [int(b) for b in max_new_tokens]
     return [
         dict(
             n=1,
-            max_tokens=max_new_tokens,
-            min_tokens=min(max(min_new_tokens, 0), max_new_tokens),
+            max_tokens=budgets[row],
+            min_tokens=min(max(min_new_tokens, 0), budgets[row]),
             temperature=0.0 if greedy else float(temperature),
             top_p=1.0 if greedy else float(top_p),
             top_k=0,  # 0 (or -1 in older vLLM) = the full distribution
@@ -531,7 +534,7 @@ class VLLMEngine:
         self,
         prompt_token_ids: list[list[int]],
         *,
-        max_new_tokens: int,
+        max_new_tokens: int | Sequence[int],
         min_new_tokens: int = 0,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -540,27 +543,33 @@ class VLLMEngine:
     ) -> list[list[int]]:
         """One completion per prompt (token ids, the stop token included when one ended the row).
 
-        Sampling settings: :func:`request_sampling_kwargs`. Wakes the engine if it is asleep.
+        Sampling settings: :func:`request_sampling_kwargs` (``max_new_tokens``: one budget, or one per
+        row; rows with no budget get no request). Wakes the engine if it is asleep.
         """
-        if max_new_tokens <= 0 or not prompt_token_ids:
+        n = len(prompt_token_ids)
+        budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else [int(b) for b in max_new_tokens]
+        rows = [i for i in range(n) if budgets[i] > 0]
+        if not rows:
             return [[] for _ in prompt_token_ids]
         self.wake_up()
-        params = [
-            self._sampling_params(**kw)
-            for kw in request_sampling_kwargs(
-                len(prompt_token_ids),
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=min_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed,
-                stop_token_ids=stop_token_ids,
-            )
-        ]
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": list(map(int, ids))} for ids in prompt_token_ids], params, use_tqdm=False
+        kwargs = request_sampling_kwargs(
+            n,
+            max_new_tokens=[max(b, 1) for b in budgets],
+            min_new_tokens=min_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
         )
-        return [[int(t) for t in out.outputs[0].token_ids] for out in outputs]
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": list(map(int, prompt_token_ids[i]))} for i in rows],
+            [self._sampling_params(**kwargs[i]) for i in rows],
+            use_tqdm=False,
+        )
+        result: list[list[int]] = [[] for _ in prompt_token_ids]
+        for i, out in zip(rows, outputs, strict=True):
+            result[i] = [int(t) for t in out.outputs[0].token_ids]
+        return result
 
     # -- scoring ------------------------------------------------------------------------------
     def prompt_logprobs(
@@ -645,14 +654,21 @@ def sample_with_engine(
     eos_token_id: int | list[int] | None,
     pad_token_id: int,
     seed: int,
+    row_limits: Tensor | None = None,
 ) -> Tensor:
-    """:func:`tropd_cli.rollout.sample` for ``backend="vllm"``: unpad, generate, pad back to ``[B, T']``."""
+    """:func:`tropd_cli.rollout.sample` for ``backend="vllm"``: unpad, generate, pad back to ``[B, T']``.
+
+    ``row_limits``: each row's own budget (at most ``max_new_tokens``), sent as that request's ``max_tokens``.
+    """
     eos = _eos_list(eos_token_id)
     if max_new_tokens <= 0:
         return input_ids.new_empty(input_ids.shape[0], 0)
+    budgets: int | list[int] = max_new_tokens
+    if row_limits is not None:
+        budgets = [min(int(b), max_new_tokens) for b in row_limits.tolist()]
     completions = engine.generate(
         unpad_prompts(input_ids, attention_mask),
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=budgets,
         min_new_tokens=min_new_tokens,
         temperature=temperature,
         top_p=top_p,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -29,7 +30,10 @@ def main(cfg: DictConfig) -> None:
 @contextlib.contextmanager
 def stop_on_signals(stop: Any, console: Console) -> Iterator[list[int]]:
     """SIGTERM or a first Ctrl-C asks the loop to finish its step, save a resumable checkpoint and stop
-    (cluster preemption, SLURM requeue); a second Ctrl-C stops at once. Yields the signals received."""
+    (cluster preemption, SLURM requeue); a second Ctrl-C stops at once. Yields the signals received.
+
+    In a submitit job SIGUSR2 (its time-limit / preemption signal) does the same; the caller then hands the
+    signal to submitit's own handler (restored on exit), which requeues the job."""
     received: list[int] = []
 
     def handler(signum: int, frame: Any) -> None:
@@ -42,8 +46,11 @@ def stop_on_signals(stop: Any, console: Console) -> Iterator[list[int]]:
             "(Ctrl-C again to quit at once)[/]"
         )
 
+    signals = [signal.SIGTERM, signal.SIGINT]
+    if os.environ.get("SUBMITIT_EXECUTOR") and hasattr(signal, "SIGUSR2"):
+        signals.append(signal.SIGUSR2)  # submitit's timeout/preemption signal: save first, then let it requeue
     try:
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, handler) for sig in signals}
     except ValueError:  # not the main thread (some launchers): no handlers, the run is not interruptible
         yield received
         return
@@ -103,6 +110,11 @@ def _run(cfg: DictConfig, train_cfg: TrainConfig, output_dir: Path, info: Any, d
             f"stopped after step {len(result.history)} of {train_cfg.steps}; resumable checkpoint "
             f"[green]{result.checkpoint}[/]; continue with the same command and resume={output_dir}"
         )
+        usr2 = getattr(signal, "SIGUSR2", None)
+        if received and received[0] == usr2:
+            requeue = signal.getsignal(usr2)  # submitit's handler, restored by stop_on_signals
+            if callable(requeue):
+                requeue(usr2, None)  # requeues the job (resume=auto continues from the checkpoint) and exits
         sys.exit(128 + (received[0] if received else signal.SIGTERM))  # the shell's code for that signal
 
     history = result.history
