@@ -264,3 +264,26 @@ def test_gkd_scores_the_full_vocabulary_of_a_sharded_teacher(tmp_path, tropd_env
     assert out.returncode == 0, out.stderr[-3000:]
     (line,) = history(tmp_path / "run")
     assert line["loss"] > 0 and line["grad_norm"] > 0 and line["optimizer_steps"] == 1
+
+
+def test_ppo_epochs_mini_batches_and_a_global_entropy_share_on_two_ranks(tmp_path, tropd_env):
+    """The rollout-time log-prob pre-pass under FSDP, 2 epochs x 2 mini-batches, and entropy_opd's top-20%
+    share taken over the step's tokens on both ranks (one threshold), not per rank."""
+    out = torchrun(
+        tmp_path,
+        tropd_env,
+        "experiment=tiny",
+        "method=entropy_opd",
+        "method.ppo_epochs=2",
+        "method.mini_batches=2",
+        "method.clip_eps=0.2",
+        "guidance.enabled=false",
+        "steps=2",
+        "rollout.batch_size=4",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for line in history(tmp_path / "run"):
+        assert line["optimizer_steps"] == 4 and line["skipped_updates"] == 0
+        kept = round(line["kept_fraction"] * line["tokens"])
+        assert kept == max(1, round(0.2 * line["tokens"]))  # of all ranks' tokens (ties aside)
