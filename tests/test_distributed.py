@@ -287,3 +287,32 @@ def test_ppo_epochs_mini_batches_and_a_global_entropy_share_on_two_ranks(tmp_pat
         assert line["optimizer_steps"] == 4 and line["skipped_updates"] == 0
         kept = round(line["kept_fraction"] * line["tokens"])
         assert kept == max(1, round(0.2 * line["tokens"]))  # of all ranks' tokens (ties aside)
+
+
+def test_sigterm_to_torchrun_saves_a_sharded_checkpoint_that_resumes(tmp_path, tropd_env):
+    """Preemption of a multi-GPU job: torchrun passes SIGTERM to every rank, the ranks agree on the step to
+    stop after, save one sharded checkpoint and exit; the same command with resume=auto continues."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = [*command, "-m", "tropd_cli", "train", "experiment=tiny", "rollout.batch_size=4", f"hydra.run.dir={run}"]
+    env = {**tropd_env, "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen([*args, "steps=400"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True) as proc:
+        deadline = time.monotonic() + 180
+        while not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it was signalled"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=180)
+    assert "SIGTERM: finishing this step, then saving a checkpoint" in err
+    (saved,) = checkpoint.step_dirs(run)
+    assert checkpoint.problem(saved) is None and (saved / checkpoint.SHARDED).is_dir()
+    done = int(saved.name[5:])
+    again = subprocess.run(
+        [*args, f"steps={done + 2}", "resume=auto"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {saved} at step {done}" in (run / "train.log").read_text()
+    assert len(history(run)) == done + 2 and (run / "checkpoint" / "model.safetensors").exists()
