@@ -4,7 +4,7 @@ Computed (``tropd_cli.planning``, no GPU needed): every component tropd holds pe
 R1-Distill-Qwen-1.5B <- Skywork-OR1-Math-7B and Qwen3-1.7B <- Qwen3-4B at the paper's settings
 (128 prompts x 4 rollouts, 8192 new tokens, top-k 64, 200 steps): the presets as configured
 (``conf/experiment/paper/*.yaml``: vLLM engines, 16 micro-batches, checkpointing) on 8 H100s and 8
-H200s, what fits and the settings recommended there, the HF loop with ``rollout.generation_batch_size``
+H200s, what fits and the settings recommended for both, the HF loop with ``rollout.generation_batch_size``
 instead, the fewest ``optim.micro_batches`` with the HF sampler over a whole rank batch, and FLOP /
 bandwidth step and run times.
 
@@ -72,24 +72,21 @@ def short(gpu: GPU) -> str:
     return gpu.name.split()[0]
 
 
-# Settings recommended for the presets on 8 GPUs (per preset and GPU), from the "What fits" tables: the
-# engines' shares must fit the room the rest of the sampling phase leaves (more micro-batches make torch's
-# cached training blocks smaller), the student engine holds as many of the rank's 64 rollouts as it can and
-# the teacher engine gets the rest (it writes the guidance prefixes: 7B decode is the slow part early on).
-RECOMMENDED: dict[tuple[str, str], dict[str, Any]] = {
-    ("r1-1.5b<-skywork-7b", "H100"): dict(
-        micro_batches=64, vllm_gpu_memory_utilization=0.2, vllm_teacher_gpu_memory_utilization=0.35
+# Settings recommended for the presets on 8 GPUs, one set for 8 H100s and 8 H200s alike (shares are fractions
+# of the GPU, so the H100 binds): the engines are awake one at a time, so each share only has to fit beside the
+# rest of the phases its engine is awake in and beside the models at startup. Each engine gets the share that
+# holds as many of the rank's 64 rollouts as it can with every phase and the startup within HEADROOM of an
+# H100 (the student engine no more than it needs to hold all 64); optim.micro_batches stays at the presets' 16
+# (the training phase is far from the peak).
+RECOMMENDED: dict[str, dict[str, Any]] = {
+    "r1-1.5b<-skywork-7b": dict(
+        micro_batches=16, vllm_gpu_memory_utilization=0.3, vllm_teacher_gpu_memory_utilization=0.55
     ),
-    ("r1-1.5b<-skywork-7b", "H200"): dict(
-        micro_batches=16, vllm_gpu_memory_utilization=0.2, vllm_teacher_gpu_memory_utilization=0.4
-    ),
-    ("qwen3-1.7b<-qwen3-4b", "H100"): dict(
-        micro_batches=64, vllm_gpu_memory_utilization=0.25, vllm_teacher_gpu_memory_utilization=0.35
-    ),
-    ("qwen3-1.7b<-qwen3-4b", "H200"): dict(
-        micro_batches=16, vllm_gpu_memory_utilization=0.25, vllm_teacher_gpu_memory_utilization=0.35
+    "qwen3-1.7b<-qwen3-4b": dict(
+        micro_batches=16, vllm_gpu_memory_utilization=0.6, vllm_teacher_gpu_memory_utilization=0.65
     ),
 }
+HEADROOM = 0.85  # recommended settings keep every phase and the startup within 85% of an H100 (the fit line: 90%)
 STEPS = 200  # the presets' `steps`
 
 
@@ -118,8 +115,10 @@ def vllm_case(label: str, run: RunShape, gpu: GPU) -> dict[str, Any]:
         "gpu": short(gpu),
         "micro_batches": run.micro_batches,
         "shares": [run.vllm_gpu_memory_utilization, run.vllm_teacher_gpu_memory_utilization],
-        "room": planning.vllm_engine_room(run, gpu, USABLE),
+        "room": [planning.vllm_engine_room(run, gpu, USABLE, role) for role in ("student", "teacher")],
         "peak_gib": plan.peak / GiB,
+        "peak_share": plan.peak / gpu.memory_bytes,
+        "startup_share": plan.startup / gpu.memory_bytes,
         "phase": plan.peak_phase,
         "startup_gib": plan.startup / GiB,
         "problems": plan.problems(gpu, USABLE),
@@ -181,17 +180,12 @@ def compute(micro_batches: dict[str, int]) -> dict[str, Any]:
         configured = planning.preset_run(preset)
         plans = {short(gpu): plan_memory(configured, gpu) for gpu in (H100, H200)}
         cases, loops, steps = [], [], {}
+        recommended = replace(configured, **RECOMMENDED[preset])
         for gpu in (H100, H200):
-            recommended = replace(configured, **RECOMMENDED[(preset, short(gpu))])
-            cases += [
-                vllm_case("as configured", configured, gpu),
-                vllm_case(
-                    "as configured, torch cache emptied before a wake",
-                    replace(configured, release_torch_cache=True),
-                    gpu,
-                ),
-                vllm_case("recommended", recommended, gpu),
-            ]
+            plan = plan_memory(recommended, gpu)
+            if max(plan.peak, plan.startup) > HEADROOM * gpu.memory_bytes or plan.problems(gpu, USABLE):
+                raise SystemExit(f"RECOMMENDED[{preset!r}] no longer fits {gpu.name} within {HEADROOM:.0%}: update it")
+            cases += [vllm_case("as configured", configured, gpu), vllm_case("recommended", recommended, gpu)]
             loop = loop_case(replace(configured, backend="loop"), gpu)
             loops.append(loop)
             runs = [("vLLM as configured", configured), ("vLLM recommended", recommended)]
@@ -442,6 +436,7 @@ def models_table() -> list[str]:
 
 PHASE_LABEL = {
     "persistent": "always",
+    "prefixes": "prefixes",
     "sampling": "sampling",
     "teacher_scoring": "teacher scoring",
     "training": "training",
@@ -449,7 +444,7 @@ PHASE_LABEL = {
     "startup": "startup",
     "host": "host RAM",
 }
-ORDER = ("persistent", "sampling", "teacher_scoring", "training", "optimizer", "startup", "host")
+ORDER = ("persistent", "prefixes", "sampling", "teacher_scoring", "training", "optimizer", "startup", "host")
 
 
 def component_table(data: dict[str, Any]) -> list[str]:
@@ -463,8 +458,10 @@ def component_table(data: dict[str, Any]) -> list[str]:
         f"`student.gradient_checkpointing=true`, `scoring.chunk_size={run.chunk_size}`, bf16 compute (FSDP2 mixed "
         "precision), teacher replicated in bf16 and scored by HF, `rollout.backend=vllm` with the `rollout.vllm` defaults: "
         f"student engine `gpu_memory_utilization={run.vllm_gpu_memory_utilization}`, teacher engine (guidance prefixes) "
-        f"`teacher_gpu_memory_utilization={run.vllm_teacher_gpu_memory_utilization}`, sleep mode. vLLM's memory does not "
-        "depend on the prefix cap, so this holds for every step but the last (cap 0: the teacher engine stays asleep).",
+        f"`teacher_gpu_memory_utilization={run.vllm_teacher_gpu_memory_utilization}`, sleep mode. *Prefixes*: the "
+        "teacher engine writes the guidance prefixes beside the student engine's weights (woken by the weight sync); "
+        "*sampling*: the teacher engine asleep, the student engine continues them. vLLM's memory does not depend on "
+        "the prefix cap, so this holds for every step but the last (cap 0: the teacher engine stays asleep).",
         "",
         "| component | phase | H100 GiB | H200 GiB | what |",
         "|---|---|---|---|---|",
@@ -503,18 +500,20 @@ def component_table(data: dict[str, Any]) -> list[str]:
 
 def cases_table(data: dict[str, Any]) -> list[str]:
     lines = [
-        "| GPU | settings | `optim.micro_batches` | engine shares: student + teacher | room for the engines | "
-        "peak GiB (phase) | fits | rollouts held at once: student / teacher engine (of 64) | late step s | step 0 s | "
-        f"{STEPS} steps h |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GPU | settings | `optim.micro_batches` | engine shares: student / teacher | room: student / teacher | "
+        "peak GiB (phase, of the GPU) | startup GiB | fits | rollouts held at once: student / teacher engine (of 64) | "
+        f"late step s | step 0 s | {STEPS} steps h |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in data["cases"]:
         fits = "yes" if not c["problems"] else "**no**: " + "; ".join(c["problems"])
         su, te = c["shares"]
+        room = " / ".join("—" if r is None else f"{r:.2f}" for r in c["room"])
         lines.append(
-            f"| {c['gpu']} | {c['label']} | {c['micro_batches']} | {su:g} + {te:g} = {su + te:g} | {c['room']:.2f} | "
-            f"{c['peak_gib']:.1f} ({PHASE_LABEL[c['phase']]}) | {fits} | {c['rows_at_once'][0]} / {c['rows_at_once'][1]} | "
-            f"{c['late_s']:.0f} | {c['step0_s']:.0f} | {c['run_h']:.1f} |"
+            f"| {c['gpu']} | {c['label']} | {c['micro_batches']} | {su:g} / {te:g} | {room} | "
+            f"{c['peak_gib']:.1f} ({PHASE_LABEL[c['phase']]}, {c['peak_share']:.0%}) | "
+            f"{c['startup_gib']:.1f} ({c['startup_share']:.0%}) | {fits} | "
+            f"{c['rows_at_once'][0]} / {c['rows_at_once'][1]} | {c['late_s']:.0f} | {c['step0_s']:.0f} | {c['run_h']:.1f} |"
         )
     return lines
 
@@ -659,14 +658,17 @@ def markdown(computed: dict[str, Any], measured: dict[str, Any] | None, env: dic
         out += ["", f"### {PRESET_TITLES[preset]}", "", "#### As configured (`experiment=paper/...`, 8 GPUs)", ""]
         out += component_table(data)
         out += ["", "#### What fits on 8 GPUs with vLLM", ""] + cases_table(data)
-        recs = "; ".join(f"{gpu}: `{overrides(RECOMMENDED[(preset, gpu)])}`" for gpu in ("H100", "H200"))
         out += [
             "",
-            "*Room for the engines*: the most `gpu_memory_utilization + teacher_gpu_memory_utilization` the rest of "
-            "the sampling phase leaves (both engines are awake together while the student continues the teacher's "
-            "prefixes). *Rollouts held at once*: `max_model_len` sequences an engine's KV pool holds (its share "
-            "less its bf16 weights, an upper bound); fewer than 64 and vLLM queues the rest (waves, in the step "
-            f"times). Recommended: {recs}.",
+            "*Room*: the most GPU share each engine may take (`gpu_memory_utilization`, "
+            "`teacher_gpu_memory_utilization`) with the peak and the startup within the fit line. The engines are "
+            "awake one at a time, so each share only has to fit beside the rest of the phases its engine is awake in "
+            "(the student engine: sampling; the teacher engine: prefixes, beside the student engine's weights) and "
+            "beside the models as loaded at startup; the two shares do not add up. *Rollouts held at once*: "
+            "`max_model_len` sequences an engine's KV pool holds (its share less its bf16 weights, an upper bound); "
+            "fewer than 64 and vLLM queues the rest (waves, in the step times). Recommended for 8 x H100 and "
+            f"8 x H200 alike: `{overrides(RECOMMENDED[preset])}` (every phase and the startup within "
+            f"{HEADROOM:.0%} of an H100).",
         ]
         out += ["", "#### The HF loop instead (`rollout.backend=loop`, 8 GPUs, `optim.micro_batches=16`)", ""]
         out += loop_table(data)
@@ -700,7 +702,7 @@ def markdown(computed: dict[str, Any], measured: dict[str, Any] | None, env: dic
         "bandwidth (H100 3.35 TB/s, H200 4.8 TB/s) and, with the HF loop, takes at least 0.6 ms per decoder "
         "layer per token (kernel-launch bound eager PyTorch; vLLM's CUDA graphs assumed free of it). HF sampling "
         "calls (`generation_batch_size`) run one after the other; an engine whose pool holds fewer rows than "
-        "the rank's runs them in waves. `decode bound` is the bandwidth bound alone. Step 0: the teacher writes "
+        "the rank's runs them in waves (the rows spread evenly over them). `decode bound` is the bandwidth bound alone. Step 0: the teacher writes "
         f"8192-token prefixes and the student nothing more; `{STEPS} steps h` sums every step at its cosine cap.",
     ]
     if measured is not None:
@@ -753,7 +755,7 @@ def main(argv: list[str] | None = None) -> None:
                     "components": {gpu: [asdict(c) for c in plan.components] for gpu, plan in v["plans"].items()},
                     "vllm_cases": v["cases"],
                     "loop": v["loops"],
-                    "recommended": {gpu: RECOMMENDED[(k, gpu)] for gpu in ("H100", "H200")},
+                    "recommended": RECOMMENDED[k],
                     "hf_sampler_fits": v["fits"],
                     "single_gpu": v["single"],
                     "steps": {

@@ -424,22 +424,34 @@ def test_smallest_micro_batches_fits_and_one_fewer_does_not() -> None:
     assert not plan_memory(replace(run, micro_batches=m - 1)).fits(H100)
 
 
+def _sync_bytes(run: RunShape) -> int:
+    """The sampler sync's largest gathered parameter, in fp32 (several ranks)."""
+    ps = param_counts(run.student)
+    return max(ps.embed, ps.lm_head, ps.per_layer) * FP32
+
+
 def test_vllm_engines_replace_the_sampler_copy_and_its_cache() -> None:
-    """rollout.backend=vllm: no HF sampler copy or cache; each engine takes its share of the GPU while awake."""
+    """rollout.backend=vllm: no HF sampler copy or cache; each engine takes its share of the GPU while awake, one
+    engine at a time: the teacher engine writes the prefixes beside the student engine's weights (woken by the
+    weight sync), then sleeps; the student engine wakes whole and continues them."""
     run = planning.paper_run("r1-1.5b<-skywork-7b", world_size=8, backend="vllm", vllm_gpu_memory_utilization=0.4)
     plan = plan_memory(run, H200)
-    assert plan.get("sampler_copy") == 0 and plan.get("rollout_kv_cache") == 0
-    assert plan.get("vllm_student_engine") == int(0.4 * H200.memory_bytes)
-    assert plan.get("vllm_teacher_engine") == int(0.2 * H200.memory_bytes)  # guidance prefixes from a teacher engine
-    loop = plan_memory(replace(run, backend="loop"))
-    assert plan.persistent == loop.persistent - loop.get("sampler_copy")  # asleep outside sampling: nothing persists
-    # Level-1 sleep keeps every engine's bf16 weights in host RAM; an engine starts with its share free.
+    share_s, share_t = int(0.4 * H200.memory_bytes), int(0.2 * H200.memory_bytes)
     s, t = param_counts(run.student).total, param_counts(run.teacher).total
+    assert plan.get("sampler_copy") == 0 and plan.get("rollout_kv_cache") == 0
+    assert plan.get("vllm_student_engine") == share_s
+    assert plan.get("vllm_teacher_engine") == share_t  # guidance prefixes from a teacher engine
+    assert plan.phase_total("prefixes") == share_t + s * 2 + _sync_bytes(run)
+    assert plan.phase_total("sampling") == share_s + _sync_bytes(run)
+    loop = plan_memory(replace(run, backend="loop"))
+    assert plan.persistent == loop.persistent - loop.get("sampler_copy")  # asleep outside their phases
+    # Level-1 sleep keeps every engine's bf16 weights in host RAM; an engine starts with its share free.
     assert plan.host == plan.get("engine_weights_offloaded") == (s + t) * 2
-    assert plan.startup == s * FP32 + t * 2 + int(0.4 * H200.memory_bytes)
+    assert plan.startup == s * FP32 + t * 2 + share_s
     awake = plan_memory(replace(run, vllm_sleep=False), H200)
-    assert awake.persistent == plan.persistent + plan.get("vllm_student_engine") + plan.get("vllm_teacher_engine")
-    assert awake.get("torch_cache_held") == 0 and awake.host == 0
+    assert awake.persistent == plan.persistent + share_s + share_t
+    assert awake.phase_total("prefixes") == awake.phase_total("sampling") == _sync_bytes(run)
+    assert awake.host == 0 and awake.startup == s * FP32 + t * 2 + share_s + share_t
     with pytest.raises(ValueError, match="pass the GPU"):
         plan_memory(run)
 
@@ -451,34 +463,150 @@ def test_teacher_engine_follows_the_trainers_rules() -> None:
     assert plan_memory(run, H100).get("vllm_teacher_engine") == share
     unguided = plan_memory(replace(run, guidance=False), H100)
     assert not replace(run, guidance=False).teacher_engine and unguided.get("vllm_teacher_engine") == 0
+    assert unguided.phase_total("prefixes") == 0
     scoring = plan_memory(replace(run, guidance=False, vllm_teacher_scoring=True), H100)
     assert scoring.get("vllm_teacher_engine_scoring") == share and scoring.get("teacher_forward") == 0
-    # Prefixes from the HF teacher (teacher_prefixes=false): its loop's cache sits beside the student engine.
-    hf = plan_memory(replace(run, vllm_teacher_prefixes=False, prefix_tokens=4096), H100)
-    assert hf.get("vllm_teacher_engine") == 0
-    assert hf.get("rollout_kv_cache") == planning.sampling_kv_cache_bytes(replace(run, prefix_tokens=4096), "teacher")
+    # Prefixes from the HF teacher (teacher_prefixes=false): nothing empties torch's cache between its loop and the
+    # student engine's wake, so the loop's blocks are still reserved beside the student engine.
+    hf_run = replace(run, vllm_teacher_prefixes=False, prefix_tokens=4096)
+    hf = plan_memory(hf_run, H100)
+    assert not hf_run.teacher_engine and hf.get("vllm_teacher_engine") == 0
+    cache = planning.sampling_kv_cache_bytes(hf_run, "teacher")
+    assert hf.get("teacher_prefix_kv_cache") == cache
+    held = cache + hf.get("teacher_prefix_temporaries")
+    assert hf.get("teacher_prefix_blocks_held") == held
+    assert hf.phase_total("sampling") == hf.get("vllm_student_engine") + held + _sync_bytes(run)
+    assert hf.phase_total("prefixes") == held + param_counts(run.student).total * 2 + _sync_bytes(run)
 
 
-def test_torch_cache_held_beside_the_engines() -> None:
-    """vLLM wakes its engines outside torch's allocator and empties torch's cache only when they go to sleep:
-    the sampling phase holds torch's high-water mark of the other phases, unless the cache is emptied first."""
+def test_torch_cache_is_emptied_before_the_engines_wake() -> None:
+    """Trainer empties torch's cache before the engines wake (release_torch_cache, the default). Without it (the code
+    before), vLLM would wake its engines outside torch's allocator beside the blocks torch cached for the last
+    step's scoring and training: the engines' phases would hold torch's high-water mark of those phases."""
     run = planning.preset_run("r1-1.5b<-skywork-7b")
+    assert run.release_torch_cache
     plan = plan_memory(run, H100)
+    assert plan.get("torch_cache_held") == 0
+    before = plan_memory(replace(run, release_torch_cache=False), H100)
     torch_only = {
-        p: sum(c.bytes for c in plan.components if c.phase == p and not c.name.startswith(("vllm_", "torch_cache")))
+        p: sum(c.bytes for c in before.components if c.phase == p and not c.name.startswith(("vllm_", "torch_cache")))
         for p in planning.PHASES
     }
     high = max(torch_only["teacher_scoring"], torch_only["training"], torch_only["optimizer"])
-    assert plan.get("torch_cache_held") == high - torch_only["sampling"]
-    engines = plan.get("vllm_student_engine") + plan.get("vllm_teacher_engine")
-    assert plan.phase_total("sampling") == high + engines
-    released = plan_memory(replace(run, release_torch_cache=True), H100)
-    assert released.get("torch_cache_held") == 0
-    assert released.phase_total("sampling") == torch_only["sampling"] + engines
-    # The room the engines have together is what the rest of the sampling phase leaves.
-    room = planning.vllm_engine_room(run, H100)
-    assert room * H100.memory_bytes == pytest.approx(0.9 * H100.memory_bytes - plan.persistent - high)
-    assert planning.vllm_engine_room(replace(run, release_torch_cache=True), H100) > room
+    for phase in ("prefixes", "sampling"):
+        held = [c.bytes for c in before.components if c.name == "torch_cache_held" and c.phase == phase]
+        assert held == [high - torch_only[phase]]
+    assert before.phase_total("sampling") == high + plan.get("vllm_student_engine")
+    assert before.phase_total("prefixes") == high + plan.get("vllm_teacher_engine") + plan.get(
+        "vllm_student_engine_weights"
+    )
+    assert before.peak > plan.peak + 10 * planning.GiB  # 58.6 against 42.3 GiB per H100
+
+
+def test_each_engines_room_is_what_its_phases_and_the_startup_leave() -> None:
+    """vllm_engine_room: the largest share an engine may take with the plan still fitting; the other engine's share
+    does not enter it (the engines are never awake together)."""
+    run = planning.preset_run("r1-1.5b<-skywork-7b")
+    plan, limit, total = plan_memory(run, H100), 0.9 * H100.memory_bytes, H100.memory_bytes
+    student = planning.vllm_engine_room(run, H100, role="student")
+    teacher = planning.vllm_engine_room(run, H100, role="teacher")
+    assert student is not None and teacher is not None
+    sampling_rest = plan.phase_total("sampling") - plan.get("vllm_student_engine")
+    prefixes_rest = plan.phase_total("prefixes") - plan.get("vllm_teacher_engine")
+    startup_rest = plan.get("models_loaded")
+    assert student * total == pytest.approx(min(limit - plan.persistent - sampling_rest, limit - startup_rest))
+    assert teacher * total == pytest.approx(min(limit - plan.persistent - prefixes_rest, limit - startup_rest))
+    keys = {"student": "vllm_gpu_memory_utilization", "teacher": "vllm_teacher_gpu_memory_utilization"}
+    for role, room in (("student", student), ("teacher", teacher)):
+        assert plan_memory(replace(run, **{keys[role]: room - 1e-4}), H100).fits(H100)
+        assert not plan_memory(replace(run, **{keys[role]: room + 1e-4}), H100).fits(H100)
+        other = "teacher" if role == "student" else "student"
+        assert planning.vllm_engine_room(replace(run, **{keys[other]: 0.5}), H100, role=role) == pytest.approx(room)
+    assert planning.vllm_engine_room(replace(run, guidance=False), H100, role="teacher") is None
+    # Without sleep mode both shares stay on the GPU: they share one room.
+    awake = replace(run, vllm_sleep=False)
+    both = planning.vllm_engine_room(awake, H100, role="student")
+    assert both is not None and both + run.vllm_teacher_gpu_memory_utilization < student
+    assert plan_memory(replace(awake, vllm_gpu_memory_utilization=both - 1e-4), H100).fits(H100)
+
+
+class TaggedEngine:
+    """VLLMEngine's memory states over stub generation, for the trainer: which of an engine's tags (weights,
+    kv_cache) are on the GPU, as load_weights (weights only), generate / teacher_scores (everything) and sleep
+    (nothing) leave them; every call that runs an engine records what every engine holds at that moment."""
+
+    built: list[TaggedEngine] = []
+    moments: list[tuple[str, dict[str, frozenset[str]]]] = []
+
+    def __init__(self, model_dir: Path, *, gpu_memory_utilization: float, **kwargs: Any) -> None:
+        self.role, self.resident = Path(model_dir).name, {"weights", "kv_cache"}  # vLLM starts an engine whole
+        TaggedEngine.built.append(self)
+
+    @property
+    def asleep(self) -> bool:
+        return self.resident != {"weights", "kv_cache"}
+
+    def load_weights(self, named_tensors: Any) -> None:
+        for _ in named_tensors:
+            pass
+        self.resident.add("weights")
+
+    def sleep(self) -> None:
+        self.resident = set()
+
+    def _run(self) -> None:
+        self.resident = {"weights", "kv_cache"}
+        TaggedEngine.moments.append((self.role, {e.role: frozenset(e.resident) for e in TaggedEngine.built}))
+
+    def generate(self, prompt_token_ids: list[list[int]], *, max_new_tokens: Any, stop_token_ids: Any, **kw: Any):
+        self._run()
+        budgets = [max_new_tokens] * len(prompt_token_ids) if isinstance(max_new_tokens, int) else max_new_tokens
+        token = next(t for t in range(3, 64) if t not in set(stop_token_ids))
+        return [[token] * int(b) for b in budgets]
+
+    def teacher_scores(self, sequences: Any, start: Any, *, top_k: int, temperature: float = 1.0, device: Any = None):
+        from tropd_cli.scoring import TeacherScores
+
+        self._run()
+        n, vocab = sum(len(s) - f for s, f in zip(sequences, start, strict=True)), 100  # the tiny character vocab
+        flat = torch.full((n,), -float(torch.log(torch.tensor(vocab))), device=device)  # uniform
+        ids = torch.arange(top_k, device=device).expand(n, top_k)
+        return TeacherScores(flat, ids, flat[:, None].expand(n, top_k), -flat)
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_trainer_wakes_the_engines_one_at_a_time_as_planned(make_config, tmp_path, monkeypatch) -> None:
+    """Trainer with stub engines that keep VLLMEngine's memory states: at every moment an engine runs, the engine
+    memory on the GPU is exactly the vLLM components the plan puts in that phase (a whole engine: its share; the
+    student engine's weights alone: vllm_student_engine_weights)."""
+    import tropd_cli.vllm_backend as backend
+    from tropd_cli.trainer import train
+
+    TaggedEngine.built, TaggedEngine.moments = [], []
+    monkeypatch.setattr(backend, "VLLMEngine", TaggedEngine)
+    cfg = make_config(steps=3, rollout={"batch_size": 2, "max_new_tokens": 8})
+    cfg.rollout.backend = "vllm"
+    cfg.rollout.vllm.teacher_scoring = True
+    train(cfg, output_dir=tmp_path)
+    whole, weights, none = frozenset({"weights", "kv_cache"}), frozenset({"weights"}), frozenset()
+    prefixes = ("teacher", {"student": weights, "teacher": whole})
+    sampling = ("student", {"student": whole, "teacher": none})
+    scoring = ("teacher", {"student": none, "teacher": whole})
+    # Prefix caps 8, 4, 0: step 1's prefixes leave the student nothing to write, step 3 has no prefixes; the
+    # teacher engine scores every micro-batch of every step.
+    assert TaggedEngine.moments == [prefixes, scoring, prefixes, sampling, scoring, sampling, scoring]
+    names = {
+        ("student", whole): "vllm_student_engine",
+        ("student", weights): "vllm_student_engine_weights",
+        ("teacher", whole): "vllm_teacher_engine",
+    }
+    plan = plan_memory(replace(planning.preset_run("qwen3-1.7b<-qwen3-4b"), vllm_teacher_scoring=True), H100)
+    for phase, moment in (("prefixes", prefixes), ("sampling", sampling), ("teacher_scoring", scoring)):
+        on_gpu = {names[role, tags] for role, tags in moment[1].items() if tags}
+        planned = {c.name for c in plan.components if c.phase == phase and c.name.startswith("vllm_")}
+        assert planned == {n + "_scoring" if phase == "teacher_scoring" else n for n in on_gpu}, phase
 
 
 def test_engine_pool_and_the_sequences_it_holds() -> None:
@@ -568,7 +696,7 @@ def test_step_estimate_counts_flops_and_decode() -> None:
 
 def test_step_estimate_chunks_budgets_and_waves() -> None:
     """HF chunks run one after the other; a guided row's continuation is max_new - prefix; a vLLM engine whose
-    pool holds fewer rows than the rank's runs them in waves."""
+    pool holds fewer rows than the rank's runs them in waves, the rows spread evenly over them."""
     run = planning.paper_run("r1-1.5b<-skywork-7b", world_size=8)
     one = planning.estimate_step(run, H100)
     four = planning.estimate_step(replace(run, generation_batch_size=16), H100)
@@ -580,6 +708,7 @@ def test_step_estimate_chunks_budgets_and_waves() -> None:
     rows_at_once = planning.vllm_concurrent_rows(vllm, H100, "student")
     waves = -(-vllm.sequences_per_rank // rows_at_once)
     assert waves > 1 and planning.estimate_step(vllm, H100).decode_steps == waves * 8192
+    assert planning._sampling_groups(vllm, H100, "student", True) == (waves, -(-vllm.sequences_per_rank // waves))
     hours = planning.estimate_run_seconds(run, H100, steps=4) / 3600
     caps = [planning.guidance_cap(i, 4, 8192) for i in range(4)]
     expected = sum(planning.estimate_step(replace(run, prefix_tokens=c), H100).total_s for c in caps) / 3600
@@ -605,8 +734,31 @@ def test_memory_plan_script_rewrites_only_its_section(tmp_path: Path) -> None:
     assert text.count("<!-- memory-plan:start -->") == 1 and "STALE-SECTION" not in text
     assert text.index("before") < text.index("### Models") < text.index("after")
     assert "| 8 | H100 | on | late steps | 5 | 13 |" in text  # R1-1.5B <- Skywork-7B: 5 micro-batches fit
-    # The presets as configured on 8 H100s: R1 <- Skywork does not fit (engines beside torch's cached blocks).
-    assert "| H100 | as configured | 16 | 0.3 + 0.2 = 0.5 | 0.46 | 74.6 (sampling) | **no**" in text
-    assert "H100: `optim.micro_batches=64 rollout.vllm.gpu_memory_utilization=0.2 " in text
+    # The presets as configured fit 8 H100s: the engines wake one at a time, torch's cache emptied before.
+    assert "| H100 | as configured | 16 | 0.3 / 0.2 | 0.64 / 0.63 | 42.3 (sampling, 53%) | 44.7 (56%) | yes |" in text
+    # One recommended set per preset for H100 and H200 alike, within the headroom on both.
+    assert "alike: `optim.micro_batches=16 rollout.vllm.gpu_memory_utilization=0.3 " in text
     recommended = [line for line in text.splitlines() if line.startswith("| H") and "| recommended |" in line]
     assert len(recommended) == 4 and all("| yes |" in line for line in recommended)
+
+
+def test_the_recommended_settings_fit_both_gpus_with_headroom() -> None:
+    """benchmarks/memory_plan.py's RECOMMENDED: every phase and the startup within 85% of an H100 and of an H200."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_plan.py"
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("memory_plan", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    for preset, values in module.RECOMMENDED.items():
+        run = replace(planning.preset_run(preset), **values)
+        for gpu in (H100, H200):
+            plan = plan_memory(run, gpu)
+            assert not plan.problems(gpu)
+            assert max(plan.peak, plan.startup) <= module.HEADROOM * gpu.memory_bytes, (preset, gpu.name)

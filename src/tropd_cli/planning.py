@@ -12,9 +12,14 @@ Everything here mirrors what the code does (docs/scaling.md explains each compon
   each row's continuation stops at its own budget (``max_new_tokens - len(prefix)``);
 - ``rollout.backend=vllm`` has no HF sampler: a student engine (and, with guidance, a teacher engine
   for the prefixes) takes ``gpu_memory_utilization`` (``teacher_gpu_memory_utilization``) of the GPU
-  while awake and nothing while asleep (level 1: bf16 weights in host RAM); vLLM maps that memory
-  outside torch's caching allocator, so the blocks torch cached in the previous step stay reserved
-  beside the awake engines (tropd does not empty torch's cache before a wake);
+  while awake and nothing while asleep (level 1: bf16 weights in host RAM). The engines are awake one
+  at a time: the weight sync wakes the student engine's weights (not its KV cache), the teacher engine
+  wakes to write the prefixes and sleeps once they are written, then the student engine wakes whole,
+  continues them and sleeps; a teacher engine that scores (``teacher_scoring``) wakes again for that.
+  vLLM maps an engine's memory outside torch's caching allocator, so ``Trainer`` empties torch's cache
+  before the engines wake (before the weight sync, and before a sleeping teacher engine scores), and
+  vLLM empties it whenever an engine goes to sleep. Each request's ``max_tokens`` is its row's own
+  budget, so no sequence outgrows ``max_model_len`` (= prompt + ``max_new_tokens``);
 - the teacher is frozen in bf16, replicated or (``distributed.shard_teacher``) FSDP-sharded;
 - scoring projects the lm_head only at response positions, ``scoring.chunk_size`` rows at a time;
   the teacher's top-k ids and log-probs of the whole rank batch are kept until the update is done;
@@ -280,16 +285,19 @@ class RunShape:
     teacher_dtype: str = "bfloat16"  # teacher.dtype as resolved
     backend: str = "loop"  # rollout.backend: loop / generate (HF cache) or vllm
     generation_batch_size: int = 0  # rollout.generation_batch_size: rows loop/generate sample at once (0: all)
-    guidance: bool = True  # guidance.enabled (with vllm: the teacher engine wakes every step the cap is > 0)
+    guidance: bool = True  # guidance.enabled (with vllm: the teacher engine wakes at every step whose cap is > 0)
     vllm_gpu_memory_utilization: float = 0.3  # rollout.vllm.gpu_memory_utilization: the student engine's share
     vllm_teacher_gpu_memory_utilization: float = 0.2  # rollout.vllm.teacher_gpu_memory_utilization
     vllm_teacher_prefixes: bool = True  # rollout.vllm.teacher_prefixes: a teacher engine writes the prefixes
     vllm_teacher_scoring: bool = False  # rollout.vllm.teacher_scoring: ... and scores the rollouts
     vllm_sleep: bool = True  # rollout.vllm.enable_sleep_mode: engines asleep (level 1) outside their use
-    # Whether torch.cuda.empty_cache() runs before an engine wakes. tropd does not call it: vLLM maps an
-    # engine's memory outside torch's caching allocator, so the blocks torch cached during the previous
-    # step's scoring and backward stay reserved beside the engines (``torch_cache_held``).
-    release_torch_cache: bool = False
+    # Whether torch.cuda.empty_cache() runs before an engine wakes. tropd calls it (Trainer.make_batch before
+    # the weight sync wakes the student engine, Trainer._score_teacher before a sleeping teacher engine
+    # wakes to score). False plans the code before that change, for comparison: vLLM maps an engine's
+    # memory outside torch's caching allocator, so without the call the blocks torch cached during the
+    # previous step's scoring, backward and optimizer step stay reserved beside the waking engines
+    # (``torch_cache_held``).
+    release_torch_cache: bool = True
 
     @property
     def sequences_per_rank(self) -> int:
@@ -345,7 +353,9 @@ class Component:
     note: str = ""
 
 
-PHASES = ("sampling", "teacher_scoring", "training", "optimizer")
+# In the order of a step: the teacher writes the guidance prefixes, the student samples (continues them),
+# the teacher scores, the student trains (one micro-batch at a time), the optimizer steps.
+PHASES = ("prefixes", "sampling", "teacher_scoring", "training", "optimizer")
 
 
 @dataclass
@@ -519,7 +529,12 @@ def plan_memory(run: RunShape, gpu: GPU | None = None) -> MemoryPlan:
     if teacher_div > 1:  # the root (embeddings, lm_head) for the whole forward, plus two layers in flight
         gathered_teacher = (pt.embed + pt.lm_head + 2 * pt.per_layer) * teacher_bytes
 
-    # -- vLLM engines: a share of the GPU each while awake ------------------------------------------
+    # -- vLLM engines: a share of the GPU each while awake, one engine at a time ------------------------
+    # With sleep mode (Trainer.make_batch / _score_teacher): torch's cache emptied, the weight sync wakes
+    # the student engine's weights; the teacher engine wakes, writes the prefixes and sleeps; the student
+    # engine wakes its KV cache, continues them and sleeps; a scoring teacher engine wakes again to score.
+    engine_prefixes = vllm and run.guidance and run.vllm_teacher_prefixes  # the teacher engine writes them
+    hf_prefixes = run.prefix_tokens > 0 and not engine_prefixes  # the HF teacher writes them (loop / generate)
     if vllm:
         assert gpu is not None
         asleep = ", asleep (nothing on the GPU) otherwise" if run.vllm_sleep else ", always resident (no sleep mode)"
@@ -538,17 +553,24 @@ def plan_memory(run: RunShape, gpu: GPU | None = None) -> MemoryPlan:
             if not run.vllm_sleep:
                 plan.add("vllm_teacher_engine", "persistent", share_t, note + asleep)
             else:
-                if run.guidance and run.vllm_teacher_prefixes:
+                if engine_prefixes:
                     plan.add(
                         "vllm_teacher_engine",
-                        "sampling",
+                        "prefixes",
                         share_t,
-                        note + ", awake from the prefixes to the end of the rollout",
+                        note + ", awake while it writes the prefixes (asleep before the student engine continues them)",
                     )
                 if run.vllm_teacher_scoring:
                     plan.add(
                         "vllm_teacher_engine_scoring", "teacher_scoring", share_t, note + ", awake while it scores"
                     )
+        if run.vllm_sleep and (engine_prefixes or hf_prefixes):
+            plan.add(
+                "vllm_student_engine_weights",
+                "prefixes",
+                ps.total * BF16,
+                "the student engine's bf16 weights, woken by the weight sync before the prefixes (KV cache asleep)",
+            )
         # An engine starts only when its share is free (vLLM checks): the first beside the whole models, the
         # second once the first is asleep (or beside it, without sleep mode).
         plan.add(
@@ -565,39 +587,53 @@ def plan_memory(run: RunShape, gpu: GPU | None = None) -> MemoryPlan:
                 "sleep level 1: every engine's bf16 weights in pinned host RAM while it sleeps",
             )
 
-    # -- sampling: guidance prefixes (teacher), then the student's continuation --------------------
-    # Rows are sampled `generation_rows` at a time (longest contexts first, each chunk cut to its own width);
-    # each row stops at its own budget, max_new_tokens - len(prefix), but a chunk's cache grows until its
-    # last row is done: bound by its longest context (prompt + prefix cap) plus the longest budget in it (a
-    # whole response when it also holds a row with a short or no prefix).
+    # -- prefixes and sampling: the teacher writes guidance prefixes, then the student continues them -------
+    # HF backends sample `generation_rows` rows at a time (longest contexts first, each chunk cut to its own
+    # width); each row stops at its own budget, max_new_tokens - len(prefix), but a chunk's cache grows until
+    # its last row is done: bound by its longest context (prompt + prefix cap) plus the longest budget in it
+    # (a whole response when it also holds a row with a short or no prefix). A vLLM engine's KV pool is part
+    # of its share; each request's max_tokens is its row's own budget.
     g = run.generation_rows
     chunks = f" (chunks of {g} rows)" if g < rows else ""
-    start = run.prompt_tokens + run.prefix_tokens
-    kv = other = 0
-    where = "none: the student samples in its vLLM engine"
     if not vllm:
-        kv, other, moment = _sampling_sub_phase(s, g, start, run.response_tokens, sampler_bytes)
-        where = f"student {moment}{chunks}"
-    prefixes_by_engine = vllm and run.teacher_engine and run.vllm_teacher_prefixes
-    if run.prefix_tokens > 0 and not prefixes_by_engine:  # the HF teacher writes them with the loop
+        kv, other, moment = _sampling_sub_phase(
+            s, g, run.prompt_tokens + run.prefix_tokens, run.response_tokens, sampler_bytes
+        )
+        plan.add("rollout_kv_cache", "sampling", kv, f"student {moment}{chunks}")
+        plan.add(
+            "sampling_temporaries",
+            "sampling",
+            other,
+            "prefill: one layer over a call's rows; decode: logits, cache growth",
+        )
+    if hf_prefixes:
         t_kv, t_other, moment = _sampling_sub_phase(t, g, run.prompt_tokens, run.prefix_tokens, teacher_bytes)
         t_other += gathered_teacher
-        if vllm:  # torch keeps these blocks cached while the student engine wakes: they add up
-            kv, other, where = (
-                t_kv,
-                t_other,
-                f"teacher (guidance prefixes, HF loop) {moment}{chunks}, beside the engine",
-            )
-        elif t_kv + t_other > kv + other:
-            kv, other, where = t_kv, t_other, f"teacher (guidance prefixes) {moment}{chunks}"
-    plan.add("rollout_kv_cache", "sampling", kv, where)
-    plan.add(
-        "sampling_temporaries", "sampling", other, "prefill: one layer over a call's rows; decode: logits, cache growth"
-    )
-    if n > 1:
-        largest = max(ps.embed, ps.lm_head, ps.per_layer)
+        plan.add("teacher_prefix_kv_cache", "prefixes", t_kv, f"teacher (guidance prefixes, HF loop) {moment}{chunks}")
         plan.add(
-            "sampler_sync", "sampling", largest * FP32, "one parameter gathered whole in fp32 to re-sync the sampler"
+            "teacher_prefix_temporaries",
+            "prefixes",
+            t_other,
+            "prefill: one layer over a call's rows; decode: logits, cache growth"
+            + ("; the sharded teacher's root + 2 layers gathered" if gathered_teacher else ""),
+        )
+        if vllm and run.vllm_sleep:  # nothing empties torch's cache between the prefixes and the student's wake
+            plan.add(
+                "teacher_prefix_blocks_held",
+                "sampling",
+                t_kv + t_other,
+                "blocks torch cached for the HF teacher's prefixes, still reserved when the student engine wakes",
+            )
+    if n > 1:  # the sync runs before the prefixes; torch keeps its blocks cached (vLLM: until an engine sleeps)
+        largest = max(ps.embed, ps.lm_head, ps.per_layer)
+        note = "one parameter gathered whole in fp32 to re-sync the sampler"
+        if engine_prefixes or hf_prefixes:
+            plan.add("sampler_sync", "prefixes", largest * FP32, note + ", its blocks still cached")
+        plan.add(
+            "sampler_sync",
+            "sampling",
+            largest * FP32,
+            note + (", its blocks cached beside the engine at steps without prefixes" if vllm else ""),
         )
 
     # -- teacher scoring: every micro-batch scored before the update --------------------------------
@@ -669,22 +705,24 @@ def plan_memory(run: RunShape, gpu: GPU | None = None) -> MemoryPlan:
         f"foreach AdamW's sqrt(exp_avg_sq) / bias correction + eps: one parameter-sized fp32 buffer{sharded}",
     )
 
-    # -- what torch keeps cached when the engines wake ----------------------------------------------
-    # An engine maps its memory with the CUDA driver, outside torch's caching allocator; vLLM empties torch's
-    # cache when an engine goes to sleep, not when it wakes. So from the second step on, the blocks torch
-    # cached for the previous step's scoring, backward and optimizer step are still reserved when the
-    # engines wake: the sampling phase holds torch's high-water mark of those phases, not its own tensors.
+    # -- what torch would keep cached when the engines wake (release_torch_cache=False: the code before) ----
+    # An engine maps its memory with the CUDA driver, outside torch's caching allocator, and vLLM empties
+    # torch's cache when an engine goes to sleep, not when it wakes. Without tropd's empty_cache() before the
+    # wake, the blocks torch cached for the previous step's scoring, backward and optimizer step would still
+    # be reserved beside the waking engines: their phases would hold torch's high-water mark of those phases.
     if vllm and run.vllm_sleep and not run.release_torch_cache:
         torch_phase = {
             p: sum(c.bytes for c in plan.components if c.phase == p and not c.name.startswith("vllm_")) for p in PHASES
         }
-        high = max(torch_phase[p] for p in PHASES if p != "sampling")
-        plan.add(
-            "torch_cache_held",
-            "sampling",
-            max(0, high - torch_phase["sampling"]),
-            "blocks torch cached in the last step's scoring / training, still reserved beside the engines",
-        )
+        high = max(torch_phase[p] for p in ("teacher_scoring", "training", "optimizer"))
+        for p in ("prefixes", "sampling"):
+            if any(c.phase == p and c.name.startswith("vllm_") for c in plan.components):
+                plan.add(
+                    "torch_cache_held",
+                    p,
+                    max(0, high - torch_phase[p]),
+                    "blocks torch cached in the last step's scoring / training, still reserved beside the engine",
+                )
     return plan
 
 
@@ -711,11 +749,42 @@ def largest_generation_batch_size(run: RunShape, gpu: GPU, usable: float = 0.9) 
     return None
 
 
-def vllm_engine_room(run: RunShape, gpu: GPU, usable: float = 0.9) -> float:
-    """The most GPU share the awake engines may take together in the sampling phase (``gpu_memory_utilization``
-    plus ``teacher_gpu_memory_utilization`` when the teacher engine writes prefixes) with the plan fitting."""
-    base = plan_memory(replace(run, vllm_gpu_memory_utilization=0.0, vllm_teacher_gpu_memory_utilization=0.0), gpu)
-    return (usable * gpu.memory_bytes - base.persistent - base.phase_total("sampling")) / gpu.memory_bytes
+ENGINE_COMPONENTS = {
+    "student": ("vllm_student_engine",),
+    "teacher": ("vllm_teacher_engine", "vllm_teacher_engine_scoring"),
+}
+
+
+def vllm_engine_room(run: RunShape, gpu: GPU, usable: float = 0.9, role: str = "student") -> float | None:
+    """The most GPU share ``role``'s engine may take with the plan's peak and startup within ``usable``
+    (``gpu_memory_utilization`` for the student, ``teacher_gpu_memory_utilization`` for the teacher), the other
+    engine's share as ``run`` has it; None when ``run`` has no such engine.
+
+    With sleep mode an engine's share counts only in the phases it is awake in (the student engine: sampling;
+    the teacher engine: prefixes, and teacher scoring with ``teacher_scoring``), beside the rest of that phase;
+    without it, always. At startup an engine needs its share free beside the models as loaded (and, without
+    sleep mode, beside the engine started before it).
+    """
+    if role not in ENGINE_COMPONENTS:
+        raise ValueError(f"role {role!r}: student or teacher")
+    key = "vllm_gpu_memory_utilization" if role == "student" else "vllm_teacher_gpu_memory_utilization"
+    names = ENGINE_COMPONENTS[role]
+
+    def with_share(share: float) -> MemoryPlan:
+        shares: dict[str, Any] = {key: share}
+        return plan_memory(replace(run, **shares), gpu)
+
+    phases = {c.phase for c in with_share(1.0).components if c.name in names}
+    if not phases:
+        return None
+    base = with_share(0.0)
+    limit = usable * gpu.memory_bytes
+    if "persistent" in phases:
+        rooms = [limit - base.peak]
+    else:
+        rooms = [limit - base.persistent - base.phase_total(p) for p in phases]
+    rooms.append(limit - base.get("models_loaded") - (0 if run.vllm_sleep else base.get("engine_start")))
+    return min(rooms) / gpu.memory_bytes
 
 
 def guidance_cap(step: int, steps: int, max_new_tokens: int, schedule: str = "cosine") -> int:
@@ -770,11 +839,14 @@ def _decode_seconds(
 
 
 def _sampling_groups(run: RunShape, gpu: GPU, role: str, by_engine: bool) -> tuple[int, int]:
-    """(calls one after the other, rows per call): HF chunks, or vLLM waves of what its pool holds."""
+    """(calls one after the other, rows per call): HF chunks of ``generation_rows``, or the vLLM waves an engine
+    whose pool holds fewer than the rank's rows needs, the rows spread evenly over them (continuous batching
+    keeps at most what the pool holds running; no wave runs more rows than the rank has)."""
     rows = run.sequences_per_rank
     if by_engine:
         at_once = max(1, min(rows, vllm_concurrent_rows(run, gpu, role)))
-        return -(-rows // at_once), at_once
+        waves = -(-rows // at_once)
+        return waves, -(-rows // waves)
     return run.generation_chunks, run.generation_rows
 
 
@@ -796,7 +868,7 @@ def estimate_step(
     ``bw_efficiency`` of HBM bandwidth, and (HF loop) never faster than the eager loop's launch overhead
     (``launch_overhead_per_layer_s`` per decoder layer and step). Every response runs to
     ``max_new_tokens``, so every guided row's prefix reaches the cap and its student continuation is the
-    rest (``max_new_tokens - prefix``). HF chunks (``generation_batch_size``) run one after the other;
+    rest (``max_new_tokens - prefix``: with vLLM, each request's ``max_tokens``). HF chunks (``generation_batch_size``) run one after the other;
     a vLLM engine whose pool holds fewer than the rank's rows runs them in waves of what it holds.
     """
     s, t = run.student, run.teacher
