@@ -111,7 +111,9 @@ class VLLMConfig:
     tensor_parallel_size: int = 1
     max_logprobs: int = 64  # >= method.top_k when teacher_scoring
     enforce_eager: bool = False  # no CUDA graphs (less memory, slower decode)
-    teacher_prefixes: bool = True  # guidance prefixes (and sft_source=teacher responses) from a teacher engine
+    # Guidance prefixes (and sft_source=teacher responses) from a teacher engine. vLLM's sleep mode allows one
+    # engine per process (vLLM #18975): a second engine needs VLLM_ENABLE_V1_MULTIPROCESSING=1 or no sleep mode.
+    teacher_prefixes: bool = False
     teacher_scoring: bool = False  # teacher log-probs and top-k from that engine too (temperature 1)
     teacher_gpu_memory_utilization: float = 0.2
 
@@ -338,6 +340,15 @@ def validate_train(cfg: TrainConfig) -> None:
         _check(
             not v.teacher_scoring or (cfg.rollout.scoring_temperature or cfg.rollout.temperature) == 1.0,
             "rollout.vllm.teacher_scoring works at temperature 1 only (vLLM returns raw log-probs)",
+        )
+        import os
+
+        _check(
+            not ((v.teacher_prefixes or v.teacher_scoring) and v.enable_sleep_mode)
+            or os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "1",
+            "a teacher vLLM engine next to the student's needs each in its own process when they sleep (vLLM's "
+            "sleep mode allows one engine per process): export VLLM_ENABLE_V1_MULTIPROCESSING=1, or set "
+            "rollout.vllm.enable_sleep_mode=false (docs/vllm.md)",
         )
     _check(cfg.distributed.timeout_minutes > 0, "distributed.timeout_minutes must be positive")
     _check(cfg.rollout.generation_batch_size >= 0, "rollout.generation_batch_size must be >= 0 (0 = all at once)")
