@@ -3,8 +3,10 @@
 Computed (``tropd_cli.planning``, no GPU needed): every component tropd holds per GPU for
 R1-Distill-Qwen-1.5B <- Skywork-OR1-Math-7B and Qwen3-1.7B <- Qwen3-4B at the paper's settings
 (128 prompts x 4 rollouts, 8192 new tokens, top-k 64, 200 steps): the presets as configured
-(``conf/experiment/paper/*.yaml``: vLLM engines, 16 micro-batches, checkpointing) on 8 H100s and 8
-H200s, what fits and the settings recommended for both, the HF loop with ``rollout.generation_batch_size``
+(``conf/experiment/paper/*.yaml``: one vLLM engine, the student's; the HF teacher writing the guidance
+prefixes ``rollout.generation_batch_size`` rows at a time; 16 micro-batches, checkpointing) on 8 H100s and
+8 H200s, what fits and the settings recommended for both, the two-engine alternative (a teacher engine for
+the prefixes, ``VLLM_ENABLE_V1_MULTIPROCESSING=1``), the HF loop with ``rollout.generation_batch_size``
 instead, the fewest ``optim.micro_batches`` with the HF sampler over a whole rank batch, and FLOP /
 bandwidth step and run times.
 
@@ -72,20 +74,47 @@ def short(gpu: GPU) -> str:
     return gpu.name.split()[0]
 
 
-# Settings recommended for the presets on 8 GPUs, one set for 8 H100s and 8 H200s alike (shares are fractions
-# of the GPU, so the H100 binds): the engines are awake one at a time, so each share only has to fit beside the
-# rest of the phases its engine is awake in and beside the models at startup. Each engine gets the share that
-# holds as many of the rank's 64 rollouts as it can with every phase and the startup within HEADROOM of an
-# H100 (the student engine no more than it needs to hold all 64); optim.micro_batches stays at the presets' 16
-# (the training phase is far from the peak).
+# Settings recommended for the presets as they run by default (one vLLM engine, the student's; the HF teacher
+# writes the guidance prefixes), one set for 8 H100s and 8 H200s alike (shares are fractions of the GPU, so the
+# H100 binds), checked at step 0 (the HF teacher's prefix cache at its largest) and at the last steps (no
+# prefixes: the weight sync's cached blocks beside the student engine). tropd empties torch's cache once the HF
+# teacher's prefixes are written (Trainer._after_prefixes), so their blocks no longer sit beside the student
+# engine: `rollout.generation_batch_size` only sets the prefixes phase, and the engine's share only the sampling
+# phase and the startup. The eager HF loop is launch-bound, so the fewer calls the HF teacher writes the prefixes
+# in, the shorter the run: the most rows per call that fit within HEADROOM, beside the preset's 0.3 share.
+# The presets are configured with these values. R1 <- Skywork: one call of all 64 rows (54.4 GiB per H100 at step 0, the prefixes phase), 83 rollouts at once
+# on an H100 (one wave, a pool with room to spare for vLLM's own activations), about 30% faster than two calls
+# of 32 rows. Qwen3: two calls of 32 rows (all 64 would need 81 GiB of teacher cache), about 20% faster than
+# three calls of 22 rows; 21 rollouts at once on an H100 (four waves): a 0.45 share would hold 33
+# (two waves) for about 3% less time in the model, which takes waves as free of overheads: not worth a larger
+# engine. optim.micro_batches stays at 16 (the training phase is far from the peak).
 RECOMMENDED: dict[str, dict[str, Any]] = {
+    "r1-1.5b<-skywork-7b": dict(micro_batches=16, generation_batch_size=64, vllm_gpu_memory_utilization=0.3),
+    "qwen3-1.7b<-qwen3-4b": dict(micro_batches=16, generation_batch_size=32, vllm_gpu_memory_utilization=0.3),
+}
+# The alternative: a teacher engine writes the prefixes (rollout.vllm.teacher_prefixes=true), each engine in a
+# process of its own (VLLM_ENABLE_V1_MULTIPROCESSING=1: vLLM's sleep mode allows one engine per process; the
+# weight sync then goes through collective_rpc and host RAM). The engines are awake one at a time, so each share
+# only has to fit beside the rest of the phases its engine is awake in and beside the models at startup. Each
+# engine gets the share that holds as many of the rank's 64 rollouts as it can with every phase and the startup
+# within HEADROOM of an H100 (the student engine no more than it needs to hold all 64).
+TWO_ENGINES: dict[str, dict[str, Any]] = {
     "r1-1.5b<-skywork-7b": dict(
-        micro_batches=16, vllm_gpu_memory_utilization=0.3, vllm_teacher_gpu_memory_utilization=0.55
+        micro_batches=16,
+        vllm_teacher_prefixes=True,
+        vllm_multiprocessing=True,
+        vllm_gpu_memory_utilization=0.3,
+        vllm_teacher_gpu_memory_utilization=0.55,
     ),
     "qwen3-1.7b<-qwen3-4b": dict(
-        micro_batches=16, vllm_gpu_memory_utilization=0.6, vllm_teacher_gpu_memory_utilization=0.65
+        micro_batches=16,
+        vllm_teacher_prefixes=True,
+        vllm_multiprocessing=True,
+        vllm_gpu_memory_utilization=0.6,
+        vllm_teacher_gpu_memory_utilization=0.65,
     ),
 }
+TWO_ENGINE_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING=1 VLLM_ALLOW_INSECURE_SERIALIZATION=1"
 HEADROOM = 0.85  # recommended settings keep every phase and the startup within 85% of an H100 (the fit line: 90%)
 STEPS = 200  # the presets' `steps`
 
@@ -93,6 +122,11 @@ STEPS = 200  # the presets' `steps`
 def step0(run: RunShape) -> RunShape:
     """Guidance at step 0: the prefix cap is the whole response budget (cosine schedule)."""
     return replace(run, prefix_tokens=run.response_tokens)
+
+
+def late(run: RunShape) -> RunShape:
+    """The last steps: the prefix cap is 0, no prefixes are written."""
+    return replace(run, prefix_tokens=0)
 
 
 def fit_row(run: RunShape, gpu: GPU) -> dict[str, Any]:
@@ -108,21 +142,45 @@ def fit_row(run: RunShape, gpu: GPU) -> dict[str, Any]:
     }
 
 
+def within_headroom(run: RunShape, gpu: GPU) -> bool:
+    """Fits, with every phase of every step and the startup within HEADROOM of the GPU: step 0 (the HF teacher's
+    prefixes at their largest) and the last steps (no prefixes: nothing empties torch's cache between the weight
+    sync and the student engine's wake) bound every step in between."""
+    plans = [plan_memory(step0(run), gpu), plan_memory(late(run), gpu)]
+    return all(max(p.peak, p.startup) <= HEADROOM * gpu.memory_bytes and not p.problems(gpu, USABLE) for p in plans)
+
+
 def vllm_case(label: str, run: RunShape, gpu: GPU) -> dict[str, Any]:
-    plan = plan_memory(run, gpu)
+    """A vLLM setup at step 0 (the HF teacher's prefix cache at its largest; the engines' shares do not depend on
+    the cap) and at the last steps (no prefixes: the weight sync's cached blocks beside the student engine), which
+    bound every step; an engine's room is the smaller of the two."""
+    first = step0(run)
+    plan = plan_memory(first, gpu)
+    last = plan_memory(late(run), gpu)
+    roles = ("student", "teacher") if run.teacher_engine else ("student",)
+    rooms: list[float | None] = []
+    for role in roles:
+        pair = [planning.vllm_engine_room(r, gpu, USABLE, role) for r in (first, late(run))]
+        rooms.append(min(r for r in pair if r is not None) if None not in pair else None)
     return {
         "label": label,
         "gpu": short(gpu),
         "micro_batches": run.micro_batches,
-        "shares": [run.vllm_gpu_memory_utilization, run.vllm_teacher_gpu_memory_utilization],
-        "room": [planning.vllm_engine_room(run, gpu, USABLE, role) for role in ("student", "teacher")],
+        "generation_batch_size": None if run.teacher_engine else run.generation_batch_size,
+        "teacher_calls": None if run.teacher_engine else run.generation_chunks,
+        "shares": [run.vllm_gpu_memory_utilization]
+        + ([run.vllm_teacher_gpu_memory_utilization] if run.teacher_engine else []),
+        "room": rooms,
         "peak_gib": plan.peak / GiB,
         "peak_share": plan.peak / gpu.memory_bytes,
         "startup_share": plan.startup / gpu.memory_bytes,
         "phase": plan.peak_phase,
         "startup_gib": plan.startup / GiB,
-        "problems": plan.problems(gpu, USABLE),
-        "rows_at_once": [planning.vllm_concurrent_rows(run, gpu, role) for role in ("student", "teacher")],
+        "late_peak_gib": last.peak / GiB,
+        "late_phase": last.peak_phase,
+        "host_gib": plan.host / GiB,
+        "problems": list(dict.fromkeys(plan.problems(gpu, USABLE) + last.problems(gpu, USABLE))),
+        "rows_at_once": [planning.vllm_concurrent_rows(run, gpu, role) for role in roles],
         "late_s": planning.estimate_step(run, gpu).total_s,
         "step0_s": planning.estimate_step(step0(run), gpu).total_s,
         "run_h": planning.estimate_run_seconds(run, gpu, STEPS) / 3600,
@@ -174,21 +232,32 @@ def single_gpu(preset: str, gpu: GPU) -> dict[str, Any]:
     return out
 
 
+def setups(preset: str) -> list[tuple[str, RunShape]]:
+    """(label, run) of the vLLM setups compared: as configured, recommended (when it differs), two engines."""
+    configured = planning.preset_run(preset)
+    recommended = replace(configured, **RECOMMENDED[preset])
+    two = replace(configured, **TWO_ENGINES[preset])
+    if recommended == configured:
+        return [("as configured = recommended", configured), ("two engines (alternative)", two)]
+    return [("as configured", configured), ("recommended", recommended), ("two engines (alternative)", two)]
+
+
 def compute(micro_batches: dict[str, int]) -> dict[str, Any]:
     out: dict[str, Any] = {"presets": {}}
     for preset in planning.PRESETS:
         configured = planning.preset_run(preset)
-        plans = {short(gpu): plan_memory(configured, gpu) for gpu in (H100, H200)}
+        plans = {short(gpu): plan_memory(step0(configured), gpu) for gpu in (H100, H200)}
+        late = {short(gpu): plan_memory(configured, gpu) for gpu in (H100, H200)}
         cases, loops, steps = [], [], {}
-        recommended = replace(configured, **RECOMMENDED[preset])
+        for name, values in (("RECOMMENDED", RECOMMENDED[preset]), ("TWO_ENGINES", TWO_ENGINES[preset])):
+            for gpu in (H100, H200):
+                if not within_headroom(replace(configured, **values), gpu):
+                    raise SystemExit(f"{name}[{preset!r}] no longer fits {gpu.name} within {HEADROOM:.0%}: update it")
         for gpu in (H100, H200):
-            plan = plan_memory(recommended, gpu)
-            if max(plan.peak, plan.startup) > HEADROOM * gpu.memory_bytes or plan.problems(gpu, USABLE):
-                raise SystemExit(f"RECOMMENDED[{preset!r}] no longer fits {gpu.name} within {HEADROOM:.0%}: update it")
-            cases += [vllm_case("as configured", configured, gpu), vllm_case("recommended", recommended, gpu)]
+            cases += [vllm_case(label, run, gpu) for label, run in setups(preset)]
             loop = loop_case(replace(configured, backend="loop"), gpu)
             loops.append(loop)
-            runs = [("vLLM as configured", configured), ("vLLM recommended", recommended)]
+            runs = [(f"vLLM {label}", run) for label, run in setups(preset)]
             if loop.get("run") is not None:
                 n = loop["run"].generation_batch_size
                 runs.append((f"loop, generation_batch_size={n}", loop.pop("run")))
@@ -211,6 +280,7 @@ def compute(micro_batches: dict[str, int]) -> dict[str, Any]:
         out["presets"][preset] = {
             "configured": configured,
             "plans": plans,
+            "late": late,
             "no_ckpt": plan_memory(replace(configured, gradient_checkpointing=False), H100),
             "cases": cases,
             "loops": loops,
@@ -452,16 +522,23 @@ def component_table(data: dict[str, Any]) -> list[str]:
     h100: MemoryPlan = data["plans"]["H100"]
     h200: MemoryPlan = data["plans"]["H200"]
     b = run.micro_batch_sequences
+    h100_late: MemoryPlan = data["late"]["H100"]
+    h200_late: MemoryPlan = data["late"]["H200"]
+    g = run.generation_batch_size
     lines = [
         f"8 GPUs, {run.sequences_per_rank} rollouts per GPU, `optim.micro_batches={run.micro_batches}` ({b} sequences "
         f"of up to {run.seq_len} tokens per micro-batch: prompts planned at `dataset.max_prompt_tokens={run.prompt_tokens}`), "
         f"`student.gradient_checkpointing=true`, `scoring.chunk_size={run.chunk_size}`, bf16 compute (FSDP2 mixed "
         "precision), teacher replicated in bf16 and scored by HF, `rollout.backend=vllm` with the `rollout.vllm` defaults: "
-        f"student engine `gpu_memory_utilization={run.vllm_gpu_memory_utilization}`, teacher engine (guidance prefixes) "
-        f"`teacher_gpu_memory_utilization={run.vllm_teacher_gpu_memory_utilization}`, sleep mode. *Prefixes*: the "
-        "teacher engine writes the guidance prefixes beside the student engine's weights (woken by the weight sync); "
-        "*sampling*: the teacher engine asleep, the student engine continues them. vLLM's memory does not depend on "
-        "the prefix cap, so this holds for every step but the last (cap 0: the teacher engine stays asleep).",
+        f"one engine, the student's, `gpu_memory_utilization={run.vllm_gpu_memory_utilization}`, sleep mode; the HF "
+        f"teacher writes the guidance prefixes with the loop sampler, `rollout.generation_batch_size={g}` rows at a "
+        f"time ({run.generation_chunks} calls per rollout). At step 0, where the prefix cap is the whole "
+        f"{run.response_tokens}-token budget and the teacher's cache is largest: *prefixes*: the HF teacher writes them "
+        "beside the student engine's weights (woken by the weight sync); *sampling*: tropd empties torch's cache once "
+        "they are written (`Trainer._after_prefixes`), and the student engine wakes whole beside nothing of torch's "
+        "to continue them. The teacher's cache shrinks with the cap; at the last steps (cap 0: no prefixes, so "
+        "nothing empties torch's cache after the weight sync) the sampling phase is the engine beside the sync's "
+        "cached blocks (last rows of the phase table).",
         "",
         "| component | phase | H100 GiB | H200 GiB | what |",
         "|---|---|---|---|---|",
@@ -485,11 +562,16 @@ def component_table(data: dict[str, Any]) -> list[str]:
             f"{gib(h200.persistent + h200.phase_total(p))} |"
         )
     lines.append(
-        f"| **peak** (fits: {USABLE:.0%} of {gib(H100.memory_bytes)} / {gib(H200.memory_bytes)}) | "
+        f"| **peak at step 0** (fits: {USABLE:.0%} of {gib(H100.memory_bytes)} / {gib(H200.memory_bytes)}) | "
         f"**{gib(h100.peak)}** ({PHASE_LABEL[h100.peak_phase]}) | **{gib(h200.peak)}** ({PHASE_LABEL[h200.peak_phase]}) |"
     )
     lines.append(
-        f"| startup (models before sharding + an engine's share) | {gib(h100.startup)} | {gib(h200.startup)} |"
+        f"| **peak at the last steps** (cap 0: no prefixes; the weight sync's cached blocks beside the engine) | "
+        f"**{gib(h100_late.peak)}** ({PHASE_LABEL[h100_late.peak_phase]}) | "
+        f"**{gib(h200_late.peak)}** ({PHASE_LABEL[h200_late.peak_phase]}) |"
+    )
+    lines.append(
+        f"| startup (models before sharding + the engine's share) | {gib(h100.startup)} | {gib(h200.startup)} |"
     )
     lines.append(
         f"| host RAM per rank (per node of 8) | {gib(h100.host)} ({gib(8 * h100.host)}) | "
@@ -498,22 +580,30 @@ def component_table(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _slash(values: list[Any], fmt: str) -> str:
+    """Student / teacher engine figures; the teacher's is "HF" when the HF teacher writes the prefixes."""
+    parts = ["—" if v is None else format(v, fmt) for v in values]
+    return " / ".join(parts + ["HF"] * (2 - len(parts)))
+
+
 def cases_table(data: dict[str, Any]) -> list[str]:
     lines = [
-        "| GPU | settings | `optim.micro_batches` | engine shares: student / teacher | room: student / teacher | "
-        "peak GiB (phase, of the GPU) | startup GiB | fits | rollouts held at once: student / teacher engine (of 64) | "
-        f"late step s | step 0 s | {STEPS} steps h |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GPU | setup | `optim.micro_batches` | `rollout.generation_batch_size` (HF teacher calls) | "
+        "engine shares: student / teacher | room: student / teacher | step-0 peak GiB (phase, of the GPU) | "
+        "last-steps peak GiB (phase) | startup GiB | host RAM GiB per rank | fits | rollouts held at once: "
+        f"student / teacher engine (of 64) | late step s | step 0 s | {STEPS} steps h |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in data["cases"]:
         fits = "yes" if not c["problems"] else "**no**: " + "; ".join(c["problems"])
-        su, te = c["shares"]
-        room = " / ".join("—" if r is None else f"{r:.2f}" for r in c["room"])
+        g = c["generation_batch_size"]
+        calls = "— (teacher engine)" if g is None else f"{g} ({c['teacher_calls']})"
         lines.append(
-            f"| {c['gpu']} | {c['label']} | {c['micro_batches']} | {su:g} / {te:g} | {room} | "
-            f"{c['peak_gib']:.1f} ({PHASE_LABEL[c['phase']]}, {c['peak_share']:.0%}) | "
-            f"{c['startup_gib']:.1f} ({c['startup_share']:.0%}) | {fits} | "
-            f"{c['rows_at_once'][0]} / {c['rows_at_once'][1]} | {c['late_s']:.0f} | {c['step0_s']:.0f} | {c['run_h']:.1f} |"
+            f"| {c['gpu']} | {c['label']} | {c['micro_batches']} | {calls} | {_slash(c['shares'], 'g')} | "
+            f"{_slash(c['room'], '.2f')} | {c['peak_gib']:.1f} ({PHASE_LABEL[c['phase']]}, {c['peak_share']:.0%}) | "
+            f"{c['late_peak_gib']:.1f} ({PHASE_LABEL[c['late_phase']]}) | {c['startup_gib']:.1f} ({c['startup_share']:.0%}) | {c['host_gib']:.1f} | {fits} | "
+            f"{_slash(c['rows_at_once'], 'd')} | "
+            f"{c['late_s']:.0f} | {c['step0_s']:.0f} | {c['run_h']:.1f} |"
         )
     return lines
 
@@ -634,13 +724,22 @@ def measured_section(m: dict[str, Any]) -> list[str]:
     return lines
 
 
+CONFIG_KEYS = {
+    "micro_batches": "optim.micro_batches",
+    "generation_batch_size": "rollout.generation_batch_size",
+    "vllm_teacher_prefixes": "rollout.vllm.teacher_prefixes",
+    "vllm_gpu_memory_utilization": "rollout.vllm.gpu_memory_utilization",
+    "vllm_teacher_gpu_memory_utilization": "rollout.vllm.teacher_gpu_memory_utilization",
+}
+
+
 def overrides(values: dict[str, Any]) -> str:
-    keys = {
-        "micro_batches": "optim.micro_batches",
-        "vllm_gpu_memory_utilization": "rollout.vllm.gpu_memory_utilization",
-        "vllm_teacher_gpu_memory_utilization": "rollout.vllm.teacher_gpu_memory_utilization",
-    }
-    return " ".join(f"{keys[k]}={v}" for k, v in values.items())
+    """The Hydra overrides of a RunShape change (vllm_multiprocessing is an environment variable, not a key)."""
+    return " ".join(
+        f"{CONFIG_KEYS[k]}={str(v).lower() if isinstance(v, bool) else v}"
+        for k, v in values.items()
+        if k != "vllm_multiprocessing"
+    )
 
 
 def markdown(computed: dict[str, Any], measured: dict[str, Any] | None, env: dict[str, Any]) -> str:
@@ -650,25 +749,48 @@ def markdown(computed: dict[str, Any], measured: dict[str, Any] | None, env: dic
         "All figures per GPU, GiB = 2^30 bytes. A plan *fits* when its peak and its startup are within "
         f"{USABLE:.0%} of the GPU's memory (H100: {H100.memory_bytes / GiB:.1f} GiB, H200: "
         f"{H200.memory_bytes / GiB:.1f} GiB; the rest is for the CUDA context, NCCL and allocator fragmentation) "
-        "and every vLLM engine's KV pool holds one `max_model_len` sequence. Paper settings throughout: "
+        "and every vLLM engine's KV pool holds one `max_model_len` sequence (and two sleeping engines have a process "
+        "each). Paper settings throughout: "
         "128 prompts x 4 rollouts = 512 sequences per step, up to 8192 new tokens, top-k 64, 200 steps."
     )
     out += ["", "### Models", ""] + models_table()
     for preset, data in computed["presets"].items():
-        out += ["", f"### {PRESET_TITLES[preset]}", "", "#### As configured (`experiment=paper/...`, 8 GPUs)", ""]
-        out += component_table(data)
-        out += ["", "#### What fits on 8 GPUs with vLLM", ""] + cases_table(data)
         out += [
             "",
-            "*Room*: the most GPU share each engine may take (`gpu_memory_utilization`, "
-            "`teacher_gpu_memory_utilization`) with the peak and the startup within the fit line. The engines are "
-            "awake one at a time, so each share only has to fit beside the rest of the phases its engine is awake in "
-            "(the student engine: sampling; the teacher engine: prefixes, beside the student engine's weights) and "
-            "beside the models as loaded at startup; the two shares do not add up. *Rollouts held at once*: "
-            "`max_model_len` sequences an engine's KV pool holds (its share less its bf16 weights, an upper bound); "
-            "fewer than 64 and vLLM queues the rest (waves, in the step times). Recommended for 8 x H100 and "
-            f"8 x H200 alike: `{overrides(RECOMMENDED[preset])}` (every phase and the startup within "
-            f"{HEADROOM:.0%} of an H100).",
+            f"### {PRESET_TITLES[preset]}",
+            "",
+            "#### As configured (`experiment=paper/...`, 8 GPUs, step 0)",
+            "",
+        ]
+        out += component_table(data)
+        out += ["", "#### What fits on 8 GPUs with vLLM", ""] + cases_table(data)
+        recommended = overrides(RECOMMENDED[preset])
+        same = replace(data["configured"], **RECOMMENDED[preset]) == data["configured"]
+        out += [
+            "",
+            "Every setup planned at step 0 (the HF teacher's prefix cache at its largest, the whole 8192-token cap) "
+            "and at the last steps (cap 0: no prefixes, so nothing empties torch's cache between the weight sync and "
+            "the student engine's wake); the two bound every step, and the engines' shares do not depend on the cap. "
+            "*As configured* and *recommended*: one "
+            "engine, the student's; the HF teacher writes the prefixes in calls of `rollout.generation_batch_size` "
+            "rows (*HF* in the teacher columns). *Two engines (alternative)*: a teacher engine writes them "
+            f"(`{overrides(TWO_ENGINES[preset])}`), which needs `{TWO_ENGINE_ENV}` (each engine in its own process: "
+            "vLLM's sleep mode allows one engine per process; the weight sync then goes through `collective_rpc` "
+            "and host RAM: the fp32 student copied there, in the *host RAM* column beside the sleeping engines' "
+            "weights) and has not run on a GPU here; the HF teacher's prefix cache then never exists. *Room*: "
+            "the most GPU share each engine may take (`gpu_memory_utilization`, `teacher_gpu_memory_utilization`) "
+            "with every step's peak and the startup within the fit line: the student engine's beside the rest of "
+            "the sampling phase (with one engine: nothing of torch's once the HF teacher's prefixes are written, the "
+            "weight sync's cached blocks at the last steps), the teacher engine's beside the student engine's "
+            "weights; the engines are awake one at a time, so two shares do not add up. "
+            "*Rollouts held at once*: `max_model_len` sequences an engine's KV pool holds (its share less its bf16 "
+            "weights, an upper bound); fewer than 64 and vLLM queues the rest (waves, in the step times). "
+            + (
+                f"Recommended for 8 x H100 and 8 x H200 alike: the preset as configured, `{recommended}`"
+                if same
+                else f"Recommended for 8 x H100 and 8 x H200 alike: `{recommended}`"
+            )
+            + f" (every phase of step 0 and of the last steps, and the startup, within {HEADROOM:.0%} of an H100).",
         ]
         out += ["", "#### The HF loop instead (`rollout.backend=loop`, 8 GPUs, `optim.micro_batches=16`)", ""]
         out += loop_table(data)
@@ -701,9 +823,12 @@ def markdown(computed: dict[str, Any], measured: dict[str, Any] | None, env: dic
         "the sampling weights and the KV cache of the rows decoding together once per token at 70% of HBM "
         "bandwidth (H100 3.35 TB/s, H200 4.8 TB/s) and, with the HF loop, takes at least 0.6 ms per decoder "
         "layer per token (kernel-launch bound eager PyTorch; vLLM's CUDA graphs assumed free of it). HF sampling "
-        "calls (`generation_batch_size`) run one after the other; an engine whose pool holds fewer rows than "
-        "the rank's runs them in waves (the rows spread evenly over them). `decode bound` is the bandwidth bound alone. Step 0: the teacher writes "
-        f"8192-token prefixes and the student nothing more; `{STEPS} steps h` sums every step at its cosine cap.",
+        "calls (`generation_batch_size` rows each: the student's with the loop, the HF teacher's prefixes in every "
+        "setup without a teacher engine) run one after the other; an engine whose pool holds fewer rows than the "
+        "rank's runs them in waves (the rows spread evenly over them). `decode bound` is the bandwidth bound alone. "
+        "Step 0: the teacher writes 8192-token prefixes and the student nothing more; "
+        f"`{STEPS} steps h` sums every step at its cosine cap. The weight sync is not in the step times (with two "
+        "engines it goes through host RAM).",
     ]
     if measured is not None:
         out += ["", "### Measured vs planned (CPU)", ""] + measured_section(measured)
@@ -752,10 +877,11 @@ def main(argv: list[str] | None = None) -> None:
             "presets": {
                 k: {
                     "configured": asdict(v["configured"]),
-                    "components": {gpu: [asdict(c) for c in plan.components] for gpu, plan in v["plans"].items()},
+                    "components_step0": {gpu: [asdict(c) for c in plan.components] for gpu, plan in v["plans"].items()},
                     "vllm_cases": v["cases"],
                     "loop": v["loops"],
                     "recommended": RECOMMENDED[k],
+                    "two_engines": TWO_ENGINES[k],
                     "hf_sampler_fits": v["fits"],
                     "single_gpu": v["single"],
                     "steps": {

@@ -430,11 +430,33 @@ def _sync_bytes(run: RunShape) -> int:
     return max(ps.embed, ps.lm_head, ps.per_layer) * FP32
 
 
+def _in_phase(plan: planning.MemoryPlan, phase: str) -> list[tuple[str, int]]:
+    """The plan's components of ``phase``, in order, with their bytes."""
+    return [(c.name, c.bytes) for c in plan.components if c.phase == phase]
+
+
+def _torch_high_water(plan: planning.MemoryPlan) -> int:
+    """What torch's allocator reaches in scoring, training and the optimizer step (release_torch_cache=False keeps
+    it cached into the next step's engine phases)."""
+    return max(
+        sum(c.bytes for c in plan.components if c.phase == p and not c.name.startswith(("vllm_", "torch_cache")))
+        for p in ("teacher_scoring", "training", "optimizer")
+    )
+
+
 def test_vllm_engines_replace_the_sampler_copy_and_its_cache() -> None:
-    """rollout.backend=vllm: no HF sampler copy or cache; each engine takes its share of the GPU while awake, one
-    engine at a time: the teacher engine writes the prefixes beside the student engine's weights (woken by the
-    weight sync), then sleeps; the student engine wakes whole and continues them."""
-    run = planning.paper_run("r1-1.5b<-skywork-7b", world_size=8, backend="vllm", vllm_gpu_memory_utilization=0.4)
+    """rollout.backend=vllm with a teacher engine (teacher_prefixes=true, each engine in its own process): no HF
+    sampler copy or cache; each engine takes its share of the GPU while awake, one engine at a time: the teacher
+    engine writes the prefixes beside the student engine's weights (woken by the weight sync), then sleeps; the
+    student engine wakes whole and continues them."""
+    run = planning.paper_run(
+        "r1-1.5b<-skywork-7b",
+        world_size=8,
+        backend="vllm",
+        vllm_gpu_memory_utilization=0.4,
+        vllm_teacher_prefixes=True,
+        vllm_multiprocessing=True,
+    )
     plan = plan_memory(run, H200)
     share_s, share_t = int(0.4 * H200.memory_bytes), int(0.2 * H200.memory_bytes)
     s, t = param_counts(run.student).total, param_counts(run.teacher).total
@@ -445,45 +467,100 @@ def test_vllm_engines_replace_the_sampler_copy_and_its_cache() -> None:
     assert plan.phase_total("sampling") == share_s + _sync_bytes(run)
     loop = plan_memory(replace(run, backend="loop"))
     assert plan.persistent == loop.persistent - loop.get("sampler_copy")  # asleep outside their phases
-    # Level-1 sleep keeps every engine's bf16 weights in host RAM; an engine starts with its share free.
-    assert plan.host == plan.get("engine_weights_offloaded") == (s + t) * 2
+    # Level-1 sleep keeps every engine's bf16 weights in host RAM; the weight sync through collective_rpc copies
+    # the fp32 student there; an engine starts with its share free.
+    assert plan.get("engine_weights_offloaded") == (s + t) * 2
+    assert plan.host == (s + t) * 2 + plan.get("weight_sync_host_copy") == (s + t) * 2 + s * FP32
     assert plan.startup == s * FP32 + t * 2 + share_s
-    awake = plan_memory(replace(run, vllm_sleep=False), H200)
+    # Both engines in the trainer's process under sleep mode: vLLM refuses the second (one CuMemAllocator).
+    one_process = (
+        "a teacher engine beside the sleeping student engine needs VLLM_ENABLE_V1_MULTIPROCESSING=1 "
+        "(vLLM's sleep mode allows one engine per process)"
+    )
+    inprocess = plan_memory(replace(run, vllm_multiprocessing=False), H200)
+    assert inprocess.peak == plan.peak and inprocess.host == (s + t) * 2
+    assert inprocess.problems(H200) == [*plan.problems(H200), one_process]
+    awake = plan_memory(replace(run, vllm_sleep=False, vllm_multiprocessing=False), H200)
     assert awake.persistent == plan.persistent + share_s + share_t
     assert awake.phase_total("prefixes") == awake.phase_total("sampling") == _sync_bytes(run)
     assert awake.host == 0 and awake.startup == s * FP32 + t * 2 + share_s + share_t
+    assert one_process not in awake.problems(H200)  # without sleep mode two engines may share a process
     with pytest.raises(ValueError, match="pass the GPU"):
         plan_memory(run)
 
 
 def test_teacher_engine_follows_the_trainers_rules() -> None:
-    """Trainer._make_engines: a teacher engine with teacher_scoring, or with teacher_prefixes and guidance."""
+    """Trainer._make_engines: a teacher engine with teacher_scoring, or with teacher_prefixes and guidance; by
+    default (teacher_prefixes=false) none: the HF teacher writes the prefixes."""
     run = planning.preset_run("qwen3-1.7b<-qwen3-4b")
+    assert not run.vllm_teacher_prefixes and not run.teacher_engine
+    two = replace(run, vllm_teacher_prefixes=True, vllm_multiprocessing=True)
     share = int(run.vllm_teacher_gpu_memory_utilization * H100.memory_bytes)
-    assert plan_memory(run, H100).get("vllm_teacher_engine") == share
-    unguided = plan_memory(replace(run, guidance=False), H100)
-    assert not replace(run, guidance=False).teacher_engine and unguided.get("vllm_teacher_engine") == 0
+    assert two.teacher_engine and plan_memory(two, H100).get("vllm_teacher_engine") == share
+    unguided = plan_memory(replace(two, guidance=False), H100)
+    assert not replace(two, guidance=False).teacher_engine and unguided.get("vllm_teacher_engine") == 0
     assert unguided.phase_total("prefixes") == 0
-    scoring = plan_memory(replace(run, guidance=False, vllm_teacher_scoring=True), H100)
+    scoring = plan_memory(replace(run, guidance=False, vllm_teacher_scoring=True, vllm_multiprocessing=True), H100)
     assert scoring.get("vllm_teacher_engine_scoring") == share and scoring.get("teacher_forward") == 0
-    # Prefixes from the HF teacher (teacher_prefixes=false): nothing empties torch's cache between its loop and the
-    # student engine's wake, so the loop's blocks are still reserved beside the student engine.
-    hf_run = replace(run, vllm_teacher_prefixes=False, prefix_tokens=4096)
+    # Prefixes from the HF teacher (the default), beside the student engine's weights and the weight sync's blocks.
+    # tropd empties torch's cache once they are written (Trainer._after_prefixes), so the student engine wakes whole
+    # beside nothing of torch's: neither the loop's blocks nor the sync's. The older code (release_torch_cache=False)
+    # kept both reserved there, and the last step's high-water mark of scoring and training above them.
+    rows = planning.PRESET_GENERATION_BATCH_SIZE["qwen3-1.7b<-qwen3-4b"]
+    assert run.generation_batch_size == rows and run.generation_chunks == -(-run.sequences_per_rank // rows)
+    hf_run = replace(run, prefix_tokens=2048)
     hf = plan_memory(hf_run, H100)
-    assert not hf_run.teacher_engine and hf.get("vllm_teacher_engine") == 0
+    assert hf.get("vllm_teacher_engine") == 0 and hf.host == hf.get("engine_weights_offloaded")
     cache = planning.sampling_kv_cache_bytes(hf_run, "teacher")
-    assert hf.get("teacher_prefix_kv_cache") == cache
+    assert cache == kv_cache_bytes(run.teacher, rows, 1024 + 2048 - 1)  # one HF call of the preset's rows
     held = cache + hf.get("teacher_prefix_temporaries")
-    assert hf.get("teacher_prefix_blocks_held") == held
-    assert hf.phase_total("sampling") == hf.get("vllm_student_engine") + held + _sync_bytes(run)
-    assert hf.phase_total("prefixes") == held + param_counts(run.student).total * 2 + _sync_bytes(run)
+    engine, sync = int(0.3 * H100.memory_bytes), _sync_bytes(run)
+    assert _in_phase(hf, "prefixes") == [
+        ("vllm_student_engine_weights", param_counts(run.student).total * 2),
+        ("teacher_prefix_kv_cache", cache),
+        ("teacher_prefix_temporaries", held - cache),
+        ("sampler_sync", sync),
+    ]
+    assert _in_phase(hf, "sampling") == [("vllm_student_engine", engine)]
+    old = plan_memory(replace(hf_run, release_torch_cache=False), H100)
+    high = _torch_high_water(old)
+    assert high > held + sync  # Qwen3 at a 2048-token cap: scoring / training reach higher than the prefixes
+    assert _in_phase(old, "sampling") == [
+        ("vllm_student_engine", engine),
+        ("teacher_prefix_blocks_held", held),
+        ("sampler_sync", sync),
+        ("torch_cache_held", high - held - sync),
+    ]
+    assert old.phase_total("sampling") == hf.phase_total("sampling") + high
+    # At a 4096-token cap the preset's prefixes reach higher than scoring and training: the older code kept their
+    # blocks and the sync's beside the engine, and nothing of the last step's high-water mark above them.
+    long_run = replace(run, prefix_tokens=4096)
+    long = plan_memory(long_run, H100)
+    long_held = long.get("teacher_prefix_kv_cache") + long.get("teacher_prefix_temporaries")
+    assert long.get("teacher_prefix_kv_cache") == kv_cache_bytes(run.teacher, rows, 1024 + 4096 - 1)
+    assert _in_phase(long, "sampling") == [("vllm_student_engine", engine)]
+    long_old = plan_memory(replace(long_run, release_torch_cache=False), H100)
+    assert _torch_high_water(long_old) == high < long_held + sync  # the same scoring / training, larger prefixes
+    assert _in_phase(long_old, "sampling") == [
+        ("vllm_student_engine", engine),
+        ("teacher_prefix_blocks_held", long_held),
+        ("sampler_sync", sync),
+        ("torch_cache_held", 0),
+    ]
 
 
-def test_torch_cache_is_emptied_before_the_engines_wake() -> None:
+@pytest.mark.parametrize(
+    ("setup", "phases"),
+    [
+        ({}, ("sampling",)),  # one engine (the default), late steps: the HF teacher writes no prefix
+        ({"vllm_teacher_prefixes": True, "vllm_multiprocessing": True}, ("prefixes", "sampling")),  # two engines
+    ],
+)
+def test_torch_cache_is_emptied_before_the_engines_wake(setup: dict[str, Any], phases: tuple[str, ...]) -> None:
     """Trainer empties torch's cache before the engines wake (release_torch_cache, the default). Without it (the code
     before), vLLM would wake its engines outside torch's allocator beside the blocks torch cached for the last
     step's scoring and training: the engines' phases would hold torch's high-water mark of those phases."""
-    run = planning.preset_run("r1-1.5b<-skywork-7b")
+    run = planning.preset_run("r1-1.5b<-skywork-7b", **setup)
     assert run.release_torch_cache
     plan = plan_memory(run, H100)
     assert plan.get("torch_cache_held") == 0
@@ -493,20 +570,21 @@ def test_torch_cache_is_emptied_before_the_engines_wake() -> None:
         for p in planning.PHASES
     }
     high = max(torch_only["teacher_scoring"], torch_only["training"], torch_only["optimizer"])
-    for phase in ("prefixes", "sampling"):
+    for phase in planning.PHASES:  # beside every phase an engine wakes in, and only there
         held = [c.bytes for c in before.components if c.name == "torch_cache_held" and c.phase == phase]
-        assert held == [high - torch_only[phase]]
+        assert held == ([high - torch_only[phase]] if phase in phases else [])
     assert before.phase_total("sampling") == high + plan.get("vllm_student_engine")
-    assert before.phase_total("prefixes") == high + plan.get("vllm_teacher_engine") + plan.get(
-        "vllm_student_engine_weights"
-    )
+    if "prefixes" in phases:
+        assert before.phase_total("prefixes") == high + plan.get("vllm_teacher_engine") + plan.get(
+            "vllm_student_engine_weights"
+        )
     assert before.peak > plan.peak + 10 * planning.GiB  # 58.6 against 42.3 GiB per H100
 
 
 def test_each_engines_room_is_what_its_phases_and_the_startup_leave() -> None:
-    """vllm_engine_room: the largest share an engine may take with the plan still fitting; the other engine's share
-    does not enter it (the engines are never awake together)."""
-    run = planning.preset_run("r1-1.5b<-skywork-7b")
+    """vllm_engine_room with two engines: the largest share an engine may take with the plan still fitting; the other
+    engine's share does not enter it (the engines are never awake together)."""
+    run = planning.preset_run("r1-1.5b<-skywork-7b", vllm_teacher_prefixes=True, vllm_multiprocessing=True)
     plan, limit, total = plan_memory(run, H100), 0.9 * H100.memory_bytes, H100.memory_bytes
     student = planning.vllm_engine_room(run, H100, role="student")
     teacher = planning.vllm_engine_room(run, H100, role="teacher")
@@ -528,6 +606,53 @@ def test_each_engines_room_is_what_its_phases_and_the_startup_leave() -> None:
     both = planning.vllm_engine_room(awake, H100, role="student")
     assert both is not None and both + run.vllm_teacher_gpu_memory_utilization < student
     assert plan_memory(replace(awake, vllm_gpu_memory_utilization=both - 1e-4), H100).fits(H100)
+
+
+def test_the_student_engines_room_beside_the_hf_teachers_prefixes() -> None:
+    """One engine (the presets): tropd empties torch's cache once the HF teacher's prefixes are written, so at step 0
+    the student engine wakes beside nothing of torch's and its room does not depend on rollout.generation_batch_size;
+    at the last steps (no prefixes, nothing emptied after the weight sync) the sync's cached blocks are beside it.
+    With the older code (release_torch_cache=False) it woke beside the prefixes' blocks, the sync's and the last
+    step's high-water mark of scoring and training, and its room shrank as the chunks grew."""
+    run = replace(planning.preset_run("r1-1.5b<-skywork-7b"), prefix_tokens=8192)
+    assert planning.vllm_engine_room(run, H100, role="teacher") is None
+    limit, total = 0.9 * H100.memory_bytes, H100.memory_bytes
+    engine, sync = int(0.3 * H100.memory_bytes), _sync_bytes(run)
+    rooms: dict[tuple[bool, int, int], float] = {}
+    for release, rows, prefix in (
+        (True, 32, 8192),
+        (True, 64, 8192),
+        (True, 64, 0),
+        (False, 32, 8192),
+        (False, 64, 8192),
+    ):
+        chunked = replace(run, generation_batch_size=rows, release_torch_cache=release, prefix_tokens=prefix)
+        plan = plan_memory(chunked, H100)
+        held = plan.get("teacher_prefix_kv_cache") + plan.get("teacher_prefix_temporaries")
+        assert (held > 0) == (prefix > 0)
+        if release and prefix:
+            expected = [("vllm_student_engine", engine)]
+        elif release:
+            expected = [("vllm_student_engine", engine), ("sampler_sync", sync)]
+        else:
+            assert plan.get("teacher_prefix_kv_cache") == kv_cache_bytes(run.teacher, rows, 1024 + 8192 - 1)
+            expected = [
+                ("vllm_student_engine", engine),
+                ("teacher_prefix_blocks_held", held),
+                ("sampler_sync", sync),
+                ("torch_cache_held", max(0, _torch_high_water(plan) - held - sync)),
+            ]
+        assert _in_phase(plan, "sampling") == expected
+        room = planning.vllm_engine_room(chunked, H100, role="student")
+        assert room is not None
+        beside = sum(nbytes for _, nbytes in expected[1:])
+        assert room * total == pytest.approx(min(limit - plan.persistent - beside, limit - plan.get("models_loaded")))
+        assert plan_memory(replace(chunked, vllm_gpu_memory_utilization=room - 1e-4), H100).fits(H100)
+        assert not plan_memory(replace(chunked, vllm_gpu_memory_utilization=room + 1e-4), H100).fits(H100)
+        rooms[(release, rows, prefix)] = room
+    # R1's engine room is the startup's (the whole fp32 student and the teacher beside it) at every step.
+    assert rooms[(True, 64, 8192)] == rooms[(True, 32, 8192)] == rooms[(True, 64, 0)]
+    assert rooms[(False, 64, 8192)] < rooms[(False, 32, 8192)] < rooms[(True, 32, 8192)]
 
 
 class TaggedEngine:
@@ -578,18 +703,29 @@ class TaggedEngine:
 
 
 def test_the_trainer_wakes_the_engines_one_at_a_time_as_planned(make_config, tmp_path, monkeypatch) -> None:
-    """Trainer with stub engines that keep VLLMEngine's memory states: at every moment an engine runs, the engine
-    memory on the GPU is exactly the vLLM components the plan puts in that phase (a whole engine: its share; the
-    student engine's weights alone: vllm_student_engine_weights)."""
+    """Two engines (teacher_prefixes and teacher_scoring, each engine in its own process): with stub engines that
+    keep VLLMEngine's memory states, at every moment an engine runs, the engine memory on the GPU is exactly the
+    vLLM components the plan puts in that phase (a whole engine: its share; the student engine's weights alone:
+    vllm_student_engine_weights)."""
     import tropd_cli.vllm_backend as backend
+    from tropd_cli.config import validate_train
+    from tropd_cli.errors import UserError
     from tropd_cli.trainer import train
 
     TaggedEngine.built, TaggedEngine.moments = [], []
     monkeypatch.setattr(backend, "VLLMEngine", TaggedEngine)
     cfg = make_config(steps=3, rollout={"batch_size": 2, "max_new_tokens": 8})
     cfg.rollout.backend = "vllm"
+    cfg.rollout.vllm.teacher_prefixes = True
     cfg.rollout.vllm.teacher_scoring = True
+    # A teacher engine beside the sleeping student engine needs each engine in its own process (as the plan says).
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    with pytest.raises(UserError, match="VLLM_ENABLE_V1_MULTIPROCESSING=1"):
+        validate_train(cfg)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    validate_train(cfg)
     train(cfg, output_dir=tmp_path)
+    assert [e.role for e in TaggedEngine.built] == ["student", "teacher"]
     whole, weights, none = frozenset({"weights", "kv_cache"}), frozenset({"weights"}), frozenset()
     prefixes = ("teacher", {"student": weights, "teacher": whole})
     sampling = ("student", {"student": whole, "teacher": none})
@@ -602,15 +738,65 @@ def test_the_trainer_wakes_the_engines_one_at_a_time_as_planned(make_config, tmp
         ("student", weights): "vllm_student_engine_weights",
         ("teacher", whole): "vllm_teacher_engine",
     }
-    plan = plan_memory(replace(planning.preset_run("qwen3-1.7b<-qwen3-4b"), vllm_teacher_scoring=True), H100)
+    run = planning.preset_run(
+        "qwen3-1.7b<-qwen3-4b", vllm_teacher_prefixes=True, vllm_teacher_scoring=True, vllm_multiprocessing=True
+    )
+    plan = plan_memory(run, H100)
+    assert not plan.problems(H100)
+    assert plan_memory(replace(run, vllm_multiprocessing=False), H100).problems(H100)  # as validate_train refuses
     for phase, moment in (("prefixes", prefixes), ("sampling", sampling), ("teacher_scoring", scoring)):
         on_gpu = {names[role, tags] for role, tags in moment[1].items() if tags}
         planned = {c.name for c in plan.components if c.phase == phase and c.name.startswith("vllm_")}
         assert planned == {n + "_scoring" if phase == "teacher_scoring" else n for n in on_gpu}, phase
 
 
+def test_the_trainer_runs_one_engine_by_default_as_planned(make_config, tmp_path, monkeypatch) -> None:
+    """The default (teacher_prefixes=false): only the student has an engine, and the HF teacher writes the prefixes
+    with the student engine's weights alone on the GPU (woken by the weight sync), as the plan's prefixes phase has
+    them (vllm_student_engine_weights); the student engine then wakes whole to continue them (sampling)."""
+    import tropd_cli.rollout as rollout_module
+    import tropd_cli.vllm_backend as backend
+    from tropd_cli.config import validate_train
+    from tropd_cli.trainer import train
+
+    TaggedEngine.built, TaggedEngine.moments = [], []
+    monkeypatch.setattr(backend, "VLLMEngine", TaggedEngine)
+    real_sample = rollout_module.sample
+
+    def recording_sample(model: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(model, TaggedEngine):  # the HF teacher writing prefixes (the student is an engine)
+            TaggedEngine.moments.append(("hf teacher", {e.role: frozenset(e.resident) for e in TaggedEngine.built}))
+        return real_sample(model, *args, **kwargs)
+
+    monkeypatch.setattr(rollout_module, "sample", recording_sample)
+    cfg = make_config(steps=3, rollout={"batch_size": 2, "max_new_tokens": 8})
+    cfg.rollout.backend = "vllm"
+    assert not cfg.rollout.vllm.teacher_prefixes and not cfg.rollout.vllm.teacher_scoring
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    validate_train(cfg)  # one engine: no multiprocessing needed
+    train(cfg, output_dir=tmp_path)
+    assert [e.role for e in TaggedEngine.built] == ["student"]
+    whole, weights = frozenset({"weights", "kv_cache"}), frozenset({"weights"})
+    prefixes = ("hf teacher", {"student": weights})
+    sampling = ("student", {"student": whole})
+    # Prefix caps 8, 4, 0: the HF teacher writes at steps 1 and 2 (the first thing each step runs); the student
+    # engine continues whatever a prefix leaves (the tiny HF teacher may end one early), and writes whole rollouts
+    # at step 3. Every moment holds exactly the memory states above.
+    moments = TaggedEngine.moments
+    assert moments[0] == prefixes and moments[-1] == sampling
+    assert [m for m in moments if m[0] == "hf teacher"] == [prefixes, prefixes]
+    assert all(m in (prefixes, sampling) for m in moments)
+    names = {("student", whole): "vllm_student_engine", ("student", weights): "vllm_student_engine_weights"}
+    run = planning.preset_run("qwen3-1.7b<-qwen3-4b")
+    plan = plan_memory(replace(run, prefix_tokens=4096), H100)  # a step with prefixes
+    for phase, moment in (("prefixes", prefixes), ("sampling", sampling)):
+        on_gpu = {names[role, tags] for role, tags in moment[1].items() if tags}
+        assert on_gpu == {c.name for c in plan.components if c.phase == phase and c.name.startswith("vllm_")}, phase
+    assert not any(c.phase == "teacher_scoring" and c.name.startswith("vllm_") for c in plan.components)
+
+
 def test_engine_pool_and_the_sequences_it_holds() -> None:
-    run = planning.preset_run("r1-1.5b<-skywork-7b")
+    run = planning.preset_run("r1-1.5b<-skywork-7b", vllm_teacher_prefixes=True, vllm_multiprocessing=True)
     pool = planning.vllm_kv_pool_bytes(run, H100, "teacher")
     assert pool == int(0.2 * H100.memory_bytes) - param_counts(run.teacher).total * 2
     per_sequence = planning.kv_cache_bytes(run.teacher, 1, 1024 + 8192)
@@ -623,14 +809,16 @@ def test_engine_pool_and_the_sequences_it_holds() -> None:
     assert any("teacher engine" in p for p in plan_memory(small, H100).problems(H100))
 
 
-def test_preset_run_matches_the_paper_presets() -> None:
-    """planning.preset_run against the composed conf/experiment/paper/*.yaml (and VLLMConfig's defaults)."""
+def test_preset_run_matches_the_paper_presets(monkeypatch) -> None:
+    """planning.preset_run against the composed conf/experiment/paper/*.yaml (and VLLMConfig's defaults): one
+    engine, the student's, which tropd accepts in its own process and the plan fits on an H100 at step 0."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from tropd_cli.config import TrainConfig, register_configs
+    from tropd_cli.config import TrainConfig, register_configs, validate_train
 
     register_configs()
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
     presets = {
         "r1-1.5b<-skywork-7b": ("paper/ds_r1_1p5b_from_skywork_math7b", []),
         "qwen3-1.7b<-qwen3-4b": (
@@ -669,8 +857,13 @@ def test_preset_run_matches_the_paper_presets() -> None:
                 v.teacher_scoring,
                 v.enable_sleep_mode,
             )
+            assert v.max_model_len is None  # the engines' max_model_len: prompt + response, as planned
             assert run.max_model_len == cfg.dataset.max_prompt_tokens + cfg.rollout.max_new_tokens
             assert run.world_size == 8 and run.sequences_per_rank * 8 == run.sequences
+            assert not run.teacher_engine and not run.vllm_multiprocessing
+            validate_train(cfg)  # one engine: no VLLM_ENABLE_V1_MULTIPROCESSING needed
+            for prefix in (run.response_tokens, 0):  # step 0 and the last steps
+                assert not plan_memory(replace(run, prefix_tokens=prefix), H100).problems(H100)
 
 
 def test_one_process_fp32_sampler_is_the_student_itself() -> None:
@@ -709,6 +902,26 @@ def test_step_estimate_chunks_budgets_and_waves() -> None:
     waves = -(-vllm.sequences_per_rank // rows_at_once)
     assert waves > 1 and planning.estimate_step(vllm, H100).decode_steps == waves * 8192
     assert planning._sampling_groups(vllm, H100, "student", True) == (waves, -(-vllm.sequences_per_rank // waves))
+    # The preset's HF teacher writes the prefixes in calls of generation_batch_size rows, one after the other
+    # (Qwen3: 2 calls of 32 rows, 3000 steps each), before the student engine's waves continue them.
+    calls = -(-vllm.sequences_per_rank // planning.PRESET_GENERATION_BATCH_SIZE["qwen3-1.7b<-qwen3-4b"])
+    assert vllm.generation_chunks == calls > 1
+    assert planning.estimate_step(replace(vllm, prefix_tokens=3000), H100).decode_steps == (
+        calls * 3000 + waves * (8192 - 3000)
+    )
+    # R1's preset writes all of the rank's prefixes in one call.
+    r1 = planning.preset_run("r1-1.5b<-skywork-7b")
+    assert r1.generation_batch_size == planning.PRESET_GENERATION_BATCH_SIZE["r1-1.5b<-skywork-7b"]
+    assert r1.generation_chunks == 1 and r1.generation_rows == r1.sequences_per_rank
+    r1_waves = planning._sampling_groups(r1, H100, "student", True)[0]
+    assert planning.estimate_step(replace(r1, prefix_tokens=3000), H100).decode_steps == (
+        3000 + r1_waves * (8192 - 3000)
+    )
+    two = replace(vllm, vllm_teacher_prefixes=True, vllm_multiprocessing=True)  # a teacher engine writes them
+    t_waves = -(-two.sequences_per_rank // planning.vllm_concurrent_rows(two, H100, "teacher"))
+    assert planning.estimate_step(replace(two, prefix_tokens=3000), H100).decode_steps == (
+        t_waves * 3000 + waves * (8192 - 3000)
+    )
     hours = planning.estimate_run_seconds(run, H100, steps=4) / 3600
     caps = [planning.guidance_cap(i, 4, 8192) for i in range(4)]
     expected = sum(planning.estimate_step(replace(run, prefix_tokens=c), H100).total_s for c in caps) / 3600
@@ -734,16 +947,42 @@ def test_memory_plan_script_rewrites_only_its_section(tmp_path: Path) -> None:
     assert text.count("<!-- memory-plan:start -->") == 1 and "STALE-SECTION" not in text
     assert text.index("before") < text.index("### Models") < text.index("after")
     assert "| 8 | H100 | on | late steps | 5 | 13 |" in text  # R1-1.5B <- Skywork-7B: 5 micro-batches fit
-    # The presets as configured fit 8 H100s: the engines wake one at a time, torch's cache emptied before.
-    assert "| H100 | as configured | 16 | 0.3 / 0.2 | 0.64 / 0.63 | 42.3 (sampling, 53%) | 44.7 (56%) | yes |" in text
-    # One recommended set per preset for H100 and H200 alike, within the headroom on both.
-    assert "alike: `optim.micro_batches=16 rollout.vllm.gpu_memory_utilization=0.3 " in text
-    recommended = [line for line in text.splitlines() if line.startswith("| H") and "| recommended |" in line]
+    # The presets as configured fit 8 H100s: one engine, alone once the HF teacher's prefixes are written (step 0),
+    # beside the weight sync's cached blocks at the last steps; the startup is R1's largest figure.
+    # The presets are configured as recommended (R1: all 64 prefixes in one HF call, Qwen3: two calls of 32).
+    assert (
+        "| H100 | as configured = recommended | 16 | 64 (1) | 0.3 / HF | 0.64 / HF | 54.4 (prefixes, 68%) | "
+        "42.3 (sampling) | 44.7 (56%) | 3.3 | yes |" in text
+    )
+    assert (
+        "| H100 | as configured = recommended | 16 | 32 (2) | 0.3 / HF | 0.73 / HF | 56.7 (prefixes, 71%) | "
+        "35.8 (sampling) |" in text
+    )
+    # One recommended set per preset for H100 and H200 alike, within the headroom on both, and it is the preset as
+    # configured (rollout.generation_batch_size as planning.PRESET_GENERATION_BATCH_SIZE): said as such, never as a
+    # separate "recommended" setup; the two-engine alternative (a teacher engine, each engine in its own process)
+    # fits too.
+    for preset in planning.PRESETS:
+        size = planning.PRESET_GENERATION_BATCH_SIZE[preset]
+        assert (
+            "Recommended for 8 x H100 and 8 x H200 alike: the preset as configured, `optim.micro_batches=16 "
+            f"rollout.generation_batch_size={size} rollout.vllm.gpu_memory_utilization=0.3` (every phase" in text
+        )
+    assert text.count("alike: `") == 0 and text.count("alike: the preset as configured, `") == len(planning.PRESETS)
+    rows = [line for line in text.splitlines() if line.startswith(("| H100 | ", "| H200 | "))]
+    labels = {line.split(" | ")[1] for line in rows}
+    assert not labels & {"as configured", "recommended", "vLLM as configured", "vLLM recommended"}
+    recommended = [line for line in rows if line.split(" | ")[1] == "as configured = recommended"]
+    two = [line for line in rows if line.split(" | ")[1] == "two engines (alternative)"]
     assert len(recommended) == 4 and all("| yes |" in line for line in recommended)
+    assert len(two) == 4 and all("| yes |" in line for line in two)
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING=1" in text
 
 
 def test_the_recommended_settings_fit_both_gpus_with_headroom() -> None:
-    """benchmarks/memory_plan.py's RECOMMENDED: every phase and the startup within 85% of an H100 and of an H200."""
+    """benchmarks/memory_plan.py's RECOMMENDED (one engine) and TWO_ENGINES (the alternative): every phase of step 0
+    (the HF teacher's prefix cache at its largest), of the last steps (no prefixes: the weight sync's cached blocks
+    beside the student engine) and the startup within 85% of an H100 and of an H200."""
     import importlib.util
     import sys
 
@@ -756,9 +995,21 @@ def test_the_recommended_settings_fit_both_gpus_with_headroom() -> None:
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(path.parent))
-    for preset, values in module.RECOMMENDED.items():
-        run = replace(planning.preset_run(preset), **values)
-        for gpu in (H100, H200):
-            plan = plan_memory(run, gpu)
-            assert not plan.problems(gpu)
-            assert max(plan.peak, plan.startup) <= module.HEADROOM * gpu.memory_bytes, (preset, gpu.name)
+    assert set(module.RECOMMENDED) == set(module.TWO_ENGINES) == set(planning.PRESETS)
+    for preset in planning.PRESETS:
+        one = replace(planning.preset_run(preset), **module.RECOMMENDED[preset])
+        two = replace(planning.preset_run(preset), **module.TWO_ENGINES[preset])
+        assert not one.teacher_engine and two.teacher_engine and two.vllm_multiprocessing
+        for run in (one, two):
+            for gpu in (H100, H200):
+                first, last = (plan_memory(replace(run, prefix_tokens=p), gpu) for p in (run.response_tokens, 0))
+                for plan in (first, last):
+                    assert not plan.problems(gpu)
+                    assert max(plan.peak, plan.startup) <= module.HEADROOM * gpu.memory_bytes, (preset, gpu.name)
+                # Step 0 and the last steps bound every step: the prefixes shrink with the cap, and the sampling
+                # phase differs only by the weight sync's blocks (one engine: emptied with the HF teacher's
+                # prefixes at every step that has them; two engines: the teacher engine's sleep, in its own
+                # process, leaves them).
+                sync = _sync_bytes(run) if run is one else 0
+                assert last.phase_total("sampling") == first.phase_total("sampling") + sync
+                assert last.phase_total("prefixes") <= first.phase_total("prefixes")

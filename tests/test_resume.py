@@ -102,9 +102,9 @@ def test_resume_names_what_is_wrong_with_a_bad_path(make_config, tmp_path):
 def start_training(
     cwd: Path, env: dict[str, str], *overrides: str, after_steps: int
 ) -> tuple[subprocess.Popen, list[str]]:
-    """``tropd train experiment=tiny steps=400`` in the background, returned once ``after_steps`` steps are
+    """``tropd train experiment=tiny steps=150`` in the background, returned once ``after_steps`` steps are
     in ``cwd/run/metrics.jsonl``; also returns its command line."""
-    args = [*tropd_command(), "train", "experiment=tiny", "steps=400", *overrides, f"hydra.run.dir={cwd / 'run'}"]
+    args = [*tropd_command(), "train", "experiment=tiny", "steps=150", *overrides, f"hydra.run.dir={cwd / 'run'}"]
     proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = cwd / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -129,7 +129,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_to_the_end(tmp_path, tro
     )
     assert again.returncode == 0, again.stderr[-2000:]
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert len(lines) == 400 and done < 400  # the replayed steps plus the rest, once each
+    assert len(lines) == 150 and done < 150  # the replayed steps plus the rest, once each
     assert (run_dir / "checkpoint" / "model.safetensors").exists()
 
 

@@ -10,16 +10,23 @@ Everything here mirrors what the code does (docs/scaling.md explains each compon
   rows of one sampling call: ``rollout.generation_batch_size`` rows at a time (0: the rank's whole batch);
   guidance prefixes are sampled by the teacher the same way, before the student continues them, and
   each row's continuation stops at its own budget (``max_new_tokens - len(prefix)``);
-- ``rollout.backend=vllm`` has no HF sampler: a student engine (and, with guidance, a teacher engine
-  for the prefixes) takes ``gpu_memory_utilization`` (``teacher_gpu_memory_utilization``) of the GPU
-  while awake and nothing while asleep (level 1: bf16 weights in host RAM). The engines are awake one
-  at a time: the weight sync wakes the student engine's weights (not its KV cache), the teacher engine
-  wakes to write the prefixes and sleeps once they are written, then the student engine wakes whole,
-  continues them and sleeps; a teacher engine that scores (``teacher_scoring``) wakes again for that.
-  vLLM maps an engine's memory outside torch's caching allocator, so ``Trainer`` empties torch's cache
-  before the engines wake (before the weight sync, and before a sleeping teacher engine scores), and
-  vLLM empties it whenever an engine goes to sleep. Each request's ``max_tokens`` is its row's own
-  budget, so no sequence outgrows ``max_model_len`` (= prompt + ``max_new_tokens``);
+- ``rollout.backend=vllm`` has no HF sampler: a student engine takes ``gpu_memory_utilization`` of the
+  GPU while awake and nothing while asleep (level 1: bf16 weights in host RAM). By default
+  (``rollout.vllm.teacher_prefixes=false``) it is the only engine: the HF teacher writes the guidance
+  prefixes with the loop sampler, ``rollout.generation_batch_size`` rows at a time, and ``Trainer``
+  empties torch's cache once they are written, so the student engine wakes to continue them without the
+  blocks torch cached for them (nor the weight sync's). A teacher engine (``teacher_prefixes`` or
+  ``teacher_scoring``) takes ``teacher_gpu_memory_utilization``; beside a sleeping student engine it
+  needs ``VLLM_ENABLE_V1_MULTIPROCESSING=1`` (vLLM's sleep mode allows one engine per process:
+  ``vllm_multiprocessing``). The engines are awake one at a time: the weight sync wakes the student
+  engine's weights (not its KV cache), the teacher engine wakes to write the prefixes and sleeps once
+  they are written, then the student engine wakes whole, continues them and sleeps; a teacher engine
+  that scores (``teacher_scoring``) wakes again for that. vLLM maps an engine's memory outside torch's
+  caching allocator, so ``Trainer`` empties torch's cache before the engines wake (before the weight
+  sync, once the HF teacher's prefixes are written, and before a sleeping teacher engine scores), and
+  vLLM empties it whenever an engine in tropd's process goes to sleep (not one in a process of its own:
+  a teacher engine's sleep leaves the weight sync's blocks cached). Each request's ``max_tokens`` is
+  its row's own budget, so no sequence outgrows ``max_model_len`` (= prompt + ``max_new_tokens``);
 - the teacher is frozen in bf16, replicated or (``distributed.shard_teacher``) FSDP-sharded;
 - scoring projects the lm_head only at response positions, ``scoring.chunk_size`` rows at a time;
   the teacher's top-k ids and log-probs of the whole rank batch are kept until the update is done;
@@ -284,19 +291,27 @@ class RunShape:
     sampler_dtype: str = "bfloat16"  # rollout.sampler_dtype as resolved
     teacher_dtype: str = "bfloat16"  # teacher.dtype as resolved
     backend: str = "loop"  # rollout.backend: loop / generate (HF cache) or vllm
-    generation_batch_size: int = 0  # rollout.generation_batch_size: rows loop/generate sample at once (0: all)
-    guidance: bool = True  # guidance.enabled (with vllm: the teacher engine wakes at every step whose cap is > 0)
+    # rollout.generation_batch_size: rows one HF sampling call holds (0: all), the student's (loop / generate)
+    # and the HF teacher's guidance prefixes (any backend without a teacher engine writing them)
+    generation_batch_size: int = 0
+    guidance: bool = True  # guidance.enabled (the teacher writes prefixes at every step whose cap is > 0)
     vllm_gpu_memory_utilization: float = 0.3  # rollout.vllm.gpu_memory_utilization: the student engine's share
     vllm_teacher_gpu_memory_utilization: float = 0.2  # rollout.vllm.teacher_gpu_memory_utilization
-    vllm_teacher_prefixes: bool = True  # rollout.vllm.teacher_prefixes: a teacher engine writes the prefixes
+    vllm_teacher_prefixes: bool = False  # rollout.vllm.teacher_prefixes: a teacher engine writes the prefixes
     vllm_teacher_scoring: bool = False  # rollout.vllm.teacher_scoring: ... and scores the rollouts
     vllm_sleep: bool = True  # rollout.vllm.enable_sleep_mode: engines asleep (level 1) outside their use
+    # VLLM_ENABLE_V1_MULTIPROCESSING=1: every engine core in its own process (tropd sets 0 unless the user did).
+    # vLLM's sleep mode allows one engine per process, so a teacher engine beside a sleeping student engine
+    # needs it (config.validate_train refuses the run otherwise; ``MemoryPlan.problems`` says so). The weight
+    # sync then goes through ``collective_rpc``: the fp32 student copied to host RAM on every rank.
+    vllm_multiprocessing: bool = False
     # Whether torch.cuda.empty_cache() runs before an engine wakes. tropd calls it (Trainer.make_batch before
-    # the weight sync wakes the student engine, Trainer._score_teacher before a sleeping teacher engine
-    # wakes to score). False plans the code before that change, for comparison: vLLM maps an engine's
-    # memory outside torch's caching allocator, so without the call the blocks torch cached during the
-    # previous step's scoring, backward and optimizer step stay reserved beside the waking engines
-    # (``torch_cache_held``).
+    # the weight sync wakes the student engine, Trainer._after_prefixes once the HF teacher's prefixes are
+    # written and before the student engine wakes whole, Trainer._score_teacher before a sleeping teacher
+    # engine wakes to score). False plans the code before those calls, for comparison: vLLM maps an engine's
+    # memory outside torch's caching allocator, so without them the blocks torch cached during the previous
+    # step's scoring, backward and optimizer step stay reserved beside the waking engines
+    # (``torch_cache_held``), and so do those of the HF teacher's prefixes (``teacher_prefix_blocks_held``).
     release_torch_cache: bool = True
 
     @property
@@ -408,6 +423,11 @@ class MemoryPlan:
         if self.startup > limit:
             out.append(f"startup {self.startup / GiB:.1f} GiB > {limit / GiB:.1f} GiB")
         if self.run.backend == "vllm":
+            if self.run.teacher_engine and self.run.vllm_sleep and not self.run.vllm_multiprocessing:
+                out.append(
+                    "a teacher engine beside the sleeping student engine needs VLLM_ENABLE_V1_MULTIPROCESSING=1 "
+                    "(vLLM's sleep mode allows one engine per process)"
+                )
             roles = ["student"] + (["teacher"] if self.run.teacher_engine else [])
             for role in roles:
                 if vllm_concurrent_rows(self.run, gpu, role) < 1:
@@ -416,7 +436,8 @@ class MemoryPlan:
 
     def fits(self, gpu: GPU, usable: float = 0.9) -> bool:
         """Peak and startup within ``usable`` of the GPU (the rest: CUDA context, NCCL buffers, allocator
-        fragmentation), and every vLLM engine's KV pool holds at least one ``max_model_len`` sequence."""
+        fragmentation), every vLLM engine's KV pool holds at least one ``max_model_len`` sequence, and two
+        sleeping engines run in processes of their own (``vllm_multiprocessing``)."""
         return not self.problems(gpu, usable)
 
 
@@ -531,10 +552,11 @@ def plan_memory(run: RunShape, gpu: GPU | None = None) -> MemoryPlan:
 
     # -- vLLM engines: a share of the GPU each while awake, one engine at a time ------------------------
     # With sleep mode (Trainer.make_batch / _score_teacher): torch's cache emptied, the weight sync wakes
-    # the student engine's weights; the teacher engine wakes, writes the prefixes and sleeps; the student
-    # engine wakes its KV cache, continues them and sleeps; a scoring teacher engine wakes again to score.
+    # the student engine's weights; the teacher engine wakes, writes the prefixes and sleeps (or the HF
+    # teacher writes them and torch's cache is emptied: Trainer._after_prefixes); the student engine wakes
+    # its KV cache, continues them and sleeps; a scoring teacher engine wakes again to score.
     engine_prefixes = vllm and run.guidance and run.vllm_teacher_prefixes  # the teacher engine writes them
-    hf_prefixes = run.prefix_tokens > 0 and not engine_prefixes  # the HF teacher writes them (loop / generate)
+    hf_prefixes = run.guidance and run.prefix_tokens > 0 and not engine_prefixes  # the HF teacher writes them
     if vllm:
         assert gpu is not None
         asleep = ", asleep (nothing on the GPU) otherwise" if run.vllm_sleep else ", always resident (no sleep mode)"
@@ -586,6 +608,13 @@ def plan_memory(run: RunShape, gpu: GPU | None = None) -> MemoryPlan:
                 ps.total * BF16 + (pt.total * BF16 if run.teacher_engine else 0),
                 "sleep level 1: every engine's bf16 weights in pinned host RAM while it sleeps",
             )
+        if run.vllm_multiprocessing:
+            plan.add(
+                "weight_sync_host_copy",
+                "host",
+                ps.total * FP32,
+                "collective_rpc weight sync: the fp32 student copied to host RAM (vLLM's serializer adds its own)",
+            )
 
     # -- prefixes and sampling: the teacher writes guidance prefixes, then the student continues them -------
     # HF backends sample `generation_rows` rows at a time (longest contexts first, each chunk cut to its own
@@ -617,24 +646,30 @@ def plan_memory(run: RunShape, gpu: GPU | None = None) -> MemoryPlan:
             "prefill: one layer over a call's rows; decode: logits, cache growth"
             + ("; the sharded teacher's root + 2 layers gathered" if gathered_teacher else ""),
         )
-        if vllm and run.vllm_sleep:  # nothing empties torch's cache between the prefixes and the student's wake
+        # tropd empties torch's cache once the HF teacher's prefixes are written (Trainer._after_prefixes); without
+        # that (release_torch_cache=False, the older code) their blocks stay reserved when the student engine wakes.
+        if vllm and run.vllm_sleep and not run.release_torch_cache:
             plan.add(
                 "teacher_prefix_blocks_held",
                 "sampling",
                 t_kv + t_other,
                 "blocks torch cached for the HF teacher's prefixes, still reserved when the student engine wakes",
             )
-    if n > 1:  # the sync runs before the prefixes; torch keeps its blocks cached (vLLM: until an engine sleeps)
+    # The sync runs before the prefixes and torch keeps its blocks cached: through the prefixes, and beside the
+    # student engine unless something empties torch's cache in between. With the HF teacher's prefixes under vLLM
+    # tropd does (Trainer._after_prefixes); a teacher engine's sleep does not (it runs in a process of its own).
+    if n > 1:
         largest = max(ps.embed, ps.lm_head, ps.per_layer)
         note = "one parameter gathered whole in fp32 to re-sync the sampler"
         if engine_prefixes or hf_prefixes:
             plan.add("sampler_sync", "prefixes", largest * FP32, note + ", its blocks still cached")
-        plan.add(
-            "sampler_sync",
-            "sampling",
-            largest * FP32,
-            note + (", its blocks cached beside the engine at steps without prefixes" if vllm else ""),
-        )
+        if not (vllm and hf_prefixes and run.release_torch_cache):
+            plan.add(
+                "sampler_sync",
+                "sampling",
+                largest * FP32,
+                note + (", its blocks still cached beside the engine" if vllm else ""),
+            )
 
     # -- teacher scoring: every micro-batch scored before the update --------------------------------
     tokens_mb = b * run.seq_len
@@ -763,7 +798,12 @@ def vllm_engine_room(run: RunShape, gpu: GPU, usable: float = 0.9, role: str = "
     With sleep mode an engine's share counts only in the phases it is awake in (the student engine: sampling;
     the teacher engine: prefixes, and teacher scoring with ``teacher_scoring``), beside the rest of that phase;
     without it, always. At startup an engine needs its share free beside the models as loaded (and, without
-    sleep mode, beside the engine started before it).
+    sleep mode, beside the engine started before it). The rest of the sampling phase depends on the step: once
+    the HF teacher has written prefixes tropd empties torch's cache, so the student engine wakes beside nothing
+    of torch's, while at the last steps (no prefixes) the weight sync's cached blocks are beside it. The room of
+    the whole run is the smaller of step 0's (``prefix_tokens=response_tokens``) and a late step's
+    (``prefix_tokens=0``). With ``release_torch_cache=False`` the HF teacher's cached prefix blocks stay beside
+    the engine and grow with ``prefix_tokens``: there step 0 binds.
     """
     if role not in ENGINE_COMPONENTS:
         raise ValueError(f"role {role!r}: student or teacher")
@@ -990,11 +1030,18 @@ def paper_run(preset: str, **overrides: Any) -> RunShape:
     return replace(base, **overrides)
 
 
+# rollout.generation_batch_size of each preset: the rows the HF teacher writes guidance prefixes for at once.
+PRESET_GENERATION_BATCH_SIZE = {"r1-1.5b<-skywork-7b": 64, "qwen3-1.7b<-qwen3-4b": 32}
+
+
 def preset_run(preset: str, **overrides: Any) -> RunShape:
     """``paper_run`` as ``conf/experiment/paper/*.yaml`` configure it, on one node of 8 GPUs: prompts up to
     ``dataset.max_prompt_tokens`` (1024, planned at that bound), ``scoring.chunk_size=1024``,
     ``optim.micro_batches=16``, checkpointing, ``rollout.backend=vllm`` with the ``rollout.vllm`` defaults
-    (shares 0.3 and 0.2, sleep mode, teacher prefixes from a teacher engine, HF teacher scoring)."""
+    (one engine, the student's, share 0.3, sleep mode; HF teacher scoring), the HF teacher writing the
+    guidance prefixes ``rollout.generation_batch_size`` rows at a time (64 for R1 <- Skywork, 32 for Qwen3).
+    ``prefix_tokens`` stays 0 (late steps); step 0, where the HF teacher's prefix cache peaks, is
+    ``prefix_tokens=response_tokens``."""
     base = paper_run(
         preset,
         world_size=8,
@@ -1003,5 +1050,6 @@ def preset_run(preset: str, **overrides: Any) -> RunShape:
         micro_batches=16,
         gradient_checkpointing=True,
         backend="vllm",
+        generation_batch_size=PRESET_GENERATION_BATCH_SIZE[preset],
     )
     return replace(base, **overrides)

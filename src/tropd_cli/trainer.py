@@ -464,6 +464,15 @@ class Trainer:
         if self.dist.is_main and self._engine_dir is not None:
             shutil.rmtree(self._engine_dir, ignore_errors=True)
 
+    def _after_prefixes(self, prefixes_by_engine: bool) -> Any:
+        """What runs once the teacher's prefixes are written, before the student's engine wakes: the teacher
+        engine goes to sleep, or (HF teacher) torch's cached KV blocks of the prefixes are given back."""
+        if prefixes_by_engine and self.cfg.rollout.vllm.enable_sleep_mode:
+            return self.teacher_engine.sleep
+        if self.uses_engine and self.device.type == "cuda":
+            return torch.cuda.empty_cache
+        return None
+
     @property
     def scores_by_engine(self) -> bool:
         return self.teacher_engine is not None and self.cfg.rollout.vllm.teacher_scoring
@@ -533,9 +542,7 @@ class Trainer:
             chunk_rows=cfg.rollout.generation_batch_size,
             # The teacher engine sleeps as soon as its prefixes are written: the student's engine then has
             # the room to itself.
-            after_prefixes=self.teacher_engine.sleep
-            if prefixes_by_engine and cfg.rollout.vllm.enable_sleep_mode
-            else None,
+            after_prefixes=self._after_prefixes(prefixes_by_engine),
         )
         if self.uses_engine and cfg.rollout.vllm.enable_sleep_mode:
             self.sampler.sleep()  # give its KV cache back before scoring and backward
