@@ -102,6 +102,15 @@ def init_from_env(device: str, timeout_minutes: int = 60) -> tuple[Dist, torch.d
     return info, dev
 
 
+def require_even_split(batch_size: int, info: Dist) -> None:
+    """Every rank takes the same share of a step's prompts: ``rollout.batch_size`` must split evenly."""
+    if batch_size % info.world_size:
+        raise UserError(
+            f"rollout.batch_size={batch_size} prompts do not split evenly over {info.world_size} "
+            f"ranks; use a multiple of {info.world_size}"
+        )
+
+
 def shutdown(info: Dist) -> None:
     if info.enabled:
         import torch.distributed as dist

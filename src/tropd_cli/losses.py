@@ -231,15 +231,20 @@ def entropy_opd_loss(
     return torch.where(keep_mask.bool(), opd_loss(logp, old_logp, teacher_logp, clip_eps=clip_eps), 0.0)
 
 
-def top_fraction_mask(scores: Tensor, valid: Tensor, fraction: float) -> Tensor:
-    """Bool mask of the ``fraction`` highest ``scores`` among ``valid`` positions (at least one when any)."""
+def top_fraction_mask(scores: Tensor, valid: Tensor, fraction: float, pool: Tensor | None = None) -> Tensor:
+    """Bool mask of the ``fraction`` highest ``scores`` among ``valid`` positions (at least one when any).
+
+    ``pool``: the values the fraction is taken of, when they are more than ``scores[valid]`` (every rank's
+    valid scores under multi-process training: one threshold for the whole step).
+    """
     valid = valid.bool()
-    n_valid = int(valid.sum())
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # compare in the dtype we rank in
+    pool = scores[valid] if pool is None else pool.to(scores.dtype)
+    n_valid = pool.numel()
     if n_valid == 0 or fraction <= 0:
         return torch.zeros_like(valid)
     n_keep = max(1, min(n_valid, round(fraction * n_valid)))
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # compare in the dtype we rank in
-    threshold = torch.topk(scores[valid], n_keep).values[-1]
+    threshold = torch.topk(pool, n_keep).values[-1]
     return valid & (scores >= threshold)
 
 

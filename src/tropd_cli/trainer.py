@@ -314,11 +314,7 @@ class Trainer:
             raise UserError(
                 f"method.top_k={cfg.method.top_k} is larger than the vocabulary ({vocab} tokens); set k <= {vocab}"
             )
-        if cfg.rollout.batch_size % dist.world_size:
-            raise UserError(
-                f"rollout.batch_size={cfg.rollout.batch_size} prompts do not split evenly over {dist.world_size} "
-                f"ranks; use a multiple of {dist.world_size}"
-            )
+        D.require_even_split(cfg.rollout.batch_size, dist)
         self.examples = examples
         self.prompts = [
             format_prompt(
@@ -474,6 +470,11 @@ class Trainer:
         return None
 
     @property
+    def prefixes_by_engine(self) -> bool:
+        """Does the teacher engine write what the teacher writes (guidance prefixes, SFT targets)?"""
+        return self.teacher_engine is not None and self.cfg.rollout.vllm.teacher_prefixes
+
+    @property
     def scores_by_engine(self) -> bool:
         return self.teacher_engine is not None and self.cfg.rollout.vllm.teacher_scoring
 
@@ -516,7 +517,7 @@ class Trainer:
             draw = torch.rand(len(texts) * self.dist.world_size, generator=generator(cfg.seed, step, 3))
             draw = draw[self.dist.rank * len(texts) : (self.dist.rank + 1) * len(texts)]
             guided = (draw < cfg.guidance.fraction).to(self.device)
-        prefixes_by_engine = self.teacher_engine is not None and cfg.rollout.vllm.teacher_prefixes
+        prefixes_by_engine = self.prefixes_by_engine
         if self.uses_engine and self.device.type == "cuda":
             # Blocks torch cached during the last step's scoring and backward would sit beside the engines:
             # vLLM maps its memory outside torch's allocator, so give them back before the engines wake.
@@ -552,7 +553,7 @@ class Trainer:
         """SFT targets: the dataset's answers, or responses the teacher writes."""
         cfg = self.cfg
         if cfg.method.sft_source == "teacher":
-            by_engine = self.teacher_engine is not None and cfg.rollout.vllm.teacher_prefixes
+            by_engine = self.prefixes_by_engine
             batch = rollout(
                 self.teacher_engine if by_engine else self.teacher_sampler,
                 None,
@@ -758,12 +759,8 @@ class Trainer:
         """:func:`losses.top_fraction_mask` over the step's tokens on every rank (one global threshold)."""
         if not self.dist.enabled:
             return losses.top_fraction_mask(scores, valid, fraction)
-        everyone = torch.cat(D.gather_object(scores[valid].float().cpu(), self.dist))
-        if everyone.numel() == 0 or fraction <= 0:
-            return torch.zeros_like(valid)
-        n_keep = max(1, min(everyone.numel(), round(fraction * everyone.numel())))
-        threshold = float(torch.topk(everyone, n_keep).values[-1])
-        return valid & (scores.float() >= threshold)
+        everyone = torch.cat(D.gather_object(scores[valid.bool()].float().cpu(), self.dist)).to(scores.device)
+        return losses.top_fraction_mask(scores, valid, fraction, pool=everyone)
 
     def _micro_loss(
         self,
@@ -887,11 +884,7 @@ def train(
     writes files (resumable checkpoints are sharded: every rank writes its shard).
     """
     hooks = hooks or NoHooks()
-    if cfg.rollout.batch_size % dist.world_size:
-        raise UserError(
-            f"rollout.batch_size={cfg.rollout.batch_size} prompts do not split evenly over {dist.world_size} "
-            f"ranks; use a multiple of {dist.world_size}"
-        )
+    D.require_even_split(cfg.rollout.batch_size, dist)  # before any model loads
     if dist.enabled and cfg.eval_every and cfg.rollout.backend == "vllm":
         raise UserError(
             "eval_every with rollout.backend=vllm on several ranks is not supported: the student is sharded and "

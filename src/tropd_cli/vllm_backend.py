@@ -145,6 +145,11 @@ def unpad_completions(tokens: Tensor, eos_token_id: int | Sequence[int] | None) 
     return [row[k].tolist() for row, k in zip(tokens.cpu(), keep.cpu(), strict=True)]
 
 
+def row_budgets(max_new_tokens: int | Sequence[int], n_rows: int) -> list[int]:
+    """One token budget per row: the same for all (an int) or given per row."""
+    return [max_new_tokens] * n_rows if isinstance(max_new_tokens, int) else [int(b) for b in max_new_tokens]
+
+
 def request_sampling_kwargs(
     n_rows: int,
     *,
@@ -171,7 +176,7 @@ def request_sampling_kwargs(
     """
     greedy = temperature <= 0
     stops = [int(s) for s in stop_token_ids]
-    budgets = [max_new_tokens] * n_rows if isinstance(max_new_tokens, int) else [int(b) for b in max_new_tokens]
+    budgets = row_budgets(max_new_tokens, n_rows)
     return [
         dict(
             n=1,
@@ -659,7 +664,7 @@ class VLLMEngine:
         row; rows with no budget get no request). Wakes the engine if it is asleep.
         """
         n = len(prompt_token_ids)
-        budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else [int(b) for b in max_new_tokens]
+        budgets = row_budgets(max_new_tokens, n)
         rows = [i for i in range(n) if budgets[i] > 0]
         if not rows:
             return [[] for _ in prompt_token_ids]
