@@ -24,10 +24,26 @@ class Example:
     uid: str = ""
 
 
+def sft_target(example: Example, target_field: str | None) -> str | None:
+    """What ``method=sft`` (``sft_source=dataset``) trains on: ``target_field`` of the example's row (or of the
+    row's ``metadata``, where reasoning-gym keeps extras such as ``worked_sum``'s solution), else its answer."""
+    if not target_field:
+        return example.answer
+    row = example.metadata
+    nested = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
+    value = row.get(target_field, nested.get(target_field))
+    if value is None:
+        raise UserError(f"dataset.target_field={target_field!r}: example {example.uid} has no such field")
+    return str(value)
+
+
 def reasoning_gym_examples(name: str, *, size: int, seed: int, kwargs: dict[str, Any]) -> tuple[list[Example], Any]:
     """Examples of a seeded reasoning-gym task; also returns the task object (it holds the scorer)."""
     import reasoning_gym
 
+    from tropd_cli.worked_sum import register
+
+    register()  # the real-LM lab's task is a reasoning-gym task too
     try:
         task = reasoning_gym.create_dataset(name, seed=seed, size=size, **dict(kwargs))
     except (KeyError, ValueError, TypeError, AssertionError) as exc:
