@@ -78,6 +78,50 @@ def test_write_summary_from_cell_files(tmp_path):
     assert table[1]["variant"] == "a" and float(table[1]["train/rkl_estimate_mean"]) == 3.0
 
 
+def reference(role: str, accuracy: float, models: dict | None = None) -> dict:
+    return {**cell_record(role, 0, [], {"eval/average": accuracy}), "reference": True, "models": models}
+
+
+def test_reference_rows_and_gap_closed_by_hand(tmp_path):
+    start = {"teacher": {"name": "t"}, "student": {"name": "s"}}
+    other = {"teacher": {"name": "t"}, "student": {"name": "bigger"}}
+    cells = [
+        cell_record("a", 0, history([1.0]), {"eval/average": 0.5}) | {"models": start},
+        cell_record("a", 1, history([1.0]), {"eval/average": 0.7}) | {"models": start},
+        cell_record("b", 0, history([1.0]), {"eval/average": 0.1}) | {"models": start},
+        cell_record("c", 0, history([1.0]), {"eval/average": 0.9}) | {"models": other},  # another starting point
+        reference("student_init", 0.2, start),
+        reference("teacher", 0.8, start),
+    ]
+    rows = summarize(cells, order=["a", "b", "c"])
+    assert [r["variant"] for r in rows] == ["teacher", "student_init", "a", "b", "c"]
+    assert rows[0]["eval/average"] == (0.8, 0.0, 1) and "gap_closed" not in rows[0]
+    gaps = [(0.5 - 0.2) / 0.6, (0.7 - 0.2) / 0.6]  # (after - before) / (teacher - before), per seed
+    mean, std, n = rows[2]["gap_closed"]
+    assert (mean, n) == (pytest.approx(statistics.fmean(gaps)), 2) and std == pytest.approx(statistics.stdev(gaps))
+    assert rows[3]["gap_closed"] == (pytest.approx(-1 / 6), 0.0, 1)  # below its start: negative
+    assert "gap_closed" not in rows[4]
+    table = markdown_table(rows)
+    assert "| average (%) | gap closed (%) | train/rkl_estimate |" in table
+    assert "| a | 2 | 60.00 ± 14.14 | 66.67 ± 23.57 |" in table and "| teacher | 1 | 80.00 ± 0.00 | - |" in table
+    # No gap when the teacher and the untrained student score the same; no reference rows, no gap column.
+    even = summarize([*cells[:2], reference("student_init", 0.5), reference("teacher", 0.5)])
+    assert all("gap_closed" not in r for r in even)
+    assert "gap_closed" not in summarize(cells[:3])[0]
+
+    for i, cell in enumerate(cells):
+        where = tmp_path / ("reference" if cell.get("reference") else cell["variant"]) / str(i)
+        where.mkdir(parents=True)
+        (where / "cell.json").write_text(json.dumps(cell))
+    write_summary(tmp_path, title="t", order=["a", "b", "c"], expected=4)
+    text = (tmp_path / "summary.md").read_text()
+    assert "4 cells of 4" in text and "`teacher` and `student_init` (the student before training)" in text
+    table = {row["variant"]: row for row in csv.DictReader((tmp_path / "summary.csv").open())}
+    assert list(table) == ["teacher", "student_init", "a", "b", "c"]
+    assert float(table["a"]["gap_closed_mean"]) == pytest.approx(statistics.fmean(gaps), rel=1e-5)
+    assert table["c"]["gap_closed_mean"] == "nan" and table["teacher"]["n_seeds"] == "1"
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end in a subprocess (tiny random models)
 
@@ -112,15 +156,56 @@ def test_tiny_grid_runs_every_cell_and_writes_the_summary(tiny_grid):
     cell = json.loads(cells[0].read_text())
     assert cell["overrides"][-1] == "seed=0" and "method=opd" in cell["overrides"]
     assert len(cell["curves"]["rkl_estimate"]) == 2  # experiment=tiny trains 2 steps
+    # The reference rows: the grid's teacher and untrained (layer-dropped) student, scored once on the suite.
+    for role, model in (("teacher", "tiny-random"), ("student_init", "tiny-random[layers 0,3]")):
+        ref = json.loads((root / "reference" / role / "cell.json").read_text())
+        assert ref["reference"] and ref["model"] == model and ref["models"] == cell["models"]
+        assert "method=opd" not in ref["overrides"] and "experiment=tiny" in ref["overrides"]
+        assert float(table[role]["eval/average_mean"]) == pytest.approx(ref["metrics"]["eval/average"], rel=1e-5)
+    assert list(table)[:2] == ["teacher", "student_init"]
 
 
 def test_a_rerun_skips_finished_cells(tiny_grid, tropd_in):
     _, cwd, root = tiny_grid
     before = {p: p.stat().st_mtime_ns for p in root.glob("*/seed_*/cell.json")}
+    teacher = root / "reference" / "teacher" / "cell.json"
+    scored = teacher.stat().st_mtime_ns
+    (root / "reference" / "student_init" / "cell.json").unlink()  # a reference row lost: only it is scored again
     proc = tropd_in(cwd, "ablate", "ablation=tiny", "seeds=[0,1]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("finished earlier, skipped") == 4
     assert {p: p.stat().st_mtime_ns for p in root.glob("*/seed_*/cell.json")} == before
+    assert teacher.stat().st_mtime_ns == scored and "reference student_init" in proc.stderr
+    assert (root / "reference" / "student_init" / "cell.json").exists()
+
+
+def test_gap_closed_on_the_cpu_lab_is_that_of_the_cells(tropd, tmp_path):
+    """On the lab (a teacher far above its student) every cell gets a gap closed, from its own score."""
+    proc = tropd(
+        "ablate",
+        "ablation=tiny",
+        "ablation.base=[]",
+        "experiment=lab",
+        "seeds=[0,1]",
+        "overrides=['steps=2']",
+        "hydra.sweeper.params.variant=opd",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = tmp_path / "outputs" / "ablate" / "tiny-lab"
+    teacher, before = (
+        json.loads((root / "reference" / role / "cell.json").read_text())["metrics"]["eval/average"]
+        for role in ("teacher", "student_init")
+    )
+    assert teacher > before + 0.5  # the lab's teacher (92.5%) and student (21.8%)
+    gaps = [
+        (json.loads(p.read_text())["metrics"]["eval/average"] - before) / (teacher - before)
+        for p in sorted(root.glob("opd/seed_*/cell.json"))
+    ]
+    table = {row["variant"]: row for row in csv.DictReader((root / "summary.csv").open())}
+    assert list(table) == ["teacher", "student_init", "opd"] and len(gaps) == 2
+    assert float(table["opd"]["gap_closed_mean"]) == pytest.approx(statistics.fmean(gaps), rel=1e-5, abs=1e-9)
+    assert float(table["opd"]["gap_closed_std"]) == pytest.approx(statistics.stdev(gaps), rel=1e-5, abs=1e-9)
+    assert "gap closed (%)" in (root / "summary.md").read_text()
 
 
 def test_train_sweeps_get_a_summary_of_final_metrics(tropd, tmp_path):

@@ -215,6 +215,63 @@ def test_eval_latest_without_runs_is_a_user_error(tropd):
     assert_one_line_error(tropd("eval", "eval_suite=tiny", "models=[latest]"), "no finished `tropd train` run")
 
 
+def test_eval_scores_the_teacher_the_untrained_student_and_the_trained_one(tiny_train, tropd_in):
+    """``models=[teacher,student_init,latest]`` with the train preset's two models: three labelled rows."""
+    _, cwd, run_dir = tiny_train
+    proc = tropd_in(cwd, "eval", "experiment=tiny", "eval_suite=tiny", "models=[teacher,student_init,latest]")
+    assert_ok(proc)
+    results = max((cwd / "outputs" / "eval").glob("*/*/results.json"), key=lambda p: p.stat().st_mtime_ns)
+    report = json.loads(results.read_text())
+    labels = list(report["scores"])
+    assert labels[:2] == ["tiny-random", "tiny-random[layers 0,3]"] and len(labels) == 3
+    assert (cwd / labels[2]).resolve() == (run_dir / "checkpoint").resolve()
+    assert "tiny-random[layers 0,3]" in proc.stdout  # in the table as written, not read as rich markup
+    student = report["model_specs"]["tiny-random[layers 0,3]"]
+    assert student["from_teacher"] and student["keep_layers"] == [0, 3] and student["teacher"]["name"] == "tiny-random"
+    assert report["config"]["train_experiment"] == "tiny" and report["config"]["student"]["keep_layers"] == [0, 3]
+
+
+def test_eval_takes_model_specs_and_an_experiments_suite(tropd, tmp_path):
+    """A mapping entry is a layer-dropped model; ``experiment=lab`` brings its teacher, student and suite."""
+    proc = tropd(
+        "eval",
+        "experiment=lab",
+        "models=[teacher,student_init,{name:lab-teacher,keep_layers:[0,3]},{from_teacher:true,keep_layers:[0,3],label:cut}]",
+    )
+    assert_ok(proc)
+    report = json.loads((only_run_dir(tmp_path / "outputs" / "eval") / "results.json").read_text())
+    assert list(report["suites"]) == ["lab"]  # the preset's suite, not the eval default (math)
+    scores = {label: row["average"] for label, row in report["scores"].items()}
+    assert list(scores) == ["lab-teacher", "lab-student", "lab-teacher[layers 0,3]", "cut"]
+    assert scores["lab-teacher"] > scores["lab-student"]  # the lab's teacher knows its task
+    assert scores["lab-teacher[layers 0,3]"] == scores["cut"]  # the same model, named two ways
+    assert report["models"]["cut"] == "lab-teacher"
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (
+            ("train", "experiment=tiny", "student.name=tiny-random"),
+            ("student.name=tiny-random conflicts with student.from_teacher=true", "student=hub"),
+        ),
+        (("eval", "eval_suite=tiny", "models=[{name:x,from_teacher:true}]"), ("models.0.name=x conflicts",)),
+        (("eval", "eval_suite=tiny", "models=[{name:x,keep_layer:[0]}]"), ("models.0 has unknown key(s) keep_layer",)),
+        (("eval", "eval_suite=tiny", "models=[teacher,smollm2-135m-instruct]"), ("more than once",)),
+        (("eval", "eval_suite=tiny", "experiment=nope", "models=[teacher]"), ("experiment=nope",)),
+    ],
+    ids=[
+        "train-name-and-from-teacher",
+        "eval-name-and-from-teacher",
+        "eval-unknown-key",
+        "eval-twice",
+        "eval-bad-preset",
+    ],
+)
+def test_contradictory_model_specs_are_one_line_errors(tropd, args, needles):
+    assert_one_line_error(tropd(*args), *needles)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input: exit 2, one line, no traceback
 

@@ -317,6 +317,53 @@ def test_eval_defaults_and_bad_overrides(compose_cfg):
             compose_cfg("eval", [override])
 
 
+def test_eval_models_take_train_style_specs_and_shorthands(compose_cfg):
+    """``models`` entries: names, mappings of ModelConfig fields, and teacher/student_init from the same
+    teacher/student groups as ``tropd train``."""
+    from tropd_cli.commands.evaluate import model_entries
+
+    keep = "[0,1,2,3,4,5,6,7,22,23,24,25,26,27,28,29]"
+    models = f"models=[teacher,{{name:smollm2-135m-instruct,keep_layers:{keep},label:cut}},student_init,/a/dir]"
+    eval_cfg = common.to_object(compose_cfg("eval", [models]), EvalConfig)
+    assert eval_cfg.models[1] == {
+        "name": "smollm2-135m-instruct",
+        "keep_layers": [*range(8), *range(22, 30)],
+        "label": "cut",
+    }
+    train_cfg = as_train(compose_cfg("train", []))
+    assert (eval_cfg.teacher, eval_cfg.student) == (train_cfg.teacher, train_cfg.student)  # the same groups
+    entries = model_entries(eval_cfg, eval_cfg.teacher, eval_cfg.student)
+    labels = ["smollm2-135m-instruct", "cut", "smollm2-135m-instruct[layers 0-7,22-29]", "/a/dir"]
+    assert [e.label for e in entries] == labels
+    assert all(e.spec.dtype == "auto" for e in entries)  # eval's dtype, not the student's training float32
+    assert entries[1].spec.keep_layers == entries[2].spec.keep_layers and entries[2].spec.from_teacher
+
+    tiny = common.to_object(
+        compose_cfg("eval", ["teacher=tiny", "student=tiny", "models=[teacher,student_init]"]), EvalConfig
+    )
+    assert [e.label for e in model_entries(tiny, tiny.teacher, tiny.student)] == [
+        "tiny-random",
+        "tiny-random[layers 0,3]",
+    ]
+    lab = common.to_object(compose_cfg("eval", ["teacher=lab", "student=lab", "models=[student_init]"]), EvalConfig)
+    assert [e.label for e in model_entries(lab, lab.teacher, lab.student)] == ["lab-student"]
+    for bad, message in (
+        ("{name:x,keep_layers:abc}", "models.0.keep_layers"),
+        ("{dtype:float32}", "models.0 names no model"),
+        ("{name:x,from_teacher:true}", "models.0.name=x conflicts with models.0.from_teacher=true"),
+    ):
+        cfg = common.to_object(compose_cfg("eval", [f"models=[{bad}]"]), EvalConfig)
+        with pytest.raises(UserError, match=re.escape(message)):
+            model_entries(cfg, cfg.teacher, cfg.student)
+
+
+def test_a_named_student_that_is_also_a_copy_of_the_teacher_is_refused(compose_cfg):
+    train_cfg = as_train(compose_cfg("train", ["student.name=org/other"]))  # student=smollm2_16l: from_teacher
+    with pytest.raises(UserError, match=r"student\.name=org/other conflicts with student\.from_teacher=true"):
+        validate_train(train_cfg)
+    validate_train(as_train(compose_cfg("train", ["student=hub", "student.name=org/other"])))
+
+
 def test_bad_suite_values_name_the_key_to_fix(compose_cfg):
     for override, message in (
         ("eval_suite.math.pass_k=[4]", "eval_suite.math.pass_k has k=4"),

@@ -171,3 +171,52 @@ def test_pass_at_k_needs_k_samples_per_problem():
 
     with pytest.raises(UserError, match="problem p has 1 samples, fewer than pass@2 needs"):
         task_metrics([sample("p", 1.0)], kind="math", n=2, pass_k=[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Any model spec the CLI can build (tropd eval's models entries)
+
+
+def test_a_layer_dropped_spec_scores_as_the_same_model_saved_and_loaded_by_path(tmp_path):
+    """``{name: lab-teacher, keep_layers: [0, 3]}`` and a copy of the teacher cut the same way are the model that
+    ``drop_layers`` + ``save_pretrained`` writes: same completions, same scores (and not a trivial 0)."""
+    from tropd_cli.models import drop_layers, load_model, load_student
+
+    cpu = torch.device("cpu")
+    teacher = ModelConfig(name="lab-teacher", dtype="float32")
+    saved = load_model(teacher, device=cpu, cache_dir=tmp_path, frozen=True)
+    drop_layers(saved.model, [0, 3])
+    saved.model.save_pretrained(tmp_path / "dropped")
+    saved.tokenizer.save_pretrained(tmp_path / "dropped")
+    by_path = load_model(
+        ModelConfig(name=str(tmp_path / "dropped"), dtype="float32"), device=cpu, cache_dir=tmp_path, frozen=True
+    )
+    by_name = load_student(
+        teacher,
+        ModelConfig(name="lab-teacher", keep_layers=[0, 3], dtype="float32"),
+        device=cpu,
+        cache_dir=tmp_path,
+        frozen=True,
+    )
+    copy = ModelConfig(from_teacher=True, keep_layers=[0, 3], dtype="float32")
+    by_copy = load_student(teacher, copy, device=cpu, cache_dir=tmp_path, frozen=True)
+    suite = EvalSuiteConfig(
+        tasks=[
+            EvalTaskConfig(
+                name="chain_sum",
+                size=40,
+                generator_kwargs={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+            )
+        ],
+        max_new_tokens=8,
+        batch_size=40,
+    )
+    suites = load_suites({"lab": suite})
+    runs = [evaluate(m.model, m.tokenizer, suites, seed=0)[0] for m in (by_path, by_name, by_copy)]
+    for loaded in (by_name, by_copy):  # frozen: eval mode, no gradients
+        assert loaded.model.config.num_hidden_layers == 2 and not loaded.model.training
+        assert not any(p.requires_grad for p in loaded.model.parameters())
+    assert by_copy.source == "lab-teacher[layers 0,3]"
+    completions = [[s["completion"] for s in r.samples] for r in runs]
+    assert completions[0] == completions[1] == completions[2]
+    assert runs[0].score == runs[1].score == runs[2].score > 0

@@ -2,7 +2,9 @@
 
 Engine code: no Hydra. Each ablation cell leaves a ``cell.json`` (its variant, seed, final training
 metrics, eval scores and per-step curves); :func:`summarize` groups cells by variant and
-:func:`write_summary` writes ``summary.csv``, ``summary.md`` and the PNG plots.
+:func:`write_summary` writes ``summary.csv``, ``summary.md`` and the PNG plots. Reference cells
+(``"reference": true``: the teacher and the untrained student, scored once on the same suite) become the
+``teacher`` and ``student_init`` rows, and give every variant its ``gap_closed``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ from typing import Any
 #: Training metrics summarised at the end of a run (mean over its last steps) and drawn as curves.
 CURVES = ("rkl_estimate", "trust_fraction", "grad_norm", "student_entropy")
 FINAL_WINDOW = 3  # steps averaged for a run's final training metrics
+#: The reference rows of an ablation summary: the teacher and the student before training.
+REFERENCES = ("teacher", "student_init")
+ACCURACY = "eval/average"
+#: (after - before) / (teacher - before) per cell; before = student_init's accuracy, after = the cell's.
+GAP_CLOSED = "gap_closed"
+#: The fields of a model spec that decide which weights are loaded (not how: dtype, attention kernel, ...).
+MODEL_IDENTITY = ("name", "from_teacher", "keep_layers", "revision", "tiny_layers", "tiny_hidden", "tiny_seed")
 
 
 def final_metrics(history: Sequence[dict[str, float]], keys: Sequence[str] = CURVES) -> dict[str, float]:
@@ -44,6 +53,24 @@ def cell_record(
     }
 
 
+def model_identity(spec: dict[str, Any]) -> dict[str, Any]:
+    """What of a model spec (``dataclasses.asdict(ModelConfig)``) decides its weights: two cells whose
+    teacher and student agree on these started from the same models."""
+    return {key: spec.get(key) for key in MODEL_IDENTITY}
+
+
+def models_record(teacher: dict[str, Any], student: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A cell's ``models`` entry: the identity of the teacher and the student it was trained or scored with."""
+    return {"teacher": model_identity(teacher), "student": model_identity(student)}
+
+
+def gap_closed(after: float, before: float, teacher: float) -> float | None:
+    """The share of the teacher-student gap a run closed: (after - before) / (teacher - before); None when
+    the teacher and the untrained student score the same (no gap to close)."""
+    span = teacher - before
+    return (after - before) / span if span else None
+
+
 def read_cells(root: Path) -> list[dict[str, Any]]:
     """Every finished cell (``cell.json``) under ``root``, in path order."""
     return [json.loads(p.read_text()) for p in sorted(root.glob("**/cell.json"))]
@@ -60,7 +87,34 @@ def summarize(cells: Sequence[dict[str, Any]], order: Sequence[str] = ()) -> lis
 
     Variants come in ``order`` first (the grid's order), then any others by name. A metric a cell
     lacks (e.g. a run that logged no outlier loss) is summarised over the cells that have it.
+
+    Reference cells (``"reference": true``) come first, as the rows ``teacher`` and ``student_init``.
+    With both scored, each variant also gets ``gap_closed`` = (mean, std, n) over its seeds of
+    :func:`gap_closed` on ``eval/average``, from the cells that started from the reference's models.
     """
+    references = [c for c in cells if c.get("reference")]
+    runs = [c for c in cells if not c.get("reference")]
+    rows = _rows(references, REFERENCES) + _rows(runs, order)
+    by_role = {str(c["variant"]): c for c in references}
+    if all(role in by_role and ACCURACY in by_role[role]["metrics"] for role in REFERENCES):
+        teacher, before = (float(by_role[role]["metrics"][ACCURACY]) for role in REFERENCES)
+        models = by_role["student_init"].get("models")
+        for row in rows[len(references) :]:
+            gaps = [
+                gap
+                for c in runs
+                if c["variant"] == row["variant"]
+                and ACCURACY in c["metrics"]
+                # A variant that trains other models (a grid over keep_layers, say) has another starting point.
+                and (models is None or c.get("models") in (None, models))
+                and (gap := gap_closed(float(c["metrics"][ACCURACY]), before, teacher)) is not None
+            ]
+            if gaps:
+                row[GAP_CLOSED] = (*mean_std(gaps), len(gaps))
+    return rows
+
+
+def _rows(cells: Sequence[dict[str, Any]], order: Sequence[str]) -> list[dict[str, Any]]:
     by_variant: dict[str, list[dict[str, Any]]] = {}
     for cell in cells:
         by_variant.setdefault(str(cell["variant"]), []).append(cell)
@@ -81,12 +135,18 @@ def summarize(cells: Sequence[dict[str, Any]], order: Sequence[str] = ()) -> lis
 
 
 def metric_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Eval metrics first (``eval/...``, average last), then training metrics, as they first appear."""
+    """Eval metrics first (``eval/...``, average last), then gap closed, then training metrics, as they first
+    appear."""
     seen: list[str] = []
     for row in rows:
         seen += [k for k in row if k not in ("variant", "seeds") and k not in seen]
-    evals = sorted((k for k in seen if k.startswith("eval/")), key=lambda k: (k == "eval/average", k))
-    return evals + [k for k in seen if not k.startswith("eval/")]
+    evals = sorted((k for k in seen if k.startswith("eval/")), key=lambda k: (k == ACCURACY, k))
+    gap = [GAP_CLOSED] if GAP_CLOSED in seen else []
+    return evals + gap + [k for k in seen if not k.startswith("eval/") and k != GAP_CLOSED]
+
+
+def _in_percent(column: str) -> bool:
+    return column.startswith("eval/") or column == GAP_CLOSED
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -103,9 +163,14 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Mean +- std over seeds; eval scores in percent."""
+    """Mean +- std over seeds; eval scores and gap closed in percent."""
     columns = metric_columns(rows)
-    head = ["variant", "seeds", *(c.removeprefix("eval/") + (" (%)" if c.startswith("eval/") else "") for c in columns)]
+    names = {GAP_CLOSED: "gap closed"}
+    head = [
+        "variant",
+        "seeds",
+        *(names.get(c, c.removeprefix("eval/")) + (" (%)" if _in_percent(c) else "") for c in columns),
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = []
@@ -114,7 +179,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
                 cells.append("-")
                 continue
             mean, std, _ = row[c]
-            scale = 100.0 if c.startswith("eval/") else 1.0
+            scale = 100.0 if _in_percent(c) else 1.0
             cells.append(f"{scale * mean:.2f} ± {scale * std:.2f}")
         lines.append(f"| {row['variant']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -166,7 +231,8 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path, key: str = "eval/a
     fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(rows) + 1.5), 3.8))
     means = [100 * r[key][0] for r in rows]
     stds = [100 * r[key][1] for r in rows]
-    ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color="#4C72B0")
+    colors = ["#999999" if r["variant"] in REFERENCES else "#4C72B0" for r in rows]  # reference rows in grey
+    ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color=colors)
     ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=35, ha="right", fontsize=8)
     ax.set_ylabel(f"{key.removeprefix('eval/')} (%)")
     ax.grid(axis="y", alpha=0.3)
@@ -254,25 +320,37 @@ def write_summary(
     ``summary.md``, ``curves.png`` and ``accuracy.png`` in ``root``; returns the summary rows (empty
     when no cell has finished)."""
     cells = read_cells(root) if cells is None else cells
+    runs = [c for c in cells if not c.get("reference")]
     rows = summarize(cells, order)
-    if not rows:
-        return rows
+    if not runs:
+        return []
     write_csv(rows, root / "summary.csv")
-    have_curves = any(c.get("curves") for c in cells)
-    have_eval = any("eval/average" in r for r in rows)
+    have_curves = any(c.get("curves") for c in runs)
+    have_eval = any(ACCURACY in r for r in rows)
     if have_curves:
-        plot_curves(cells, [r["variant"] for r in rows], root / "curves.png")
+        plot_curves(runs, [r["variant"] for r in rows], root / "curves.png")
     if have_eval:
         plot_accuracy(rows, root / "accuracy.png")
-    done = f"{len(cells)} cells" + (f" of {expected}" if expected else "")
+    done = f"{len(runs)} cells" + (f" of {expected}" if expected else "")
     parts = [
         f"# {title}",
         "",
         f"{done}; mean ± sample std over seeds. Training metrics: mean of the last {FINAL_WINDOW} steps.",
-        "",
-        markdown_table(rows),
-        "",
     ]
+    roles = [role for role in REFERENCES if any(c.get("reference") and c["variant"] == role for c in cells)]
+    if roles:
+        parts.append(
+            f"Reference rows, each scored once on the same eval suite: {' and '.join(f'`{r}`' for r in roles)}"
+            + (" (the student before training)." if "student_init" in roles else ".")
+        )
+    if any(GAP_CLOSED in r for r in rows):
+        parts.append(
+            "Gap closed: (after - before) / (teacher - before) on the eval average, per seed, where before is "
+            "`student_init`'s and after the trained student's."
+        )
+    elif len(roles) == len(REFERENCES) and have_eval:
+        parts.append("Gap closed: not defined here, the teacher and `student_init` score the same.")
+    parts += ["", markdown_table(rows), ""]
     if {"opd", "fkl_outlier", "tropd_fkl"} <= {r["variant"] for r in rows} and have_eval:
         parts += ["## The paper's claims", "", claims_markdown(rows), ""]
     if have_eval:

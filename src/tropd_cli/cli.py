@@ -103,9 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ[TRACE_ENV] = "1" if user_wants_trace else "0"
     module = importlib.import_module(SUBCOMMANDS[command][0])
     rest = args[1:]
-    if command == "ablate":
+    if command in ("ablate", "eval", "evaluate"):
         # `experiment` names a config group, so Hydra would read `experiment=lab` as selecting one for the
-        # ablate config itself; for ablate it means the train preset of every cell.
+        # ablate or eval config itself; there it means a train preset (every cell's; the models' and suite's).
         rest = [f"train_experiment={a.split('=', 1)[1]}" if a.startswith("experiment=") else a for a in rest]
     rest = _ranked(command, rest)
     sys.argv = [f"tropd-{'eval' if command == 'evaluate' else command}", *rest]

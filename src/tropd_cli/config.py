@@ -239,7 +239,21 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    models: list[str] = field(default_factory=list)
+    """``tropd eval``: score ``models`` on ``eval_suite``.
+
+    A ``models`` entry is a string (a registry name, a local directory, a hub id, or one of the shorthands
+    ``latest``, ``teacher``, ``student_init``) or a mapping of :class:`ModelConfig` fields (plus an optional
+    ``label``), e.g. ``{name: smollm2-135m-instruct, keep_layers: [0, 1, 28, 29]}``. ``teacher`` and
+    ``student_init`` are this config's ``teacher`` and ``student`` (the ``teacher/`` and ``student/`` groups,
+    as in ``tropd train``; with ``experiment=NAME``, that train preset's), the student as training starts it.
+    """
+
+    models: list[Any] = field(default_factory=list)
+    teacher: ModelConfig = field(default_factory=ModelConfig)  # `teacher` in models, and from_teacher entries
+    student: ModelConfig = field(default_factory=ModelConfig)  # `student_init` in models
+    # A train experiment/ preset whose teacher and student (and eval suite, unless eval_suite=... is given)
+    # this run uses. On the command line it is spelled `experiment=NAME`, renamed by the dispatcher.
+    train_experiment: str | None = None
     eval_suite: dict[str, EvalSuiteConfig] = field(default_factory=dict)  # suite name -> suite
     generations: str | None = None  # re-score this generations.jsonl instead of generating
     seed: int = 0
@@ -377,6 +391,7 @@ def validate_train(cfg: TrainConfig) -> None:
         )
     _check(bool(cfg.teacher.name), "teacher.name is empty; set a registry name, a local directory or a hub id")
     _check(cfg.student.from_teacher or bool(cfg.student.name), "set student.name or student.from_teacher=true")
+    validate_student(cfg.student, "student")
     _check(cfg.save_every >= 0, f"save_every={cfg.save_every} must be >= 0 (0 = only the final checkpoint)")
     _check(cfg.keep_last >= 0, f"keep_last={cfg.keep_last} must be >= 0 (0 = keep every checkpoint)")
     _check(cfg.eval_every >= 0, f"eval_every={cfg.eval_every} must be >= 0 (0 = no evaluation during training)")
@@ -385,6 +400,25 @@ def validate_train(cfg: TrainConfig) -> None:
         f"eval_every={cfg.eval_every} needs a suite to run: add eval_suite=NAME (e.g. eval_suite=tiny)",
     )
     validate_suites(cfg.eval_suite)
+
+
+def validate_student(cfg: ModelConfig, key: str) -> None:
+    """A ``from_teacher`` student is a copy of the teacher: a ``name`` beside it would go unused, so it is refused.
+
+    ``key`` names the block in the message (``student`` in ``tropd train``, ``models.<i>`` in ``tropd eval``).
+    """
+    if not (cfg.from_teacher and cfg.name):
+        return
+    load = (
+        f"load {cfg.name} with student=hub student.name={cfg.name}"
+        if key == "student"
+        else f"set from_teacher: false to load {cfg.name}"
+    )
+    _check(
+        False,
+        f"{key}.name={cfg.name} conflicts with {key}.from_teacher=true (such a student is a copy of the teacher); "
+        f"drop {key}.name, or {load}",
+    )
 
 
 def validate_suites(suites: dict[str, EvalSuiteConfig]) -> None:

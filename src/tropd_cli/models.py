@@ -277,18 +277,19 @@ def _check_supported(model: PreTrainedModel) -> None:
         raise UserError(f"{config.model_type}: only an lm_head without bias is supported")
 
 
-def drop_layers(model: PreTrainedModel, keep_layers: list[int]) -> PreTrainedModel:
-    """Keep only ``keep_layers`` of the decoder stack (compression), renumbering the KV-cache slots."""
+def drop_layers(model: PreTrainedModel, keep_layers: list[int], key: str = "student") -> PreTrainedModel:
+    """Keep only ``keep_layers`` of the decoder stack (compression), renumbering the KV-cache slots.
+
+    ``key`` names the config block in error messages (``student``, or ``models.<i>`` in ``tropd eval``).
+    """
     decoder = model.get_decoder()
     layers = decoder.layers
     n = len(layers)
     bad = [i for i in keep_layers if not -n <= i < n]
     if len({i % n for i in keep_layers if -n <= i < n}) != len(keep_layers) and not bad:
-        raise UserError(f"student.keep_layers {list(keep_layers)} repeats a layer; list each kept layer once")
+        raise UserError(f"{key}.keep_layers {list(keep_layers)} repeats a layer; list each kept layer once")
     if bad or not keep_layers:
-        raise UserError(
-            f"student.keep_layers {list(keep_layers)} must be non-empty indices into the teacher's {n} layers"
-        )
+        raise UserError(f"{key}.keep_layers {list(keep_layers)} must be non-empty indices into the model's {n} layers")
     kept = [layers[i % n] for i in keep_layers]
     decoder.layers = nn.ModuleList(kept)
     for new_idx, layer in enumerate(kept):
@@ -303,20 +304,62 @@ def drop_layers(model: PreTrainedModel, keep_layers: list[int]) -> PreTrainedMod
 
 
 def student_from_teacher(
-    teacher_cfg: ModelConfig, cfg: ModelConfig, *, device: torch.device, cache_dir: Path
+    teacher_cfg: ModelConfig,
+    cfg: ModelConfig,
+    *,
+    device: torch.device,
+    cache_dir: Path,
+    frozen: bool = False,
+    key: str = "student",
 ) -> LoadedModel:
-    """A trainable copy of the teacher, compressed to ``cfg.keep_layers`` when given.
+    """A trainable (or, ``frozen``, an eval-mode) copy of the teacher, compressed to ``cfg.keep_layers`` when given.
 
     Loaded afresh in the student's own dtype (not copied from a possibly bf16 teacher).
     """
     source = dataclasses.replace(teacher_cfg, dtype=cfg.dtype)
-    loaded = load_model(source, device=device, cache_dir=cache_dir, frozen=False)
+    loaded = load_model(source, device=device, cache_dir=cache_dir, frozen=frozen)
     if cfg.keep_layers:
-        drop_layers(loaded.model, list(cfg.keep_layers))
-    loaded.model.requires_grad_(True)
-    loaded.model.train()
+        drop_layers(loaded.model, list(cfg.keep_layers), key)
+    if not frozen:
+        loaded.model.requires_grad_(True)
+        loaded.model.train()
     loaded.source = f"{teacher_cfg.name}[{_layer_spec(cfg.keep_layers)}]"
     return loaded
+
+
+def load_student(
+    teacher_cfg: ModelConfig,
+    cfg: ModelConfig,
+    *,
+    device: torch.device,
+    cache_dir: Path,
+    frozen: bool = False,
+    key: str = "student",
+) -> LoadedModel:
+    """The student as training starts it: a copy of the teacher (``from_teacher``) or ``cfg.name``, either one
+    cut to ``cfg.keep_layers``. Trainable, or with ``frozen`` in eval mode without gradients (``tropd eval``'s
+    ``student_init``, the reference rows of ``tropd ablate``). Any single model spec loads this way:
+    ``teacher_cfg`` is read only when ``cfg.from_teacher`` is set."""
+    if cfg.from_teacher:
+        return student_from_teacher(teacher_cfg, cfg, device=device, cache_dir=cache_dir, frozen=frozen, key=key)
+    loaded = load_model(cfg, device=device, cache_dir=cache_dir, frozen=frozen)
+    if cfg.keep_layers:
+        drop_layers(loaded.model, list(cfg.keep_layers), key)
+        loaded.source = f"{cfg.name}[{_layer_spec(cfg.keep_layers)}]"
+    if not frozen:
+        loaded.model.requires_grad_(True)
+        loaded.model.train()
+    return loaded
+
+
+def model_label(cfg: ModelConfig, teacher: ModelConfig | None = None) -> str:
+    """How a table names a model spec: ``smollm2-135m-instruct``, ``smollm2-135m-instruct[layers 0-7,22-29]``,
+    ``org/name@v2``. A ``from_teacher`` spec is named after ``teacher``."""
+    base = teacher if cfg.from_teacher and teacher is not None else cfg
+    label = str(base.name) + (f"@{base.revision}" if base.revision else "")
+    if cfg.from_teacher and not cfg.keep_layers:
+        return label + "[all layers]"
+    return label + (f"[{_layer_spec(cfg.keep_layers)}]" if cfg.keep_layers else "")
 
 
 def _layer_spec(keep_layers: list[int] | None) -> str:
@@ -361,14 +404,7 @@ def load_pair(
     """Teacher (frozen, on ``teacher_device`` when given) and student (trainable), with their vocabularies
     checked against each other."""
     teacher = load_model(teacher_cfg, device=teacher_device or device, cache_dir=cache_dir, frozen=True)
-    if student_cfg.from_teacher:
-        student = student_from_teacher(teacher_cfg, student_cfg, device=device, cache_dir=cache_dir)
-    else:
-        student = load_model(student_cfg, device=device, cache_dir=cache_dir, frozen=False)
-        if student_cfg.keep_layers:
-            drop_layers(student.model, list(student_cfg.keep_layers))
-        student.model.requires_grad_(True)
-        student.model.train()
+    student = load_student(teacher_cfg, student_cfg, device=device, cache_dir=cache_dir)
     if student_cfg.gradient_checkpointing:
         kwargs = {"use_reentrant": False}
         enable = getattr(student.model, "activation_checkpointing_enable", None)  # transformers >= 5 name
