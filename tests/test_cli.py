@@ -118,6 +118,21 @@ def test_train_tiny_writes_checkpoint_metrics_and_config(tiny_train):
     assert summary["steps"] == 2 and Path(summary["checkpoint"]) == run_dir / "checkpoint"
 
 
+def test_train_logs_held_out_signals_before_and_after_and_leads_with_them(tiny_train):
+    proc, _, run_dir = tiny_train
+    names = ("rkl", "fkl", "outlier_share", "empty_rate", "response_len")
+    first, last = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    assert {f"heldout/start/{n}" for n in names} <= first.keys()  # before the first step
+    assert {f"heldout/{n}" for n in names} <= last.keys()  # after the last
+    held = json.loads((run_dir / "summary.json").read_text())["heldout"]
+    assert held["prompts"] == 32 and held["tokens"] > 0
+    assert held["start"] == {n: first[f"heldout/start/{n}"] for n in names}
+    assert held["end"] == {n: last[f"heldout/{n}"] for n in names}
+    closing = " ".join(proc.stderr.split())  # rich wraps long lines at the console width
+    assert "held-out (32 prompts" in closing and "training signal (on-policy reverse-KL estimate)" in closing
+    assert closing.index("held-out (32 prompts") < closing.index("training signal")
+
+
 @pytest.mark.parametrize("strategy", ["fkl", "mask", "clip"])
 def test_train_with_each_outlier_strategy(tropd, tmp_path, strategy):
     proc = tropd("train", "experiment=tiny", f"+outlier={strategy}")
@@ -143,6 +158,7 @@ def test_multirun_sweep_makes_one_run_per_value(tropd, tmp_path):
         taus.append(OmegaConf.load(job / "config.yaml").trust_region.tau)
     assert sorted(taus) == [-1.0, 0.0]
     assert not (tmp_path / "outputs").exists()
+    assert "heldout/rkl" in (sweep / "summary.md").read_text()  # the held-out signals after the last step
 
 
 def test_cfg_job_prints_the_config_and_runs_nothing(tropd, tmp_path):

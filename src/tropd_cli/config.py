@@ -209,6 +209,19 @@ class ScoringConfig:
 
 
 @dataclass
+class HeldoutConfig:
+    """Held-out training signals: KLs, outlier share and empty answers on prompts the run never trains on.
+
+    Definitions in docs/cli.md (``heldout/*`` in metrics.jsonl); the prompts: ``heldout.heldout_examples``.
+    """
+
+    size: int = 32  # held-out prompts; 0 = off
+    max_new_tokens: int | None = None  # the teacher's and the student's responses; None = rollout.max_new_tokens
+    every: int | None = None  # measure every N steps (and before the first, after the last); None = eval_every
+    temperature: float = 0.0  # the teacher's responses: 0 = greedy; > 0 = sampled once, with a fixed seed
+
+
+@dataclass
 class TrainConfig:
     teacher: ModelConfig = field(default_factory=ModelConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
@@ -235,6 +248,7 @@ class TrainConfig:
     cache_dir: str | None = None  # model cache; None = $TROPD_CACHE or ~/.cache/tropd
     eval_every: int = 0  # run eval_suite on the student every N steps (and after the last); 0 = never
     eval_suite: dict[str, EvalSuiteConfig] = field(default_factory=dict)  # eval_suite=NAME (group)
+    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)  # held-out signals before, during, after training
 
 
 @dataclass

@@ -54,8 +54,38 @@ class MetricsFile:
             self._fh.close()
 
 
+def heldout_text(metrics: dict[str, float], prefix: str = "heldout/") -> str:
+    """The held-out signals of a ``metrics.jsonl`` line (``prefix`` = ``heldout/start/`` for those before training)."""
+    return (
+        f"reverse KL {metrics[prefix + 'rkl']:.4f}  forward KL {metrics[prefix + 'fkl']:.4f}  "
+        f"outliers {100 * metrics[prefix + 'outlier_share']:.1f}%  empty {100 * metrics[prefix + 'empty_rate']:.0f}%  "
+        f"length {metrics[prefix + 'response_len']:.1f}"
+    )
+
+
+def closing_lines(summary: dict[str, Any], window: int) -> list[str]:
+    """What ``tropd train`` prints at the end: the held-out signals before -> after training first (when the run
+    measured them), then the on-policy reverse-KL estimate, labelled as the training signal it is."""
+    lines = []
+    held = summary.get("heldout")
+    if held and "start" in held and "end" in held:
+        a, b = held["start"], held["end"]
+        lines.append(
+            f"held-out ({held['prompts']} prompts, {held['tokens']} teacher tokens): "
+            f"reverse KL {a['rkl']:.4f} -> {b['rkl']:.4f}, forward KL {a['fkl']:.4f} -> {b['fkl']:.4f}, "
+            f"outlier share {100 * a['outlier_share']:.1f}% -> {100 * b['outlier_share']:.1f}%, "
+            f"empty answers {100 * a['empty_rate']:.0f}% -> {100 * b['empty_rate']:.0f}%, "
+            f"answer length {a['response_len']:.1f} -> {b['response_len']:.1f} tokens"
+        )
+    lines.append(
+        f"training signal (on-policy reverse-KL estimate): {summary['rkl_first']:.4f} (first {window} steps) -> "
+        f"{summary['rkl_last']:.4f} (last {window}); checkpoint [green]{escape(str(summary['checkpoint']))}[/]"
+    )
+    return lines
+
+
 class RichProgress:
-    """A progress bar with live loss, reverse-KL estimate and trust fraction."""
+    """A progress bar with live loss, reverse-KL estimate and trust fraction (and a line per held-out measurement)."""
 
     def __init__(self, total: int, console: Console, description: str = "train") -> None:
         self.console = console
@@ -86,6 +116,10 @@ class RichProgress:
             f"trust {metrics['trust_fraction']:.2f}  {metrics['time_step']:.1f}s/step"
         )
         self.progress.update(self.task, advance=1, stats=stats)
+        if "heldout/start/rkl" in metrics:
+            self.progress.console.print(f"held-out before training: {heldout_text(metrics, 'heldout/start/')}")
+        if "heldout/rkl" in metrics:
+            self.progress.console.print(f"step {step + 1} held-out: {heldout_text(metrics)}")
         scores = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/")}
         if scores:
             shown = "  ".join(f"{k} {100 * v:.1f}" for k, v in scores.items())
@@ -116,7 +150,17 @@ class Wandb:
         self.run.config.update({"run_info": info}, allow_val_change=True)
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log({k if k.startswith("eval/") else f"train/{k}": v for k, v in metrics.items()}, step=step + 1)
+        start = {k.replace("/start/", "/"): v for k, v in metrics.items() if k.startswith("heldout/start/")}
+        if start:  # measured before the first step: logged at step 0, on the same curves as the later ones
+            self.run.log(start, step=0)
+        self.run.log(
+            {
+                k if k.startswith(("eval/", "heldout/")) else f"train/{k}": v
+                for k, v in metrics.items()
+                if not k.startswith("heldout/start/")
+            },
+            step=step + 1,
+        )
 
     def on_end(self, summary: dict[str, Any]) -> None:
         self.run.finish()

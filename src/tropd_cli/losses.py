@@ -89,6 +89,23 @@ def trust_region_mask(
     return trusted if valid is None else trusted & valid
 
 
+def outlier_probability(reward: Tensor, *, tau: float = 0.0, kind: str = "bernoulli") -> Tensor:
+    """Probability that :func:`trust_region_mask` leaves a token out (``M = 0``) given its reward ``R``.
+
+    ``bernoulli``: ``1 - min(1, exp(R - tau))``; ``threshold``: ``1[R <= tau]``; ``none``: 0. Its mean
+    over tokens is the expected share of outlier tokens, without sampling the mask (the held-out
+    ``heldout/outlier_share``). A non-finite reward counts as an outlier, as in the mask.
+    """
+    if kind == "none":
+        return torch.zeros_like(reward, dtype=torch.float32)
+    if kind == "threshold":
+        return (~(reward > tau)).float()
+    if kind == "bernoulli":
+        accept_prob = torch.nan_to_num(torch.exp(torch.clamp(reward.detach() - tau, max=0.0)), nan=0.0)
+        return (1.0 - accept_prob).float()
+    raise ValueError(f"unknown trust_region kind {kind!r}; choose one of {TRUST_REGION_KINDS}")
+
+
 def policy_gradient_loss(logp: Tensor, old_logp: Tensor, advantage: Tensor, *, clip_eps: float | None = None) -> Tensor:
     """Policy-gradient surrogate ``-A * exp(logp - old_logp)`` (PPO-clipped when ``clip_eps`` is set).
 

@@ -83,6 +83,50 @@ def teacher_scores(
     return TeacherScores(logp=logp, topk_ids=topk_ids, topk_logp=topk_logp, entropy=entropy)
 
 
+@dataclass
+class FullVocabKL:
+    """Exact per-position divergences between two next-token distributions (all detached, fp32 or wider)."""
+
+    reverse: Tensor  # [N] KL(pi_S || pi_T) = sum_v pS(v) (log pS(v) - log pT(v))
+    forward: Tensor  # [N] KL(pi_T || pi_S) = sum_v pT(v) (log pT(v) - log pS(v))
+    student_logp: Tensor  # [N] log pi_S of the target token
+    teacher_logp: Tensor  # [N] log pi_T of the target token
+
+
+@torch.no_grad()
+def full_vocab_kl(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    target_ids: Tensor,
+    *,
+    chunk_size: int = 512,
+    temperature: float = 1.0,
+) -> FullVocabKL:
+    """Reverse and forward KL over the whole vocabulary at N positions, from both models' final hidden
+    states ``[N, H_S]``, ``[N, H_T]`` and lm_heads ``[V, H_S]``, ``[V, H_T]`` (same device, same V).
+
+    Sums over the vocabulary, not sampled estimates; ``chunk_size`` positions at a time, so at most a
+    few ``[chunk, V]`` buffers exist at once. Also returns both log-probs of ``target_ids``.
+    """
+    n = student_hidden.shape[0]
+    dtype = _score_dtype(student_hidden)
+    inv_t = 1.0 / temperature
+    out = FullVocabKL(*(torch.empty(n, dtype=dtype, device=student_hidden.device) for _ in range(4)))
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        s_lp = torch.log_softmax(_chunk_logits(student_hidden[start:stop], student_weight, inv_t).to(dtype), -1)
+        t_lp = torch.log_softmax(_chunk_logits(teacher_hidden[start:stop], teacher_weight, inv_t).to(dtype), -1)
+        target = target_ids[start:stop, None]
+        out.student_logp[start:stop] = s_lp.gather(1, target).squeeze(1)
+        out.teacher_logp[start:stop] = t_lp.gather(1, target).squeeze(1)
+        diff = s_lp - t_lp  # log pS - log pT
+        out.reverse[start:stop] = s_lp.exp_().mul_(diff).sum(-1)
+        out.forward[start:stop] = -t_lp.exp_().mul_(diff).sum(-1)
+    return out
+
+
 class _ChunkedStudentScores(torch.autograd.Function):
     """Forward: log-probs of targets and of top-k ids, plus entropy. Backward: recompute logits."""
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tropd_cli import checkpoint, losses
+from tropd_cli import checkpoint, heldout, losses
 from tropd_cli import distributed as D
 from tropd_cli.config import TrainConfig
 from tropd_cli.data import Example, examples_from_config, format_prompt
@@ -885,6 +885,7 @@ def train(
     """
     hooks = hooks or NoHooks()
     D.require_even_split(cfg.rollout.batch_size, dist)  # before any model loads
+    heldout.validate(cfg)
     if dist.enabled and cfg.eval_every and cfg.rollout.backend == "vllm":
         raise UserError(
             "eval_every with rollout.backend=vllm on several ranks is not supported: the student is sharded and "
@@ -912,6 +913,21 @@ def train(
         trainer.close()
 
 
+def _heldout_set(cfg: TrainConfig, trainer: Trainer, dist: Dist) -> heldout.HeldOut | None:
+    """The held-out prompts and the teacher's responses to them, on rank 0 (None when off or empty)."""
+    if not (dist.is_main and heldout.enabled(cfg, dist)):
+        return None
+    examples = heldout.heldout_examples(cfg, trainer.examples)
+    if not examples:
+        log.warning("held-out signals are off: every held-out candidate prompt is a training prompt")
+        return None
+    held = heldout.HeldOut(trainer, examples)
+    log.info(
+        "held-out set: %d prompts, %d teacher tokens (written in %.1fs)", len(examples), held.tokens, held.build_seconds
+    )
+    return held
+
+
 def _train_loop(
     cfg: TrainConfig,
     trainer: Trainer,
@@ -937,6 +953,7 @@ def _train_loop(
     )
     history: list[dict[str, float]] = []
     start = 0
+    held = _heldout_set(cfg, trainer, dist)  # rank 0; the teacher writes its held-out responses here
     resumed_from = checkpoint.resolve(cfg.resume, output_dir) if cfg.resume and dist.is_main else None
     resumed_from = D.broadcast_object(resumed_from, dist)
     if resumed_from is not None:
@@ -962,15 +979,26 @@ def _train_loop(
             hooks.on_step(done, metrics)  # replay the progress so metrics files and bars are complete
     nonfinite = 0  # steps in a row in which every update was skipped
     eval_model = trainer.sampler if dist.enabled else student.model
+    measure_heldout = heldout.enabled(cfg, dist)  # the same on every rank (they sync the sampler together)
+    # Before the first step (the sampling copy of a sharded student still equals the initial weights); its
+    # numbers go into the first step's line as heldout/start/*. A resumed run has them in its history.
+    before = held.measure(eval_model) if held is not None and start == 0 else None
     for step in range(start, cfg.steps):
         metrics = trainer.step(step)
         nonfinite = nonfinite + 1 if metrics["optimizer_steps"] == 0 else 0
-        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+        evaluate_now = bool(cfg.eval_every) and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps)
+        heldout_now = measure_heldout and heldout.due(cfg, step)
+        if evaluate_now or heldout_now:
             if dist.enabled:
-                trainer._sync_sampler()  # collective: every rank, then rank 0 evaluates the synced copy
-            if eval_suites:
+                trainer._sync_sampler()  # collective: every rank, then rank 0 measures the synced copy
+            if evaluate_now and eval_suites:
                 metrics.update(eval_metrics(eval_model, trainer.tokenizer, eval_suites, seed=cfg.seed))
+            if heldout_now and held is not None:
+                metrics.update(held.measure(eval_model))
             D.barrier(dist)
+        if before is not None and step == 0:
+            metrics.update(heldout.start_metrics(before))
+            metrics["time_heldout"] = metrics.get("time_heldout", 0.0) + before["time_heldout"]
         history.append(metrics)
         hooks.on_step(step, metrics)
         diverged = nonfinite >= cfg.optim.max_nonfinite_steps

@@ -128,20 +128,39 @@ def _run(cfg: DictConfig, train_cfg: TrainConfig, output_dir: Path, info: Any, d
         "rkl_last": last,
         "seconds": sum(h["time_step"] for h in history),
     }
+    held = heldout_summary(history)
+    if held:
+        summary["heldout"] = held
     if info.enabled:
         summary["world_size"] = info.world_size
     if info.is_main:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    console.print(
-        f"reverse-KL estimate {first:.4f} (first {window} steps) -> {last:.4f} (last {window}); "
-        f"checkpoint [green]{result.checkpoint}[/]"
-    )
+    from tropd_cli.loggers import closing_lines
+
+    for line in closing_lines(summary, window):
+        console.print(line)
     return summary
+
+
+def heldout_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """``summary.json``'s ``heldout``: prompts, teacher tokens, and the signals ``start`` (before the first step)
+    and ``end`` (the last measurement, after the last step); empty when the run measured none."""
+    from tropd_cli.heldout import METRICS
+
+    end = next((h for h in reversed(history) if "heldout/rkl" in h), None)
+    if end is None:
+        return {}
+    out: dict[str, Any] = {"prompts": int(end["heldout/prompts"]), "tokens": int(end["heldout/tokens"])}
+    if history and "heldout/start/rkl" in history[0]:
+        out["start"] = {name: history[0][f"heldout/start/{name}"] for name in METRICS}
+    out["end"] = {name: end[f"heldout/{name}"] for name in METRICS}
+    return out
 
 
 class SweepSummary(Callback):
     """After ``tropd train -m ...``: ``summary.md``/``summary.csv`` (and curves) in the sweep directory, one
-    row per combination of swept values, with mean +- std over seeds when ``seed`` is swept too."""
+    row per combination of swept values, with mean +- std over seeds when ``seed`` is swept too: final
+    training metrics, the last eval scores and the held-out signals after the last step (``heldout/*``)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from tropd_cli.ablation import cell_record, write_summary
@@ -157,7 +176,10 @@ class SweepSummary(Callback):
             seed = int(OmegaConf.load(job / ".hydra" / "config.yaml").seed)  # type: ignore[union-attr]
             scores: dict[str, float] = next((h for h in reversed(history) if "eval/average" in h), {})  # last eval
             swept = [o for o in overrides if not o.startswith("seed=")]
-            cells.append(cell_record(" ".join(swept) or "(defaults)", seed, history, scores))
+            cell = cell_record(" ".join(swept) or "(defaults)", seed, history, scores)
+            held = heldout_summary(history).get("end", {})  # the held-out signals after the last step
+            cell["metrics"].update({f"heldout/{name}": value for name, value in held.items()})
+            cells.append(cell)
         if not cells:
             return
         order = list(dict.fromkeys(c["variant"] for c in cells))

@@ -1,0 +1,290 @@
+"""Held-out training signals: how far the student is from its teacher on prompts the run never trains on.
+
+The on-policy reverse-KL estimate (``rkl_estimate``, K1 on the student's own samples) is a training
+signal, not evidence: it falls whenever the student writes less, or writes what it already likes. The
+signals here are measured on a fixed set of held-out prompts instead, before the first step, every
+``heldout.every`` steps and after the last:
+
+- ``heldout/rkl``, ``heldout/fkl``: the exact reverse KL ``KL(pi_S || pi_T)`` and forward KL
+  ``KL(pi_T || pi_S)``, summed over the whole vocabulary, per token, at every position of the
+  responses the *teacher* writes for the held-out prompts. Those responses are written once, when the
+  run starts (greedy by default, ``heldout.temperature``), so every measurement is on the same token
+  positions and the numbers are comparable across steps and runs.
+- ``heldout/outlier_share``: on that teacher-written (off-policy) text, the expected share of tokens
+  the run's trust region would leave out, :func:`tropd_cli.losses.outlier_probability` of
+  ``R = log pi_T(y_t) - log pi_S(y_t)`` at the teacher's token ``y_t``.
+- ``heldout/empty_rate``, ``heldout/response_len``: the student's greedy responses to the held-out
+  prompts: the share with no non-whitespace text before EOS, and the mean number of tokens
+  (EOS included, as ``response_len`` counts rollouts).
+
+Engine code: no Hydra, no printing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from tropd_cli import losses
+from tropd_cli.config import TrainConfig
+from tropd_cli.data import Example, examples_from_config, format_prompt
+from tropd_cli.errors import UserError
+from tropd_cli.rollout import RolloutBatch, completion_mask, rollout, sample, seeded, tokenize_prompts
+from tropd_cli.scoring import full_vocab_kl
+
+if TYPE_CHECKING:
+    from tropd_cli.distributed import Dist
+    from tropd_cli.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+#: Added to ``dataset.seed`` to draw the held-out prompts (and to sample the teacher's responses).
+SEED_OFFSET = 1_000_003
+#: What each measurement logs, as ``heldout/<name>`` (and ``heldout/start/<name>`` before training).
+METRICS = ("rkl", "fkl", "outlier_share", "empty_rate", "response_len")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Value checks of the ``heldout`` block; raises UserError naming the key."""
+    h = cfg.heldout
+    if h.size < 0:
+        raise UserError(f"heldout.size={h.size} must be >= 0 (0 = no held-out signals)")
+    if h.max_new_tokens is not None and h.max_new_tokens <= 0:
+        raise UserError(f"heldout.max_new_tokens={h.max_new_tokens} must be positive (or null = rollout's)")
+    if h.every is not None and h.every < 0:
+        raise UserError(f"heldout.every={h.every} must be >= 0 (0 = before and after training only)")
+    if h.temperature < 0:
+        raise UserError(f"heldout.temperature={h.temperature} must be >= 0 (0 = greedy)")
+
+
+def every(cfg: TrainConfig) -> int:
+    """Steps between measurements (``heldout.every``, else ``eval_every``); 0 = only before and after training."""
+    return cfg.eval_every if cfg.heldout.every is None else cfg.heldout.every
+
+
+def enabled(cfg: TrainConfig, dist: Dist) -> bool:
+    """Whether the run measures held-out signals (the same answer on every rank).
+
+    Under ``torchrun`` rank 0 measures alone, on its full sampling copy of the student and its own whole
+    teacher: not possible with a sharded teacher or a vLLM sampler (a warning says so, and the run goes on).
+    """
+    if cfg.heldout.size == 0:
+        return False
+    if dist.enabled and (cfg.distributed.shard_teacher or cfg.rollout.backend == "vllm"):
+        log.warning(
+            "held-out signals are off: on several ranks they need a whole teacher and an HF sampling copy of the "
+            "student on rank 0 (distributed.shard_teacher=false, rollout.backend=loop); set heldout.size=0 to silence"
+        )
+        return False
+    return True
+
+
+def due(cfg: TrainConfig, step: int) -> bool:
+    """Is there a measurement after 0-based ``step``? Every :func:`every` steps and after the last one."""
+    n = every(cfg)
+    return step + 1 == cfg.steps or (n > 0 and (step + 1) % n == 0)
+
+
+def heldout_examples(cfg: TrainConfig, train: Sequence[Example]) -> list[Example]:
+    """The held-out prompts: up to ``heldout.size`` examples from the training ``dataset`` config drawn with
+    ``seed = dataset.seed + SEED_OFFSET``, leaving out any prompt text that is a training prompt (and
+    repeats). Sources that ignore the seed (file, hub) give their first rows that are not training prompts:
+    the rows after the training ones. Another source of held-out prompts (a split) needs only this function.
+
+    There may be fewer than ``heldout.size`` (a small task whose training prompts cover most of it): a
+    warning says how many.
+    """
+    size = cfg.heldout.size
+    if size <= 0:
+        return []
+    # Files and hub sets are read whole anyway (size 0 = every row); a generator makes enough for the held-out
+    # set even if its new seed repeated every training prompt.
+    candidates = 0 if cfg.dataset.source in ("file", "hub") else cfg.dataset.size + size
+    source = dataclasses.replace(cfg.dataset, seed=cfg.dataset.seed + SEED_OFFSET, size=candidates)
+    seen = {ex.prompt for ex in train}
+    out = []
+    for ex in examples_from_config(source):
+        if ex.prompt not in seen:
+            seen.add(ex.prompt)
+            out.append(ex)
+            if len(out) == size:
+                break
+    if len(out) < size:
+        log.warning(
+            "heldout.size=%d but only %d candidate prompts are not training prompts: measuring on %d",
+            size,
+            len(out),
+            len(out),
+        )
+    return out
+
+
+class HeldOut:
+    """The held-out prompts, the teacher's responses to them (written once, here) and :meth:`measure`."""
+
+    def __init__(self, trainer: Trainer, examples: list[Example]) -> None:
+        if not examples:
+            raise ValueError("HeldOut needs at least one example")
+        cfg = self.cfg = trainer.cfg
+        self.trainer = trainer
+        self.examples = examples
+        self.tokenizer = trainer.tokenizer
+        self.max_new_tokens = cfg.heldout.max_new_tokens or cfg.rollout.max_new_tokens
+        self.rows = cfg.rollout.generation_batch_size or len(examples)  # rows per model call
+        texts = [
+            format_prompt(
+                self.tokenizer,
+                ex.prompt,
+                system_prompt=cfg.dataset.system_prompt,
+                suffix=cfg.dataset.prompt_suffix,
+                chat_template=cfg.dataset.chat_template,
+            )
+            for ex in examples
+        ]
+        self.prompt_ids, self.prompt_mask = tokenize_prompts(
+            self.tokenizer, texts, max_prompt_tokens=cfg.dataset.max_prompt_tokens, device=trainer.device
+        )
+        t0 = time.perf_counter()
+        self.teacher_batch = rollout(
+            trainer.teacher_sampler,
+            None,
+            self.tokenizer,
+            self.prompt_ids,
+            self.prompt_mask,
+            prompt_index=torch.arange(len(examples), device=trainer.device),
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=0,
+            temperature=cfg.heldout.temperature,
+            top_p=1.0,
+            seed=seeded(cfg.dataset.seed, SEED_OFFSET),
+            backend="loop",
+            chunk_rows=cfg.rollout.generation_batch_size,
+        )
+        # The teacher is frozen: its final hidden states at these positions are computed once and kept on the
+        # CPU (small: tokens x hidden size), so a measurement runs the student alone.
+        self.teacher_hidden = self._teacher_hidden()
+        self.build_seconds = time.perf_counter() - t0
+        if self.trainer.uses_engine and trainer.device.type == "cuda":
+            torch.cuda.empty_cache()  # before the vLLM engine wakes (see Trainer.make_batch)
+
+    @property
+    def tokens(self) -> int:
+        """Teacher-written tokens every measurement scores."""
+        return int(self.teacher_batch.response_mask.sum())
+
+    @torch.no_grad()
+    def measure(self, student: PreTrainedModel) -> dict[str, float]:
+        """``heldout/<name>`` for each of :data:`METRICS`, plus ``heldout/prompts``, ``heldout/tokens`` and
+        ``time_heldout``, for ``student`` (an HF model: the run's student, or rank 0's sampling copy)."""
+        t0 = time.perf_counter()
+        was_training = student.training
+        student.eval()
+        try:
+            kl = self._divergences(student)
+            lengths, empty = self._greedy_answers(student)
+        finally:
+            student.train(was_training)
+        tr = self.cfg.trust_region
+        outlier = losses.outlier_probability(kl["teacher_logp"] - kl["student_logp"], tau=tr.tau, kind=tr.kind)
+        if self.trainer.uses_engine and self.trainer.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {
+            "heldout/rkl": float(kl["reverse"].mean()),
+            "heldout/fkl": float(kl["forward"].mean()),
+            "heldout/outlier_share": float(outlier.mean()),
+            "heldout/empty_rate": float(empty.float().mean()),
+            "heldout/response_len": float(lengths.float().mean()),
+            "heldout/prompts": float(len(self.examples)),
+            "heldout/tokens": float(self.tokens),
+            "time_heldout": time.perf_counter() - t0,
+        }
+
+    def _row_chunks(self) -> list[RolloutBatch]:
+        n = self.teacher_batch.input_ids.shape[0]
+        return [self.teacher_batch.rows(slice(start, start + self.rows)) for start in range(0, n, self.rows)]
+
+    @torch.no_grad()
+    def _teacher_hidden(self) -> list[Tensor]:
+        """The teacher's final hidden states ``[N_chunk, H]`` at the response positions of each row chunk (CPU)."""
+        from tropd_cli.trainer import response_hidden
+
+        model, device = self.trainer.teacher.model, self.trainer.teacher_device
+        was_training = model.training
+        model.eval()
+        try:
+            return [response_hidden(model, _moved(mb, device)).cpu() for mb in self._row_chunks()]
+        finally:
+            model.train(was_training)
+
+    def _divergences(self, student: PreTrainedModel) -> dict[str, Tensor]:
+        """Per-token full-vocabulary KLs and both log-probs at the teacher's tokens, over all held-out rows."""
+        from tropd_cli.trainer import lm_head_weight, response_hidden
+
+        trainer = self.trainer
+        device = trainer.device
+        s_weight = lm_head_weight(student)[: trainer.vocab]
+        t_weight = lm_head_weight(trainer.teacher.model)[: trainer.vocab].to(device)
+        parts: dict[str, list[Tensor]] = {}
+        for mb, t_hidden in zip(self._row_chunks(), self.teacher_hidden, strict=True):
+            s_hidden = response_hidden(student, mb)
+            kl = full_vocab_kl(
+                s_hidden,
+                s_weight,
+                t_hidden.to(device),
+                t_weight,
+                mb.response_ids[mb.response_mask],
+                chunk_size=self.cfg.scoring.chunk_size,
+                temperature=trainer.scoring_temperature,
+            )
+            for name, value in dataclasses.asdict(kl).items():
+                parts.setdefault(name, []).append(value)
+        return {name: torch.cat(values) for name, values in parts.items()}
+
+    def _greedy_answers(self, student: PreTrainedModel) -> tuple[Tensor, Tensor]:
+        """The student's greedy responses: their lengths ``[n]`` (EOS included) and which are empty ``[n]``."""
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        tokens = sample(
+            student,
+            self.prompt_ids,
+            self.prompt_mask,
+            max_new_tokens=self.max_new_tokens,
+            temperature=0.0,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            seed=0,
+            backend="loop",
+            chunk_rows=self.cfg.rollout.generation_batch_size,
+        )
+        valid = completion_mask(tokens, eos)
+        eos_ids = torch.tensor([eos] if not isinstance(eos, list) else eos, device=tokens.device)
+        text = valid & ~torch.isin(tokens, eos_ids)
+        answers = self.tokenizer.batch_decode(
+            [row[keep].tolist() for row, keep in zip(tokens, text, strict=True)], skip_special_tokens=True
+        )
+        return valid.sum(-1), torch.tensor([not answer.strip() for answer in answers])
+
+
+def _moved(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
+    if batch.input_ids.device == device:
+        return batch
+    return RolloutBatch(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        prompt_len=batch.prompt_len,
+        response_mask=batch.response_mask.to(device),
+        prefix_mask=batch.prefix_mask.to(device),
+        prompt_index=batch.prompt_index.to(device),
+    )
+
+
+def start_metrics(measured: dict[str, float]) -> dict[str, float]:
+    """A measurement before training under the names the first step's line carries: ``heldout/start/<name>``."""
+    return {f"heldout/start/{name}": measured[f"heldout/{name}"] for name in METRICS}
