@@ -12,6 +12,18 @@ from typing import Any
 
 
 @dataclass
+class LoraConfig:
+    """LoRA (through ``peft``) for a trained model: ``r: 0`` trains every weight (full fine-tuning)."""
+
+    r: int = 0  # rank; 0 = off
+    alpha: int | None = None  # scale numerator (scale = alpha / r); None = 2 * r
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
 class ModelConfig:
     """A teacher or a student.
 
@@ -31,6 +43,7 @@ class ModelConfig:
     tiny_layers: int = 4
     tiny_hidden: int = 64
     tiny_seed: int = 0
+    lora: LoraConfig = field(default_factory=LoraConfig)  # student only: train a LoRA adapter, not every weight
 
 
 @dataclass
@@ -44,6 +57,9 @@ class DatasetConfig:
     split: str = "train"
     prompt_field: str = "prompt"
     answer_field: str | None = "answer"
+    # method=sft, sft_source=dataset: the field that holds the target response (a worked solution) when it is
+    # not the answer; looked up in the row, then in its `metadata` (reasoning-gym keeps extras there).
+    target_field: str | None = None
     size: int = 512
     seed: int = 1234
     generator_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -406,6 +422,15 @@ def validate_train(cfg: TrainConfig) -> None:
     _check(bool(cfg.teacher.name), "teacher.name is empty; set a registry name, a local directory or a hub id")
     _check(cfg.student.from_teacher or bool(cfg.student.name), "set student.name or student.from_teacher=true")
     validate_student(cfg.student, "student")
+    _check(cfg.student.lora.r >= 0, f"student.lora.r={cfg.student.lora.r} must be >= 0 (0 = full fine-tuning)")
+    _check(
+        cfg.student.lora.r == 0 or cfg.rollout.backend != "vllm",
+        "student.lora with rollout.backend=vllm is not supported (the engine syncs full weights); use the loop backend",
+    )
+    _check(
+        cfg.teacher.lora.r == 0,
+        "teacher.lora is for trained models; the teacher is frozen (give it merged weights or a registry name)",
+    )
     _check(cfg.save_every >= 0, f"save_every={cfg.save_every} must be >= 0 (0 = only the final checkpoint)")
     _check(cfg.keep_last >= 0, f"keep_last={cfg.keep_last} must be >= 0 (0 = keep every checkpoint)")
     _check(cfg.eval_every >= 0, f"eval_every={cfg.eval_every} must be >= 0 (0 = no evaluation during training)")

@@ -30,7 +30,8 @@ def sft_target(example: Example, target_field: str | None) -> str | None:
     if not target_field:
         return example.answer
     row = example.metadata
-    nested = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
+    extra = row.get("metadata")
+    nested: dict[str, Any] = extra if isinstance(extra, dict) else {}
     value = row.get(target_field, nested.get(target_field))
     if value is None:
         raise UserError(f"dataset.target_field={target_field!r}: example {example.uid} has no such field")

@@ -13,12 +13,13 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tropd_cli.config import ModelConfig
+from tropd_cli.config import LoraConfig, ModelConfig
 from tropd_cli.errors import UserError, first_line
 from tropd_cli.hub import hub_offline, hub_reachable
 
@@ -184,7 +185,17 @@ REGISTRY: dict[str, Callable[[ModelConfig, Path], Path]] = {
     "smollm2-135m-instruct": _smollm2_dir,
     "lab-teacher": _lab_dir("teacher"),
     "lab-student": _lab_dir("student"),
+    "smol-lab-teacher": lambda cfg, cache: _smol_lab_teacher(cfg, cache),
 }
+
+
+def _smol_lab_teacher(cfg: ModelConfig, cache: Path) -> Path:
+    """The real-LM lab's teacher: SmolLM2 with the shipped LoRA adapter merged (see :mod:`tropd_cli.smol_lab`)."""
+    from tropd_cli.smol_lab import teacher_dir
+
+    return teacher_dir(cfg, cache)
+
+
 BUILDERS = {"tiny-random": tiny_random}
 
 
@@ -405,6 +416,8 @@ def load_pair(
     checked against each other."""
     teacher = load_model(teacher_cfg, device=teacher_device or device, cache_dir=cache_dir, frozen=True)
     student = load_student(teacher_cfg, student_cfg, device=device, cache_dir=cache_dir)
+    if student_cfg.lora.r > 0:
+        apply_lora(student.model, student_cfg.lora)
     if student_cfg.gradient_checkpointing:
         kwargs = {"use_reentrant": False}
         enable = getattr(student.model, "activation_checkpointing_enable", None)  # transformers >= 5 name
@@ -438,3 +451,88 @@ def shared_vocab(teacher: LoadedModel, student: LoadedModel) -> int:
             f"{len(student.tokenizer)} tokens; they must share one vocabulary"
         )
     return s_vocab
+
+
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> PreTrainedModel:
+    """Inject trainable LoRA adapters (``peft``) into ``model`` in place and freeze every other weight.
+
+    The model stays the same ``PreTrainedModel`` object (its ``Linear`` layers gain ``lora_A``/``lora_B``), so
+    the scorers, samplers and checkpoints that read it need no change; :func:`merge_lora` folds the adapters
+    back into plain weights and returns them as a peft adapter state dict.
+    """
+    try:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import inject_adapter_in_model
+    except ImportError as exc:
+        raise UserError("student.lora.r > 0 needs peft: pip install peft (or tropd[lora])") from exc
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in cfg.target_modules if m not in present]
+    if missing:
+        raise UserError(
+            f"student.lora.target_modules {missing} name no module of this {model.config.model_type} model; "
+            f"choose among its linear layers (e.g. q_proj, v_proj)"
+        )
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=int(cfg.alpha) if cfg.alpha is not None else 2 * cfg.r,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+    )
+    model.requires_grad_(False)
+    inject_adapter_in_model(peft_cfg, model)  # new lora_* parameters are trainable, the rest stays frozen
+    model.peft_lora_config = peft_cfg  # type: ignore[assignment]  # read back by merge_lora
+    return model
+
+
+def merge_lora(model: PreTrainedModel) -> tuple[dict[str, Tensor], Any] | None:
+    """Fold injected LoRA adapters into the base weights in place (the model becomes a plain HF model again).
+
+    Returns the adapter's weights in peft's file layout and its ``peft.LoraConfig`` (to save with
+    :func:`save_adapter`), or None when the model has no adapters.
+    """
+    peft_cfg = getattr(model, "peft_lora_config", None)
+    if peft_cfg is None:
+        return None
+    from peft import get_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    adapter = {
+        k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()
+    }
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+    del model.peft_lora_config
+    return adapter, peft_cfg
+
+
+def save_adapter(adapter: dict[str, Tensor], peft_cfg: Any, path: Path, base_model: str) -> Path:
+    """Write a peft adapter directory (``adapter_model.safetensors`` + ``adapter_config.json``)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in adapter.items()}, str(path / "adapter_model.safetensors"))
+    peft_cfg.base_model_name_or_path = base_model
+    peft_cfg.save_pretrained(str(path))
+    return path
+
+
+def load_adapter_into(model: PreTrainedModel, path: Path) -> PreTrainedModel:
+    """Merge the peft LoRA adapter saved at ``path`` into ``model``'s weights (in place)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    peft_cfg = PeftLoraConfig.from_pretrained(str(path))
+    inject_adapter_in_model(peft_cfg, model)
+    result = set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+    unexpected = list(getattr(result, "unexpected_keys", None) or [])
+    if unexpected:
+        raise UserError(f"the adapter in {path} does not fit this model: {unexpected[:3]}")
+    model.peft_lora_config = peft_cfg  # type: ignore[assignment]
+    merge_lora(model)
+    return model

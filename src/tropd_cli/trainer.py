@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tropd_cli import checkpoint, heldout, losses
 from tropd_cli import distributed as D
 from tropd_cli.config import TrainConfig
-from tropd_cli.data import Example, examples_from_config, format_prompt
+from tropd_cli.data import Example, examples_from_config, format_prompt, sft_target
 from tropd_cli.distributed import SINGLE, Dist
 from tropd_cli.errors import UserError
 from tropd_cli.evaluation import SuiteTasks, evaluate, load_suites
@@ -35,8 +35,10 @@ from tropd_cli.models import (
     default_cache_dir,
     fast_bf16,
     load_pair,
+    merge_lora,
     resolve_device,
     resolve_dtype,
+    save_adapter,
     shared_vocab,
 )
 from tropd_cli.rollout import RolloutBatch, generator, prefix_cap, rollout, seeded, tokenize_prompts
@@ -573,10 +575,11 @@ class Trainer:
                 self.teacher_engine.sleep()
             return batch
         eos = self.tokenizer.eos_token or ""
-        answers = [self.examples[int(i)].answer for i in prompt_index.tolist()]
+        answers = [sft_target(self.examples[int(i)], cfg.dataset.target_field) for i in prompt_index.tolist()]
         if any(a is None for a in answers):
             raise UserError(
-                "method=sft with sft_source=dataset needs dataset answers; set dataset.answer_field or method.sft_source=teacher"
+                "method=sft with sft_source=dataset needs dataset answers; set dataset.answer_field "
+                "(or dataset.target_field) or method.sft_source=teacher"
             )
         enc = self.tokenizer(
             [f"{a}{eos}" for a in answers],
@@ -884,6 +887,8 @@ def train(
     writes files (resumable checkpoints are sharded: every rank writes its shard).
     """
     hooks = hooks or NoHooks()
+    if dist.enabled and cfg.student.lora.r:
+        raise UserError("student.lora is not supported on several ranks yet; train LoRA in a single process")
     D.require_even_split(cfg.rollout.batch_size, dist)  # before any model loads
     heldout.validate(cfg)
     if dist.enabled and cfg.eval_every and cfg.rollout.backend == "vllm":
@@ -1043,6 +1048,9 @@ def _train_loop(
             save_checkpoint(student.model, trainer.tokenizer, final, state_dict=weights)
         D.barrier(dist)
     else:
+        merged = merge_lora(student.model)  # LoRA: the checkpoint holds merged weights, adapter/ the adapter alone
         save_checkpoint(student.model, trainer.tokenizer, final)
+        if merged is not None:
+            save_adapter(*merged, final / "adapter", base_model=student.source)
     hooks.on_end({"checkpoint": str(final), "steps": cfg.steps})
     return TrainResult(checkpoint=final, history=history)
