@@ -254,3 +254,21 @@ def test_cells_run_in_parallel_through_the_joblib_launcher(tropd, tmp_path):
     root = tmp_path / "outputs" / "ablate" / "tiny"
     assert sorted(p.parent.parent.name for p in root.glob("*/seed_3/cell.json")) == ["opd", "tropd"]
     assert "| opd | 1 |" in (root / "summary.md").read_text()
+
+
+def test_a_cell_records_the_held_out_signals_before_and_after():
+    from tropd_cli.ablation import cell_record
+
+    first = {
+        "rkl_estimate": 1.0,
+        **{f"heldout/start/{m}": 0.5 for m in ("rkl", "fkl", "outlier_share", "empty_rate", "response_len")},
+    }
+    last = {
+        "rkl_estimate": 0.2,
+        "heldout/prompts": 8,
+        **{f"heldout/{m}": 0.1 for m in ("rkl", "fkl", "outlier_share", "empty_rate", "response_len")},
+    }
+    metrics = cell_record("opd", 0, [first, {"rkl_estimate": 0.5}, last])["metrics"]
+    assert metrics["heldout/rkl"] == 0.1 and metrics["heldout/start/rkl"] == 0.5
+    assert "heldout/prompts" not in metrics
+    assert not any(k.startswith("heldout/") for k in cell_record("opd", 0, [{"rkl_estimate": 1.0}])["metrics"])

@@ -319,10 +319,6 @@ def test_a_hub_model_that_is_not_cached_offline_is_a_one_line_error(tropd):
     assert_one_line_error(proc, "nobody/not-a-cached-model", "not in the local Hugging Face cache")
 
 
-def test_top_k_above_the_vocabulary_is_a_one_line_error(tropd):
-    assert_one_line_error(tropd("train", "experiment=tiny", "method.top_k=1000"), "method.top_k=1000", "vocabulary")
-
-
 def test_an_eval_suite_without_tasks_is_a_one_line_error(tropd):
     proc = tropd("eval", "models=[tiny-random]", "eval_suite=tiny", "eval_suite.tiny.tasks=[]")
     assert_one_line_error(proc, "eval_suite.tiny has no tasks")

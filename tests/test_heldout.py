@@ -164,6 +164,12 @@ def test_held_out_prompts_are_not_training_prompts(make_config, tmp_path):
     assert [ex.prompt for ex in heldout.heldout_examples(from_file, train_file)] == ["q12", "q13", "q14", "q15", "q16"]
     assert heldout.heldout_examples(make_config(heldout={"size": 0}), train_examples) == []
 
+    # A task with disjoint splits trained on split=train: held-out prompts come from split=eval.
+    kwargs = {"split": "train", "min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1}
+    split = make_config(dataset={"name": "worked_sum", "size": 64, "generator_kwargs": kwargs}, heldout={"size": 8})
+    held_split = heldout.heldout_examples(split, examples_from_config(split.dataset))
+    assert len(held_split) == 8 and {ex.metadata["metadata"]["split"] for ex in held_split} == {"eval"}
+
 
 def without_heldout(history: list[dict[str, float]]) -> list[dict[str, float]]:
     return [{k: v for k, v in h.items() if not k.startswith(("heldout/", "time_"))} for h in history]

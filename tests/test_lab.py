@@ -52,3 +52,20 @@ def test_experiment_lab_composes_and_trains(tmp_path):
     assert (cfg.teacher.name, cfg.student.name) == ("lab-teacher", "lab-student") and list(cfg.eval_suite) == ["lab"]
     history = train(cfg, output_dir=tmp_path).history
     assert len(history) == 2 and all(h["rkl_estimate"] == pytest.approx(h["rkl_estimate"]) for h in history)
+
+
+@pytest.mark.parametrize("experiment", ["lab", "smol_lab"])
+def test_training_prompts_never_appear_in_the_eval_suite(experiment, tmp_path):
+    """The leak the char lab had (120 of its 126 eval problems were training prompts) is gone by construction."""
+    from tropd_cli.data import examples_from_config
+    from tropd_cli.heldout import heldout_examples
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("train", [f"experiment={experiment}", f"cache_dir={tmp_path}"]))
+    assert isinstance(cfg, TrainConfig)
+    train_prompts = {ex.prompt for ex in examples_from_config(cfg.dataset)}
+    eval_prompts = {ex.prompt for suite in load_suites(cfg.eval_suite) for task in suite.tasks for ex in task.examples}
+    held = {ex.prompt for ex in heldout_examples(cfg, examples_from_config(cfg.dataset))}
+    assert len(train_prompts) > 40 and len(eval_prompts) > 20 and held
+    assert not train_prompts & eval_prompts
+    assert not train_prompts & held

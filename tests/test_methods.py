@@ -916,3 +916,28 @@ def test_micro_batching_gives_the_same_gradient(make_config, make_trainer, metho
         assert m2["kept_fraction"] == m1["kept_fraction"]
     for key in ("reward_mean", "trust_fraction", "student_entropy"):
         assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), key
+
+
+def test_constant_advantage_control_ignores_the_teacher():
+    # pg(c) at ratio 1: loss -c and gradient -c * grad logp on every token, whatever the teacher says.
+    old = t64([math.log(0.5), math.log(0.25)])
+    logp = old.clone().requires_grad_(True)
+    loss = losses.constant_advantage_loss(logp, old, -1.0)
+    torch.testing.assert_close(loss, t64([1.0, 1.0]))
+    torch.testing.assert_close(grad_of(loss, logp), t64([1.0, 1.0]))  # lowers log pi_S of the sampled tokens
+    x = TokenInputs(
+        logp=logp,
+        old_logp=old,
+        teacher_logp=t64([0.0, -9.0]),
+        student_topk_logp=None,
+        teacher_topk_logp=None,
+        teacher_entropy=t64([0.0, 0.0]),
+        student_entropy=t64([0.0, 0.0]),
+        trust_mask=torch.tensor([True, True]),
+        prefix_mask=torch.tensor([False, False]),
+        response_mask=torch.tensor([True, True]),
+    )
+    cfg = TrainConfig()
+    cfg.method.constant_advantage = -0.5
+    out = METHODS["constant_advantage"].fn(x, cfg, 0)
+    torch.testing.assert_close(out.loss, t64([0.5, 0.5]))

@@ -171,9 +171,12 @@ def test_non_finite_updates_are_skipped_and_the_run_stops_after_n_in_a_row(make_
     assert all(torch.isfinite(w).all() for w in weights(saved).values())  # no NaN reached the weights
 
 
-def test_top_k_larger_than_the_vocabulary_is_refused(make_config, tmp_path):
-    with pytest.raises(UserError, match=r"method.top_k=1000 is larger than the vocabulary \(100 tokens\)"):
-        train(make_config(method={"top_k": 1000}), output_dir=tmp_path)
+def test_top_k_larger_than_the_vocabulary_scores_every_token_with_a_warning(make_config, tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    clamped = train(make_config(method={"name": "fkl_topk", "top_k": 1000}, steps=1), output_dir=tmp_path / "a")
+    assert "method.top_k=1000 is larger than the vocabulary (100 tokens)" in caplog.text
+    full = train(make_config(method={"name": "fkl_topk", "top_k": 100}, steps=1), output_dir=tmp_path / "b")
+    assert without_times(clamped.history) == without_times(full.history)
 
 
 class DiskFull:

@@ -39,6 +39,22 @@ def final_metrics(history: Sequence[dict[str, float]], keys: Sequence[str] = CUR
     return out
 
 
+def final_heldout(history: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The held-out signals of the run's last measurement (``heldout/rkl``, ...; after the last step), and their
+    values before the first step as ``heldout/start/*``: evidence on prompts the run never trained on."""
+    from tropd_cli.heldout import METRICS
+
+    end = next((h for h in reversed(history) if "heldout/rkl" in h), None)
+    if end is None:
+        return {}
+    out = {f"heldout/{m}": float(end[f"heldout/{m}"]) for m in METRICS}
+    first = history[0] if history else {}
+    out.update(
+        {f"heldout/start/{m}": float(first[f"heldout/start/{m}"]) for m in METRICS if f"heldout/start/{m}" in first}
+    )
+    return out
+
+
 def cell_record(
     variant: str, seed: int, history: Sequence[dict[str, float]], scores: dict[str, float] | None = None
 ) -> dict[str, Any]:
@@ -48,7 +64,7 @@ def cell_record(
     return {
         "variant": variant,
         "seed": seed,
-        "metrics": {**final_metrics(history), **evals},
+        "metrics": {**final_metrics(history), **final_heldout(history), **evals},
         "curves": {key: [h[key] for h in history if key in h] for key in CURVES},
     }
 

@@ -73,7 +73,9 @@ class DatasetConfig:
 class MethodConfig:
     """Which objective, and its knobs (each read only by the methods named in its comment)."""
 
-    name: str = "tropd"  # tropd | opd | eopd | reopold | entropy_opd | fkl_topk | jsd_topk | gkd | sft
+    name: str = (
+        "tropd"  # tropd | opd | eopd | reopold | entropy_opd | fkl_topk | jsd_topk | gkd | sft | constant_advantage
+    )
     top_k: int = 64  # teacher top-k ids for fkl / eopd / jsd_topk
     clip_eps: float | None = None  # PPO clip; None = plain ratio (REINFORCE on the first epoch)
     ppo_epochs: int = 1  # passes over each rollout batch (the trust mask is reused)
@@ -88,6 +90,7 @@ class MethodConfig:
     entropy_top_fraction: float = 0.2  # entropy_opd: share of tokens kept by student entropy
     jsd_beta: float = 0.5  # jsd_topk: mixture weight of the teacher
     gkd_beta: float = 0.5  # gkd: generalized JSD beta (0 forward KL, 1 reverse KL)
+    constant_advantage: float = -1.0  # constant_advantage (a control): the advantage every sampled token gets
 
 
 @dataclass

@@ -98,6 +98,9 @@ def heldout_examples(cfg: TrainConfig, train: Sequence[Example]) -> list[Example
     repeats). Sources that ignore the seed (file, hub) give their first rows that are not training prompts:
     the rows after the training ones. Another source of held-out prompts (a split) needs only this function.
 
+    A generator task with a ``split`` keyword (:mod:`tropd_cli.worked_sum`) trained on ``split=train`` gives its
+    held-out prompts from ``split=eval`` instead: the eval suites' distribution, disjoint by construction.
+
     There may be fewer than ``heldout.size`` (a small task whose training prompts cover most of it): a
     warning says how many.
     """
@@ -108,6 +111,9 @@ def heldout_examples(cfg: TrainConfig, train: Sequence[Example]) -> list[Example
     # set even if its new seed repeated every training prompt.
     candidates = 0 if cfg.dataset.source in ("file", "hub") else cfg.dataset.size + size
     source = dataclasses.replace(cfg.dataset, seed=cfg.dataset.seed + SEED_OFFSET, size=candidates)
+    if cfg.dataset.generator_kwargs.get("split") == "train":
+        # A task with disjoint splits (worked_sum): held-out prompts come from its eval split, the eval suites'.
+        source.generator_kwargs = {**cfg.dataset.generator_kwargs, "split": "eval"}
     seen = {ex.prompt for ex in train}
     out = []
     for ex in examples_from_config(source):

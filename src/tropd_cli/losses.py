@@ -192,6 +192,17 @@ def opd_loss(logp: Tensor, old_logp: Tensor, teacher_logp: Tensor, *, clip_eps: 
     return policy_gradient_loss(logp, old_logp, k1_reward(old_logp, teacher_logp), clip_eps=clip_eps)
 
 
+def constant_advantage_loss(
+    logp: Tensor, old_logp: Tensor, advantage: float = -1.0, *, clip_eps: float | None = None
+) -> Tensor:
+    """Control: ``pg(c)`` with one constant advantage ``c`` on every sampled token (no teacher signal at all).
+
+    With ``c < 0`` it lowers the probability of whatever the student sampled (an entropy push). A distillation
+    gain that this control matches is not evidence that the teacher's log-ratio taught anything.
+    """
+    return policy_gradient_loss(logp, old_logp, torch.full_like(logp, advantage), clip_eps=clip_eps)
+
+
 def eopd_loss(
     logp: Tensor,
     old_logp: Tensor,

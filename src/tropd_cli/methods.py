@@ -88,6 +88,13 @@ def _opd(x: TokenInputs, cfg: TrainConfig, step: int) -> MethodOutput:
     return _no_outlier(_with_prefix(x, cfg, loss))
 
 
+def _constant_advantage(x: TokenInputs, cfg: TrainConfig, step: int) -> MethodOutput:
+    loss = losses.constant_advantage_loss(
+        x.logp, x.old_logp, cfg.method.constant_advantage, clip_eps=cfg.method.clip_eps
+    )
+    return _no_outlier(_with_prefix(x, cfg, loss))
+
+
 def _eopd(x: TokenInputs, cfg: TrainConfig, step: int) -> MethodOutput:
     assert x.student_topk_logp is not None and x.teacher_topk_logp is not None
     loss = losses.eopd_loss(
@@ -166,6 +173,7 @@ def _reopold_keep(cfg: TrainConfig, step: int) -> float | None:
 METHODS: dict[str, Method] = {
     "tropd": Method(_tropd, needs_topk=True),
     "opd": Method(_opd),
+    "constant_advantage": Method(_constant_advantage),
     "eopd": Method(_eopd, needs_topk=True),
     "reopold": Method(_reopold, keep_fraction=_reopold_keep),
     "entropy_opd": Method(_entropy_opd, keep_fraction=lambda cfg, step: cfg.method.entropy_top_fraction),

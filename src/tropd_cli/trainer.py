@@ -313,8 +313,13 @@ class Trainer:
         self.method = get_method(cfg)
         vocab = self.vocab = shared_vocab(teacher, student)  # teacher rows beyond it (lm_head padding): not scored
         if self.method.needs_topk and cfg.method.top_k > vocab:
-            raise UserError(
-                f"method.top_k={cfg.method.top_k} is larger than the vocabulary ({vocab} tokens); set k <= {vocab}"
+            # Top-k over more ids than exist is top-V: the full-vocabulary forward KL (e.g. a k=512 grid row on the
+            # 100-token char lab). Said once, loudly, since a typo in k lands here too.
+            log.warning(
+                "method.top_k=%d is larger than the vocabulary (%d tokens): scoring all %d tokens (full forward KL)",
+                cfg.method.top_k,
+                vocab,
+                vocab,
             )
         D.require_even_split(cfg.rollout.batch_size, dist)
         self.examples = examples
