@@ -185,15 +185,16 @@ REGISTRY: dict[str, Callable[[ModelConfig, Path], Path]] = {
     "smollm2-135m-instruct": _smollm2_dir,
     "lab-teacher": _lab_dir("teacher"),
     "lab-student": _lab_dir("student"),
-    "smol-lab-teacher": lambda cfg, cache: _smol_lab_teacher(cfg, cache),
+    "smol-lab-teacher": lambda cfg, cache: _smol_lab("teacher", cfg, cache),
+    "smol-lab-student": lambda cfg, cache: _smol_lab("student", cfg, cache),
 }
 
 
-def _smol_lab_teacher(cfg: ModelConfig, cache: Path) -> Path:
-    """The real-LM lab's teacher: SmolLM2 with the shipped LoRA adapter merged (see :mod:`tropd_cli.smol_lab`)."""
-    from tropd_cli.smol_lab import teacher_dir
+def _smol_lab(role: str, cfg: ModelConfig, cache: Path) -> Path:
+    """The real-LM lab's teacher or student: SmolLM2 with shipped LoRA adapters merged (:mod:`tropd_cli.smol_lab`)."""
+    from tropd_cli.smol_lab import student_dir, teacher_dir
 
-    return teacher_dir(cfg, cache)
+    return teacher_dir(cfg, cache) if role == "teacher" else student_dir(cfg, cache)
 
 
 BUILDERS = {"tiny-random": tiny_random}
