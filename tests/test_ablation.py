@@ -60,7 +60,11 @@ def test_paper_table1_has_the_papers_rows():
         cfg = OmegaConf.to_object(compose("ablate", ["ablation=paper_table1"]))
     assert isinstance(cfg, AblateConfig) and cfg.seeds == [0, 1, 2]
     rows = {"opd", "clip_outlier", "mask_outlier", "fkl_outlier", "tropd_clip", "tropd_mask", "tropd_fkl", "fkl_topk"}
-    assert rows | {"jsd_topk", "eopd", "reopold", "entropy_opd"} == set(cfg.ablation.variants)
+    baselines = {"jsd_topk", "eopd", "reopold", "entropy_opd"}
+    added = {"rkl_full", "constant_adv", "fkl_topk_k512"}  # full reverse KL, the constant-advantage control, k=512
+    assert rows | baselines | added == set(cfg.ablation.variants)
+    assert cfg.ablation.variants["rkl_full"] == ["method=gkd", "method.gkd_beta=1.0"]
+    assert cfg.ablation.variants["fkl_topk_k512"] == ["method=fkl_topk", "method.top_k=512"]
 
 
 def test_write_summary_from_cell_files(tmp_path):

@@ -771,6 +771,9 @@ def test_the_trainer_runs_one_engine_by_default_as_planned(make_config, tmp_path
     monkeypatch.setattr(rollout_module, "sample", recording_sample)
     cfg = make_config(steps=3, rollout={"batch_size": 2, "max_new_tokens": 8})
     cfg.rollout.backend = "vllm"
+    # The held-out set's teacher answers are written once before step 1, with every engine asleep (no GPU memory
+    # beside the HF teacher); this test follows the rollouts' moments only.
+    cfg.heldout.size = 0
     assert not cfg.rollout.vllm.teacher_prefixes and not cfg.rollout.vllm.teacher_scoring
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
     validate_train(cfg)  # one engine: no multiprocessing needed
