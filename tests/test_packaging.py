@@ -27,6 +27,11 @@ def test_built_wheel_ships_configs_and_runs(tmp_path):
         capture_output=True,
     )
     assert (site / "tropd_cli" / "conf" / "train.yaml").exists()
+    # The labs' models travel too: the char lab's weights and the real-LM lab's adapters.
+    assert (site / "tropd_cli" / "lab_models" / "teacher" / "model.safetensors").exists()
+    for role in ("teacher", "student"):
+        assert (site / "tropd_cli" / "lab_models" / "smol" / f"{role}_adapter" / "adapter_model.safetensors").exists()
+    assert (site / "tropd_cli" / "lab_models" / "smol" / "student_adapter" / "tropd_layers.json").exists()
     code = "import sys, tropd_cli; print(tropd_cli.__file__); from tropd_cli.cli import main; main()"
     proc = subprocess.run(
         [sys.executable, "-c", code, "train", "experiment=tiny"],
