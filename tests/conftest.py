@@ -15,6 +15,8 @@ import torch
 
 from tropd_cli.config import (
     DatasetConfig,
+    EvalSuiteConfig,
+    EvalTaskConfig,
     GuidanceConfig,
     LoggerConfig,
     ModelConfig,
@@ -28,6 +30,17 @@ from tropd_cli.models import LoadedModel, load_pair
 from tropd_cli.trainer import TrainResult, train
 
 CPU = torch.device("cpu")
+
+
+def greedy_accuracy(name: str, task: EvalTaskConfig, *, max_new_tokens: int, cache_dir: Path) -> float:
+    """The registry model ``name``'s greedy score on one eval task, all problems in one batch."""
+    from tropd_cli.evaluation import evaluate, load_suites
+    from tropd_cli.models import load_model
+
+    loaded = load_model(ModelConfig(name=name), device=CPU, cache_dir=cache_dir, frozen=True)
+    suites = load_suites({"s": EvalSuiteConfig(tasks=[task], max_new_tokens=max_new_tokens, batch_size=task.size)})
+    with torch.no_grad():
+        return evaluate(loaded.model, loaded.tokenizer, suites, seed=0)[0].score
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import tropd_cli.commands.common  # noqa: F401  (registers the schemas)
-from tropd_cli.config import EvalSuiteConfig, EvalTaskConfig, ModelConfig, TrainConfig
-from tropd_cli.evaluation import evaluate, load_suites
+from conftest import greedy_accuracy
+from tropd_cli.config import EvalTaskConfig, ModelConfig, TrainConfig
+from tropd_cli.evaluation import load_suites
 from tropd_cli.lab import LAB_DIR, TASK_KWARGS, build
 from tropd_cli.models import load_model
 
@@ -30,11 +31,8 @@ def test_the_recipe_rebuilds_deterministically(tmp_path):
 
 
 def lab_accuracy(name: str) -> float:
-    loaded = load_model(ModelConfig(name=name), device=CPU, cache_dir=LAB_DIR, frozen=True)
     task = EvalTaskConfig(name="chain_sum", size=100, seed=2024, generator_kwargs=dict(TASK_KWARGS))
-    suites = load_suites({"lab": EvalSuiteConfig(tasks=[task], max_new_tokens=8, batch_size=100)})
-    with torch.no_grad():
-        return evaluate(loaded.model, loaded.tokenizer, suites, seed=0)[0].score
+    return greedy_accuracy(name, task, max_new_tokens=8, cache_dir=LAB_DIR)
 
 
 def test_the_shipped_teacher_knows_the_task_and_the_student_does_not():

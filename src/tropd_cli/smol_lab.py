@@ -128,11 +128,10 @@ def build(role: str = "teacher", out: Path | None = None, overrides: list[str] |
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from tropd_cli.commands.common import CONF_DIR, register_configs
+    from tropd_cli.commands.common import CONF_DIR  # importing it registers the config schemas
     from tropd_cli.config import TrainConfig, validate_train
     from tropd_cli.trainer import train
 
-    register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         composed = compose("train", [f"experiment=smol_lab_{role}", "logger=none", *(overrides or [])])
     cfg = OmegaConf.to_object(composed)

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tropd_cli import checkpoint, heldout, losses
 from tropd_cli import distributed as D
 from tropd_cli.config import TrainConfig
-from tropd_cli.data import Example, examples_from_config, format_prompt, sft_target
+from tropd_cli.data import Example, dataset_prompts, examples_from_config, sft_target
 from tropd_cli.distributed import SINGLE, Dist
 from tropd_cli.errors import UserError
 from tropd_cli.evaluation import SuiteTasks, evaluate, load_suites
@@ -323,16 +323,7 @@ class Trainer:
             )
         D.require_even_split(cfg.rollout.batch_size, dist)
         self.examples = examples
-        self.prompts = [
-            format_prompt(
-                self.tokenizer,
-                ex.prompt,
-                system_prompt=cfg.dataset.system_prompt,
-                suffix=cfg.dataset.prompt_suffix,
-                chat_template=cfg.dataset.chat_template,
-            )
-            for ex in examples
-        ]
+        self.prompts = dataset_prompts(self.tokenizer, examples, cfg.dataset)
         self.order = PromptOrder(len(examples), cfg.rollout.batch_size, cfg.seed)
         self.scoring_temperature = cfg.rollout.scoring_temperature or cfg.rollout.temperature
         self.bf16 = cfg.precision == "bf16" or (
