@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import greedy_accuracy
 from tropd_cli.config import EvalTaskConfig, ModelConfig
 from tropd_cli.models import default_cache_dir, load_model
-from tropd_cli.smol_lab import LAYERS_FILE, STUDENT_ADAPTER, TEACHER_ADAPTER, build
+from tropd_cli.smol_lab import LAYERS_FILE, STUDENT_ADAPTER, TEACHER_ADAPTER, build, main
 
 pytestmark = [
     pytest.mark.slow,
@@ -43,7 +43,9 @@ def test_the_student_is_the_teachers_cut_plus_its_adapter():
 
 
 def test_the_student_recipe_builds_at_a_tiny_size(tmp_path):
-    out = build("student", tmp_path / "student", ["steps=2", "rollout.batch_size=2", "eval_every=0"])
+    out = tmp_path / "student"
+    # through the command line, overrides after --out (argparse's plain parse_args refused them)
+    main(["student", "--out", str(out), "steps=2", "rollout.batch_size=2", "eval_every=0"])
     weights = load_file(out / "adapter_model.safetensors")
     assert weights and all(v.dtype == torch.bfloat16 for v in weights.values())
     assert json.loads((out / LAYERS_FILE).read_text())["keep_layers"] == [0, 1, 2, 3, 4, 5, 24, 25, 26, 27, 28, 29]

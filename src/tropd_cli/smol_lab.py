@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("role", nargs="?", choices=["all", "teacher", "student"], default="all")
     parser.add_argument("--out", type=Path, default=None, help=f"where to write it (default {SMOL_DIR}/ROLE_adapter)")
     parser.add_argument("overrides", nargs="*", help="more tropd train overrides (e.g. steps=5 for a quick check)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after --out
     for role in ["teacher", "student"] if args.role == "all" else [args.role]:
         print(f"{role} adapter: {build(role, args.out, args.overrides)}")
 
