@@ -97,3 +97,38 @@ def test_eval_speed_quick_writes_its_keys_and_section(tmp_path: Path) -> None:
     assert result["math_scoring"]["workers_1"]["pairs_per_s"] > 0
     md = out_md.read_text()
     assert "kept" in md and "<!-- eval-speed:start -->" in md and "problems/s" in md
+
+
+def _load(name: str):  # a benchmarks/ script as a module
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_first_token_eos_push_is_minus_the_reverse_kl_gradient_on_the_eos_logit() -> None:
+    import torch
+
+    eos_push = _load("first_token_eos").eos_push
+    torch.manual_seed(0)
+    z = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
+    t = torch.log_softmax(torch.randn(5, 11, dtype=torch.float64), -1)
+    s = torch.log_softmax(z, -1)
+    kl = (s.exp() * (s - t)).sum(-1)
+    kl.sum().backward()
+    push, kl_rows = eos_push(s.detach(), t, eos=3)
+    assert torch.allclose(push, -z.grad[:, 3], atol=1e-12)
+    assert torch.allclose(kl_rows, kl.detach())
+    # a student far from the teacher: descent raises EOS even where the teacher finds it less likely than it does
+    far = torch.log_softmax(torch.tensor([[4.0, 0.0, 0.0, -3.0]]), -1)
+    teacher = torch.log_softmax(torch.tensor([[-4.0, 4.0, 0.0, -3.5]]), -1)
+    assert teacher[0, 3] < far[0, 3] and eos_push(far, teacher, eos=3)[0].item() > 0
+
+
+def test_first_token_eos_measures_the_tiny_pair(tmp_path: Path) -> None:
+    rows = _load("first_token_eos").measure(["teacher=tiny", "student=tiny", "dataset=chain_sum"], None, 4)
+    assert [r["model"] for r in rows] == ["untrained student"]
+    assert 0 <= float(rows[0]["share_raised"]) <= 1 and float(rows[0]["first_token_kl"]) >= 0
