@@ -311,8 +311,9 @@ def test_eval_defaults_and_bad_overrides(compose_cfg):
     eval_cfg = OmegaConf.to_object(compose_cfg("eval", []))
     assert isinstance(eval_cfg, EvalConfig)
     assert "latest" in eval_cfg.models and eval_cfg.runs_dir == "outputs/train"
-    assert list(eval_cfg.eval_suite) == ["math"]
-    for override in ("foo=1", "eval_suite.math.max_new_tokens=lots", "eval_suite.math.tasks.0.sizee=3"):
+    assert list(eval_cfg.eval_suite) == ["worked_sum_1d"]  # the default training task's held-out suite
+    suite = "eval_suite.worked_sum_1d"
+    for override in ("foo=1", f"{suite}.max_new_tokens=lots", f"{suite}.tasks.0.sizee=3"):
         with pytest.raises((HydraException, OmegaConfBaseException)):
             compose_cfg("eval", [override])
 
@@ -333,10 +334,15 @@ def test_eval_models_take_train_style_specs_and_shorthands(compose_cfg):
     train_cfg = as_train(compose_cfg("train", []))
     assert (eval_cfg.teacher, eval_cfg.student) == (train_cfg.teacher, train_cfg.student)  # the same groups
     entries = model_entries(eval_cfg, eval_cfg.teacher, eval_cfg.student)
-    labels = ["smollm2-135m-instruct", "cut", "smollm2-135m-instruct[layers 0-7,22-29]", "/a/dir"]
+    labels = ["smol-lab-teacher", "cut", "smollm2-135m-instruct", "/a/dir"]  # the default pair: teacher and its base
     assert [e.label for e in entries] == labels
     assert all(e.spec.dtype == "auto" for e in entries)  # eval's dtype, not the student's training float32
-    assert entries[1].spec.keep_layers == entries[2].spec.keep_layers and entries[2].spec.from_teacher
+    compression = common.to_object(
+        compose_cfg("eval", ["teacher=smollm2_135m", "student=smollm2_16l", "models=[student_init]"]), EvalConfig
+    )
+    (cut,) = model_entries(compression, compression.teacher, compression.student)
+    assert cut.label == "smollm2-135m-instruct[layers 0-7,22-29]" and cut.spec.from_teacher
+    assert cut.spec.keep_layers == entries[1].spec.keep_layers
 
     tiny = common.to_object(
         compose_cfg("eval", ["teacher=tiny", "student=tiny", "models=[teacher,student_init]"]), EvalConfig
@@ -358,7 +364,7 @@ def test_eval_models_take_train_style_specs_and_shorthands(compose_cfg):
 
 
 def test_a_named_student_that_is_also_a_copy_of_the_teacher_is_refused(compose_cfg):
-    train_cfg = as_train(compose_cfg("train", ["student.name=org/other"]))  # student=smollm2_16l: from_teacher
+    train_cfg = as_train(compose_cfg("train", ["student=smollm2_16l", "student.name=org/other"]))  # from_teacher
     with pytest.raises(UserError, match=r"student\.name=org/other conflicts with student\.from_teacher=true"):
         validate_train(train_cfg)
     validate_train(as_train(compose_cfg("train", ["student=hub", "student.name=org/other"])))
@@ -370,7 +376,7 @@ def test_bad_suite_values_name_the_key_to_fix(compose_cfg):
         ("eval_suite.math.tasks.0.benchmark=gsm9k", "eval_suite.math.tasks.0.benchmark='gsm9k' is not an option"),
         ("eval_suite.math.n_samples=0", "eval_suite.math.n_samples=0 must be positive"),
     ):
-        eval_cfg = OmegaConf.to_object(compose_cfg("eval", [override]))
+        eval_cfg = OmegaConf.to_object(compose_cfg("eval", ["eval_suite=math", override]))
         assert isinstance(eval_cfg, EvalConfig)
         with pytest.raises(UserError, match=re.escape(message)):
             validate_suites(eval_cfg.eval_suite)
