@@ -393,3 +393,22 @@ def test_train_can_evaluate_every_n_steps(compose_cfg):
 
 def test_ablate_config_composes(compose_cfg):
     assert isinstance(OmegaConf.to_object(compose_cfg("ablate", [])), AblateConfig)
+
+
+def test_the_default_run_distils_the_lab_teacher_into_its_base_and_is_scored_on_its_held_out_twin(compose_cfg):
+    """`tropd train`'s default pair and task, and `tropd eval`'s and the lab's: the same models, and a suite that
+    draws the same problems' eval split (so the README's three rows are the student before and after)."""
+    train_cfg = as_train(compose_cfg("train", []))
+    assert (train_cfg.teacher.name, train_cfg.student.name) == ("smol-lab-teacher", "smollm2-135m-instruct")
+    assert not train_cfg.student.from_teacher and train_cfg.student.keep_layers is None
+    assert train_cfg.method.name == "tropd" and train_cfg.guidance.enabled
+    eval_cfg = common.to_object(compose_cfg("eval", []), EvalConfig)
+    assert (eval_cfg.teacher, eval_cfg.student) == (train_cfg.teacher, train_cfg.student)
+    (task,) = eval_cfg.eval_suite["worked_sum_1d"].tasks
+    assert train_cfg.dataset.name == task.name == "worked_sum"
+    held_out = dict(task.generator_kwargs)
+    assert held_out.pop("split") == "eval" and dict(train_cfg.dataset.generator_kwargs).pop("split") == "train"
+    assert held_out == {k: v for k, v in train_cfg.dataset.generator_kwargs.items() if k != "split"}
+    lab = as_train(compose_cfg("train", ["experiment=smol_lab"]))
+    assert (lab.teacher, lab.student, lab.dataset) == (train_cfg.teacher, train_cfg.student, train_cfg.dataset)
+    assert (lab.steps, lab.rollout.batch_size, lab.optim.lr) == (train_cfg.steps, 8, train_cfg.optim.lr)
