@@ -273,7 +273,7 @@ def test_eval_takes_model_specs_and_an_experiments_suite(tropd, tmp_path):
         ),
         (("eval", "eval_suite=tiny", "models=[{name:x,from_teacher:true}]"), ("models.0.name=x conflicts",)),
         (("eval", "eval_suite=tiny", "models=[{name:x,keep_layer:[0]}]"), ("models.0 has unknown key(s) keep_layer",)),
-        (("eval", "eval_suite=tiny", "models=[teacher,smollm2-135m-instruct]"), ("more than once",)),
+        (("eval", "eval_suite=tiny", "models=[student_init,smollm2-135m-instruct]"), ("more than once",)),
         (("eval", "eval_suite=tiny", "experiment=nope", "models=[teacher]"), ("experiment=nope",)),
     ],
     ids=[

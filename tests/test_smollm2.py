@@ -111,7 +111,8 @@ def test_one_tropd_step_on_the_default_pair(pair, tmp_path):
 
 
 def test_train_default_configuration_end_to_end_in_process(tmp_path):
-    """The README's job, shortened to 2 steps: the checkpoint reloads with the 16-layer shape."""
+    """The README's job, shortened to 2 steps: the smol-lab teacher into its whole base model, whose checkpoint
+    reloads with all 30 layers."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -124,8 +125,9 @@ def test_train_default_configuration_end_to_end_in_process(tmp_path):
     cfg = dataclasses.replace(cfg, device="cpu")
     result = train(cfg, output_dir=tmp_path)
     model = AutoModelForCausalLM.from_pretrained(result.checkpoint)
-    assert model.config.num_hidden_layers == 16
+    assert model.config.num_hidden_layers == 30
     assert len(result.history) == 2
+    assert cfg.teacher.name == "smol-lab-teacher" and cfg.student.name == "smollm2-135m-instruct"
 
 
 METHOD_PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "method").glob("*.yaml"))
