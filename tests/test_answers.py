@@ -69,6 +69,20 @@ CORPUS = [
     (r"25\%", "50", False),
     (r"\{1,2\}", "[1,2]", False),
     ("(0, 1)", "[0, 1]", False),
+    # issue 13's false positives and negatives (hand verdicts; math-verify's set semantics for comma lists)
+    ("23", "2, 3", False),  # a comma list is not a thousands separator
+    ("3, 2", "2, 3", True),  # a list of solutions is a set
+    ("1000001", "1000000", False),  # no relative tolerance
+    ("2.000001", "2", False),
+    ("0.50", ".5", True),
+    ("4.\\overline{6}", "\\frac{14}{3}", True),  # repeating decimals
+    ("25\\%", "0.25", True),  # a percentage read as a fraction of 100 when the gold is not one
+    ("0.25", "25\\%", False),
+    ("2 \\le x < 5", "[2,5)", True),  # inequalities as intervals
+    ("x < -2 \\text{ or } x > 2", "(-\\infty,-2)\\cup(2,\\infty)", True),
+    ("x > 2", "[2,\\infty)", False),
+    ("(3, pi/2)", "(3, \\frac{\\pi}{2})", True),
+    ("6e8", "600000000", True),
 ]
 
 
@@ -139,7 +153,13 @@ def test_quick_equal_settles_plain_numbers_without_math_verify():
         ("The answer is 17.", "17"),
         ("Therefore, the final answer is $\\frac{3}{4}$.", "\\frac{3}{4}"),
         ("**Answer:** 3.5", "3.5"),
-        ("Final answer: 1,250 apples", "1,250 apples"),
+        ("Final answer: 1,250 apples", "1250"),  # units stop the answer
+        ("The answer is 72 clips.", "72"),
+        ("The answer is 12. Check: 12 * 3 = 36, so 36 it is.", "12"),  # the sentence ends the answer
+        ("The answer is $12$. Check: $12 \\times 3 = 36$.", "12"),
+        ("So she pays $18 dollars.\n#### 18 dollars", "18"),
+        ("**Answer:** 1 million widgets", "1000000"),
+        ("The roots are $\\boxed{2}$ and $\\boxed{3}$.", "2, 3"),  # boxes joined by "and" are one list
         ("She pays 3 + 4 = 7 dollars.\n#### 7", "7"),
         ("3 + 4 = 7, and then 7 * 2 = 14", "14"),
         ("The result is 0.50.", "0.50"),
@@ -167,7 +187,12 @@ def test_last_boxed_keeps_nested_braces_and_refuses_unclosed():
         ("\\boxed{(A)}", "A"),
         ("I pick (A) over (B)... no, (B).", "B"),
         ("**Answer:** $\\text{C}$", "C"),
-        ("answer: a", "A"),
+        ("answer: a", "A"),  # a lower-case letter alone at the end of an answer line cannot be a word
+        ("Answer: D\n\nSo the answer is a direct consequence of D.", "D"),  # "a" here is a word, not option A
+        ("the answer is a direct consequence", ""),
+        ("Answer: B or C", ""),  # a hedge is no answer
+        ("Option (A) fails and B is out. The correct option is C.", "C"),
+        ("The answer is (e).", ""),  # E is not one of A-D
         ("Option E is not offered; answer: E", ""),  # E is not one of A-D
         ("No letter here at all.", ""),
     ],

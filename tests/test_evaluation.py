@@ -66,6 +66,16 @@ def test_avg_pass_and_maj_by_hand():
     assert m["maj@4"] == pytest.approx(0.5)  # a votes "7" (7.0 normalises to 7), b votes "3" (wrong)
 
 
+def test_majority_vote_groups_answers_by_the_grading_equality():
+    from tropd_cli.answers import math_judge
+    from tropd_cli.evaluation import vote
+
+    answers = ["3", "0.5", "\\frac{1}{2}", "3", "1/2", ""]
+    assert vote(answers) == 0  # by spelling: "3" twice beats each spelling of one half
+    assert vote(answers, math_judge().equal) == 1  # by value: one half three times
+    assert vote(["", " "]) is None
+
+
 def test_pass_at_k_is_the_unbiased_estimator():
     samples = [sample("p", s) for s in (1, 0, 0, 0, 1)]  # n = 5, c = 2
     m = task_metrics(samples, kind="code", n=5, pass_k=[1, 3])
@@ -113,8 +123,9 @@ def test_evaluate_runs_every_suite_and_is_seeded(tiny_model):
         again = evaluate(model, tokenizer, suites, seed=0)
     assert [(r.suite, r.task) for r in results] == [("math", "chain_sum"), ("code", "humaneval")]
     assert [len(r.samples) for r in results] == [9, 2] and [r.n_problems for r in results] == [3, 2]
-    assert set(results[0].metrics) == {"avg@3", "pass@1", "pass@3", "maj@3"}
-    assert results[1].metrics == {"avg@1": 0.0, "pass@1": 0.0}  # a random model writes no working code
+    assert set(results[0].metrics) == {"avg@3", "pass@1", "pass@3", "maj@3", "truncated_reasoning"}
+    # a random model writes no working code (and no reasoning block)
+    assert results[1].metrics == {"avg@1": 0.0, "pass@1": 0.0, "truncated_reasoning": 0.0}
     assert [s["completion"] for s in results[0].samples] == [s["completion"] for s in again[0].samples]
     assert len({s["completion"] for s in results[0].samples}) > 1  # sampling, not greedy
     assert {s["sample_idx"] for s in results[0].samples} == {0, 1, 2}

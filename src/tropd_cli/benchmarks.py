@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,8 @@ class Grade:
 
 
 Grader = Callable[[list[str], list[Example]], list[Grade]]
+#: The grader's own equality of two extracted answers, for majority voting: one verdict per pair.
+SameAnswer = Callable[[Sequence[tuple[str, str]]], list[bool]]
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Task:
     prompts: list[str]
     grade: Grader
     skipped: int = 0  # problems left out because they cannot be graded (reported in the results)
+    same_answer: SameAnswer | None = None  # how maj@n groups answers; None: by normalised spelling
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,12 @@ def _math_task(
         for i, row in enumerate(rows)
     ]
     prompts = [f"{ex.prompt}\n\n{MATH_INSTRUCTION}" for ex in examples]
-    return Task(cfg.name, "math", examples, prompts, _math_grader())
+    return Task(cfg.name, "math", examples, prompts, _math_grader(), same_answer=_math_same)
+
+
+def _math_same(pairs: Sequence[tuple[str, str]]) -> list[bool]:
+    """Majority voting groups math answers by the grading equality (math-verify)."""
+    return math_judge().equal(pairs)
 
 
 def _reasoning_gym_task(cfg: EvalTaskConfig, where: str) -> Task:
@@ -145,10 +153,14 @@ def _reasoning_gym_task(cfg: EvalTaskConfig, where: str) -> Task:
         cfg.task or cfg.name, size=cfg.size, seed=cfg.seed, kwargs=cfg.generator_kwargs
     )
 
+    from reasoning_gym.utils import extract_answer as rg_extract
+
     def grade(completions: list[str], exs: list[Example]) -> list[Grade]:
         out = []
         for text, ex in zip(completions, exs, strict=True):
-            answer = extract_answer(text)
+            # reasoning-gym's own extraction (the last <answer>...</answer>), else the usual final answer.
+            tagged = rg_extract(text)
+            answer = tagged if tagged is not None else extract_answer(text)
             out.append(Grade(answer, float(rg_task.score_answer(answer, ex.metadata))))  # its own scorer
         return out
 
@@ -168,7 +180,7 @@ def _choice_grader() -> Grader:
     def grade(completions: list[str], examples: list[Example]) -> list[Grade]:
         out = []
         for text, ex in zip(completions, examples, strict=True):
-            letter = extract_choice(text, ex.metadata["_letters"])
+            letter = extract_choice(text, ex.metadata["_letters"], ex.metadata["_choices"])
             out.append(Grade(letter, float(letter == ex.answer)))
         return out
 
@@ -261,7 +273,7 @@ def _humaneval_task(cfg: EvalTaskConfig, where: str) -> Task:
 
 
 def _mbpp_task(cfg: EvalTaskConfig, where: str) -> Task:
-    from tropd_cli.code_eval import extract_fenced, mbpp_prompt, score_mbpp
+    from tropd_cli.code_eval import called_functions, extract_fenced, mbpp_prompt, score_mbpp
 
     rows = _rows(cfg, Source("google-research-datasets/mbpp", "full", "test"), where)
     examples = [
@@ -271,14 +283,17 @@ def _mbpp_task(cfg: EvalTaskConfig, where: str) -> Task:
 
     def grade(completions: list[str], exs: list[Example]) -> list[Grade]:
         scores = score_mbpp([ex.metadata for ex in exs], completions)
-        return [Grade(extract_fenced(text), s) for text, s in zip(completions, scores, strict=True)]
+        return [
+            Grade(extract_fenced(text, called_functions(ex.metadata["test_list"])), s)
+            for text, ex, s in zip(completions, exs, scores, strict=True)
+        ]
 
     return Task(cfg.name, "code", examples, [ex.prompt for ex in examples], grade)
 
 
 def _livecodebench_task(cfg: EvalTaskConfig, where: str) -> Task:
     """LiveCodeBench problems released in [options.start_date, options.end_date) (ISO dates, both optional)."""
-    from tropd_cli.code_eval import extract_fenced, lcb_prompt, score_livecodebench
+    from tropd_cli.code_eval import extract_fenced, lcb_func_name, lcb_prompt, score_livecodebench
 
     source = Source("livecodebench/code_generation_lite", "release_v6", "test")
     rows = _rows(cfg, source, where, cut=False)
@@ -300,7 +315,10 @@ def _livecodebench_task(cfg: EvalTaskConfig, where: str) -> Task:
             scores = score_livecodebench([ex.metadata for ex in exs], completions)
         except ValueError as exc:  # a row whose test cases do not decode: the data file is broken
             raise UserError(f"{origin}: {exc}; fix or remove that problem") from exc
-        return [Grade(extract_fenced(text), s) for text, s in zip(completions, scores, strict=True)]
+        return [
+            Grade(extract_fenced(text, [name] if (name := lcb_func_name(ex.metadata)) else []), s)
+            for text, ex, s in zip(completions, exs, scores, strict=True)
+        ]
 
     return Task(cfg.name, "code", examples, [ex.prompt for ex in examples], grade)
 

@@ -73,23 +73,41 @@ def humaneval_program(problem: Mapping[str, Any], completion: str) -> str:
     return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
+def _python_blocks(completion: str) -> list[str]:
+    return [body for tag, body in _FENCE.findall(completion) if tag.lower() in _PYTHON_TAGS and body.strip()]
+
+
+def _defines(code: str, names: Sequence[str]) -> bool:
+    return any(re.search(rf"^\s*(?:async\s+)?def\s+{re.escape(n)}\s*\(", code, re.MULTILINE) for n in names)
+
+
+def pick_block(completion: str, entry_points: Sequence[str] = ()) -> str | None:
+    """The fenced python (or untagged) block to grade: the last one that defines one of ``entry_points``,
+    else the last one (as lighteval's LiveCodeBench does); None when the completion has no block. An
+    unclosed fence runs to the end. Earlier blocks are drafts."""
+    blocks = _python_blocks(completion)
+    defining = [b for b in blocks if entry_points and _defines(b, entry_points)]
+    chosen = defining or blocks
+    return chosen[-1] if chosen else None
+
+
 def extract_code(completion: str, prompt: str) -> str:
     """The code in a model's ``completion``, as text to put after ``prompt`` (see :func:`humaneval_program`).
 
-    * The first fenced block tagged python/py/python3 or untagged, if the completion has one (an
-      unclosed fence runs to the end); else the raw completion.
+    * The fenced block that defines the prompt's function (the last such block), else the last fenced
+      block tagged python/py/python3 or untagged (:func:`pick_block`); else the raw completion.
     * If that code defines the prompt's function again (``def name(`` at the start of a line), it is
       used standalone: it goes after the prompt on a line of its own and replaces the stub, while the
       prompt's imports and helpers stay in scope.
     * Otherwise it continues the function body, cut at the Codex stop sequences (:data:`STOP_SEQUENCES`)
       when it came unfenced.
     """
-    blocks = [body for tag, body in _FENCE.findall(completion) if tag.lower() in _PYTHON_TAGS and body.strip()]
-    code = blocks[0] if blocks else completion
     names = _DEF.findall(prompt)
+    block = pick_block(completion, names[-1:])
+    code = completion if block is None else block
     if names and re.search(rf"^def\s+{re.escape(names[-1])}\s*\(", code, re.MULTILINE):
         return "\n" + code.strip("\n") + "\n"
-    if not blocks:
+    if block is None:
         cuts = [i for i in (code.find(stop) for stop in STOP_SEQUENCES) if i >= 0]
         code = code[: min(cuts)] if cuts else code
     return code
@@ -120,11 +138,19 @@ def score_humaneval(
     return [float(result.passed) for result in run_many(programs, workers=workers, timeout_s=timeout_s)]
 
 
-def extract_fenced(completion: str) -> str:
-    """The first fenced block tagged python/py/python3 or untagged (an unclosed fence runs to the end),
-    else the raw completion: the whole program a model wrote for MBPP or LiveCodeBench."""
-    blocks = [body for tag, body in _FENCE.findall(completion) if tag.lower() in _PYTHON_TAGS and body.strip()]
-    return blocks[0] if blocks else completion
+def extract_fenced(completion: str, entry_points: Sequence[str] = ()) -> str:
+    """The whole program a model wrote for MBPP or LiveCodeBench: the :func:`pick_block` for
+    ``entry_points`` (the functions the tests call), else the raw completion."""
+    block = pick_block(completion, entry_points)
+    return completion if block is None else block
+
+
+def called_functions(tests: Sequence[str]) -> list[str]:
+    """The names called in MBPP's ``test_list`` asserts (``assert f(x) == y`` -> ``f``), builtins left out."""
+    import builtins
+
+    names = re.findall(r"(?<![\w.])([A-Za-z_]\w*)\s*\(", "\n".join(tests))
+    return list(dict.fromkeys(n for n in names if not hasattr(builtins, n) and n not in ("assert", "not", "isclose")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +182,8 @@ def mbpp_program(row: Mapping[str, Any], completion: str) -> str:
     setup = row.get("test_setup_code") or ""
     imports = "\n".join(row.get("test_imports") or ())
     tests = "\n".join(row["test_list"])
-    return f"{imports}\n{setup}\n{extract_fenced(completion)}\n\n{tests}\n"
+    code = extract_fenced(completion, called_functions(row["test_list"]))
+    return f"{imports}\n{setup}\n{code}\n\n{tests}\n"
 
 
 def score_mbpp(
@@ -347,7 +374,8 @@ def score_livecodebench(
         try:
             tests, func_name = problem(row)
             limit = lcb_timeout(len(tests)) if timeout_s is None else timeout_s
-            result = run_program(lcb_program(extract_fenced(text), tests, func_name), timeout_s=limit, isolation=iso)
+            code = extract_fenced(text, [func_name] if func_name else [])
+            result = run_program(lcb_program(code, tests, func_name), timeout_s=limit, isolation=iso)
         finally:
             with lock:
                 remaining[id(row)] -= 1

@@ -220,6 +220,10 @@ class EvalSuiteConfig:
     prompt_suffix: str = ""
     stop: list[str] = field(default_factory=list)  # cut completions here (never inside a \boxed{} or code fence)
     max_prompt_tokens: int = 4096  # longer prompts are cut from the left
+    # strip: grade only what follows a closed reasoning block (<think>...</think>, the tags the chat template
+    # declares, reasoning_tags); an unclosed block scores 0 (truncated_reasoning). keep: grade the raw text.
+    reasoning: str = "strip"
+    reasoning_tags: list[list[str]] = field(default_factory=list)  # extra [open, close] pairs
 
 
 @dataclass
@@ -475,6 +479,12 @@ def validate_suites(suites: dict[str, EvalSuiteConfig]) -> None:
         _check(suite.batch_size > 0, f"{key}.batch_size={suite.batch_size} must be positive")
         _check(suite.temperature >= 0, f"{key}.temperature={suite.temperature} must be >= 0 (0 = greedy)")
         _check(0.0 < suite.top_p <= 1.0, f"{key}.top_p={suite.top_p} must be in (0, 1]")
+        _choice(suite.reasoning, ("strip", "keep"), f"{key}.reasoning")
+        for j, pair in enumerate(suite.reasoning_tags):
+            _check(
+                len(pair) == 2 and all(pair),
+                f"{key}.reasoning_tags.{j}={list(pair)} must be a pair [open, close] of non-empty tags",
+            )
         for k in suite.pass_k:
             _check(
                 1 <= k <= suite.n_samples,

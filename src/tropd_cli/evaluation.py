@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +19,12 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tropd_cli.answers import normalize_answer
-from tropd_cli.benchmarks import Task, load_task
+from tropd_cli.benchmarks import Grade, SameAnswer, Task, load_task
 from tropd_cli.code_eval import pass_at_k
 from tropd_cli.config import EvalSuiteConfig
 from tropd_cli.data import format_prompt
 from tropd_cli.errors import UserError
+from tropd_cli.reasoning import DEFAULT_TAGS, graded_text, opened_by_prompt, tags_for
 from tropd_cli.rollout import completion_mask, sample, seeded, tokenize_prompts
 
 #: A sample counts as correct for pass@k when its score reaches this (scores are 0/1 but for
@@ -87,7 +88,45 @@ class TaskResult:
         return self.metrics[next(k for k in self.metrics if k.startswith("avg@"))]
 
 
-def task_metrics(samples: Sequence[dict[str, Any]], *, kind: str, n: int, pass_k: Sequence[int]) -> dict[str, float]:
+def vote(answers: Sequence[str], same: SameAnswer | None = None) -> int | None:
+    """Index (in ``answers``) of the majority answer's first occurrence, or None when all are empty.
+
+    Answers are grouped first by their normalised spelling, then those groups by ``same`` (the grader's
+    own equality, e.g. math-verify: ``0.5`` and ``\\frac{1}{2}`` are one vote); ties go to the group that
+    appears first."""
+    groups: list[list[int]] = []  # indices into answers; each group's first member is its representative
+    by_spelling: dict[str, int] = {}
+    for i, answer in enumerate(answers):
+        key = normalize_answer(str(answer))
+        if not key:
+            continue
+        if key in by_spelling:
+            groups[by_spelling[key]].append(i)
+            continue
+        match = None
+        if same is not None and groups:
+            verdicts = same([(str(answer), str(answers[g[0]])) for g in groups])
+            match = next((n for n, v in enumerate(verdicts) if v), None)
+        if match is None:
+            groups.append([i])
+            match = len(groups) - 1
+        else:
+            groups[match].append(i)
+        by_spelling[key] = match
+    if not groups:
+        return None
+    top = max(len(g) for g in groups)
+    return next(g[0] for g in groups if len(g) == top)
+
+
+def task_metrics(
+    samples: Sequence[dict[str, Any]],
+    *,
+    kind: str,
+    n: int,
+    pass_k: Sequence[int],
+    same: SameAnswer | None = None,
+) -> dict[str, float]:
     """avg@n, pass@k for each k, maj@n (math and multiple choice, n > 1) and every extra metric.
 
     An extra ``X`` is the mean over samples, unless an extra ``X_total`` exists: then ``X`` is pooled,
@@ -96,7 +135,7 @@ def task_metrics(samples: Sequence[dict[str, Any]], *, kind: str, n: int, pass_k
     ``samples``: dicts with ``problem_id``, ``score``, ``extracted`` (and any extras under ``extra``).
     avg@n is the mean score over all samples of all problems (the paper's "average of n"); pass@k is
     the unbiased estimator of Chen et al. (2021) from each problem's n samples; maj@n scores the most
-    frequent extracted answer per problem (ties: the earliest), compared after normalisation.
+    frequent extracted answer per problem (:func:`vote`, grouped by ``same``, the grader's equality).
     """
     by_problem: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for s in samples:
@@ -117,11 +156,9 @@ def task_metrics(samples: Sequence[dict[str, Any]], *, kind: str, n: int, pass_k
     if kind in ("math", "choice") and n > 1:
         total = 0.0
         for group in by_problem.values():
-            votes = Counter(normalize_answer(str(s["extracted"])) for s in group if str(s["extracted"]).strip())
-            if votes:
-                top = max(votes.values())
-                winner = next(s for s in group if votes.get(normalize_answer(str(s["extracted"]))) == top)
-                total += float(winner["score"])
+            winner = vote([str(s["extracted"]) for s in group], same)
+            if winner is not None:
+                total += float(group[winner]["score"])
         out[f"maj@{n}"] = total / len(by_problem)
     extras: dict[str, list[float]] = defaultdict(list)
     for s in samples:
@@ -161,31 +198,69 @@ def count_jobs(suites: Sequence[SuiteTasks]) -> int:
     return sum(len(t.examples) * s.config.n_samples for s in suites for t in s.tasks)
 
 
+@dataclass(frozen=True)
+class Reasoning:
+    """How a task's completions are read: ``mode`` strip|keep, the tag pairs, and which problems' prompts
+    opened a block (their completions start inside it)."""
+
+    mode: str = "strip"
+    tags: tuple[tuple[str, str], ...] = DEFAULT_TAGS
+    opened: frozenset[int] = frozenset()  # problem indices
+
+    def graded(self, completion: str, problem: int) -> str | None:
+        """The text to grade, or None when a reasoning block was left open (no answer given)."""
+        if self.mode == "keep":
+            return completion
+        return graded_text(completion, self.tags, opened=problem in self.opened)
+
+
 def score_samples(
-    task: Task, suite_name: str, suite: EvalSuiteConfig, completions: dict[tuple[int, int], str]
+    task: Task,
+    suite_name: str,
+    suite: EvalSuiteConfig,
+    completions: dict[tuple[int, int], str],
+    reasoning: Reasoning | None = None,
 ) -> TaskResult:
-    """Grade ``completions[(problem index, sample index)]`` and compute the task's metrics."""
+    """Grade ``completions[(problem index, sample index)]`` and compute the task's metrics.
+
+    With ``reasoning`` (default: ``suite.reasoning`` with the default tags) only the text after a closed
+    reasoning block is graded; a completion whose block never closes scores 0 and is counted in the
+    ``truncated_reasoning`` metric. Each sample keeps the raw ``completion`` and the ``graded`` text.
+    """
     t0 = time.perf_counter()
+    reasoning = reasoning or Reasoning(suite.reasoning, tuple(tags_for(None, suite.reasoning_tags)))
     order = sorted(completions)
-    grades = task.grade([completions[job] for job in order], [task.examples[i] for i, _ in order])
+    graded = [reasoning.graded(completions[job], job[0]) for job in order]
+    grades = task.grade([g or "" for g in graded], [task.examples[i] for i, _ in order])
     samples = []
-    for (i, k), grade in zip(order, grades, strict=True):
+    truncated = 0
+    for (i, k), text, grade in zip(order, graded, grades, strict=True):
         ex = task.examples[i]
-        samples.append(
-            {
-                "suite": suite_name,
-                "task": task.name,
-                "problem_id": ex.uid,
-                "sample_idx": k,
-                "prompt": task.prompts[i],
-                "completion": completions[(i, k)],
-                "extracted": grade.answer,
-                "gold": ex.answer,
-                "score": grade.score,
-                **({"extra": grade.extra} if grade.extra else {}),
-            }
-        )
-    metrics = task_metrics(samples, kind=task.kind, n=suite.n_samples, pass_k=suite.pass_k)
+        if text is None:  # unclosed reasoning: no answer, whatever the grader made of ""
+            truncated += 1
+            extra = {key: (v if key.endswith("_total") else 0.0) for key, v in grade.extra.items()}
+            grade = Grade("", 0.0, extra)
+        sample: dict[str, Any] = {
+            "suite": suite_name,
+            "task": task.name,
+            "problem_id": ex.uid,
+            "sample_idx": k,
+            "prompt": task.prompts[i],
+            "completion": completions[(i, k)],
+            "graded": text,
+            "extracted": grade.answer,
+            "gold": ex.answer,
+            "score": grade.score,
+            **({"extra": grade.extra} if grade.extra else {}),
+        }
+        if i in reasoning.opened:
+            sample["reasoning_opened"] = True
+        if reasoning.tags != DEFAULT_TAGS:
+            sample["reasoning_tags"] = [list(pair) for pair in reasoning.tags]
+        samples.append(sample)
+    metrics = task_metrics(samples, kind=task.kind, n=suite.n_samples, pass_k=suite.pass_k, same=task.same_answer)
+    if reasoning.mode == "strip":
+        metrics["truncated_reasoning"] = float(truncated)
     n_problems = len({i for i, _ in order})
     return TaskResult(suite_name, task.name, metrics, n_problems, task.skipped, time.perf_counter() - t0, samples)
 
@@ -199,6 +274,29 @@ def _stop_checker(tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]) -> C
         return torch.tensor([find_stop(text, stops) is not None for text in texts])
 
     return check
+
+
+def format_prompts(tokenizer: PreTrainedTokenizerBase, task: Task, suite: EvalSuiteConfig) -> list[str]:
+    """What the model is given for each problem: the task's prompt in the suite's chat template."""
+    return [
+        format_prompt(
+            tokenizer,
+            ask,
+            system_prompt=suite.system_prompt,
+            suffix=suite.prompt_suffix,
+            chat_template=suite.chat_template,
+        )
+        for ask in task.prompts
+    ]
+
+
+def reasoning_for(tokenizer: PreTrainedTokenizerBase, task: Task, suite: EvalSuiteConfig) -> Reasoning:
+    """The suite's reasoning handling for this model: ``<think>`` plus the tags its chat template declares
+    and ``suite.reasoning_tags``; the problems whose formatted prompt opens a block."""
+    template = getattr(tokenizer, "chat_template", None) if suite.chat_template else None
+    tags = tuple(tags_for(template if isinstance(template, str) else None, suite.reasoning_tags))
+    opened = frozenset(i for i, p in enumerate(format_prompts(tokenizer, task, suite)) if opened_by_prompt(p, tags))
+    return Reasoning(suite.reasoning, tags, opened)
 
 
 @torch.no_grad()
@@ -218,16 +316,7 @@ def generate(
     ``max_new_tokens`` or at a stop string (:func:`find_stop`).
     """
     device = next(model.parameters()).device
-    prompts = [
-        format_prompt(
-            tokenizer,
-            ask,
-            system_prompt=suite.system_prompt,
-            suffix=suite.prompt_suffix,
-            chat_template=suite.chat_template,
-        )
-        for ask in task.prompts
-    ]
+    prompts = format_prompts(tokenizer, task, suite)
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     jobs = sorted(((i, k) for i in range(len(prompts)) for k in range(suite.n_samples)), key=lambda j: -lengths[j[0]])
     stop_check = _stop_checker(tokenizer, suite.stop)
@@ -272,7 +361,8 @@ def evaluate(
         for task in suite.tasks:
             t0 = time.perf_counter()
             completions = generate(model, tokenizer, task, suite.config, seed=seed, on_batch=on_batch)
-            result = score_samples(task, suite.name, suite.config, completions)
+            reasoning = reasoning_for(tokenizer, task, suite.config)
+            result = score_samples(task, suite.name, suite.config, completions, reasoning)
             result.seconds = time.perf_counter() - t0
             results.append(result)
     return results
@@ -281,10 +371,13 @@ def evaluate(
 def rescore(lines: Sequence[dict[str, Any]], suites: Sequence[SuiteTasks]) -> dict[str, list[TaskResult]]:
     """Grade the completions of a generations.jsonl again, per model: ``{model: [TaskResult, ...]}``.
 
-    Each line's ``suite``, ``task`` and ``problem_id`` must name a problem of ``suites``.
+    Each line's ``suite``, ``task`` and ``problem_id`` must name a problem of ``suites``; its raw
+    ``completion`` is graded again, read with the reasoning tags and opened block the line records.
     """
     index = {(s.name, t.name): (s, t, {ex.uid: i for i, ex in enumerate(t.examples)}) for s in suites for t in s.tasks}
     grouped: dict[str, dict[tuple[str, str], dict[tuple[int, int], str]]] = defaultdict(lambda: defaultdict(dict))
+    opened: dict[str, dict[tuple[str, str], set[int]]] = defaultdict(lambda: defaultdict(set))
+    tags: dict[str, dict[tuple[str, str], tuple[tuple[str, str], ...]]] = defaultdict(dict)
     for n, line in enumerate(lines, start=1):
         key = (str(line.get("suite")), str(line.get("task")))
         if key not in index:
@@ -296,11 +389,18 @@ def rescore(lines: Sequence[dict[str, Any]], suites: Sequence[SuiteTasks]) -> di
         if str(line.get("problem_id")) not in uids:
             raise UserError(f"generations line {n}: problem {line.get('problem_id')!r} is not in task {key[1]!r}")
         job = (uids[str(line["problem_id"])], int(line.get("sample_idx", 0)))
-        grouped[str(line.get("model", ""))][key][job] = str(line["completion"])
+        model = str(line.get("model", ""))
+        grouped[model][key][job] = str(line["completion"])
+        if line.get("reasoning_opened"):
+            opened[model][key].add(job[0])
+        if line.get("reasoning_tags"):
+            tags[model][key] = tuple((str(a), str(b)) for a, b in line["reasoning_tags"])
     out: dict[str, list[TaskResult]] = {}
     for model, per_task in grouped.items():
         out[model] = []
         for key, completions in per_task.items():
             suite, task, _ = index[key]
-            out[model].append(score_samples(task, suite.name, suite.config, completions))
+            pairs = tags[model].get(key) or tuple(tags_for(None, suite.config.reasoning_tags))
+            reasoning = Reasoning(suite.config.reasoning, pairs, frozenset(opened[model][key]))
+            out[model].append(score_samples(task, suite.name, suite.config, completions, reasoning))
     return out
