@@ -417,6 +417,28 @@ def test_sentences_follow_nltk_punkt() -> None:
         "Introduction",
     ]
     assert instructions._sentences("") == []
+    # Boundaries after an abbreviation or initial depend on the model's table of how words are capitalised
+    # (the old stand-in carried ~400 of its ~20,000 words and split these two differently).
+    assert instructions._sentences("I said ok. Wait for me.") == ["I said ok.", "Wait for me."]
+    assert instructions._sentences("A. Importance of sleep. B. Diet.") == ["A.", "Importance of sleep.", "B.", "Diet."]
+
+
+def test_the_shipped_punkt_model_reads_as_nltk_reads_it(monkeypatch) -> None:
+    """tropd reads data/punkt_tab/english itself; nltk's own loader must give the same parameters."""
+    import nltk
+    from nltk.data import FileSystemPathPointer
+    from nltk.tokenize.punkt import load_punkt_params
+
+    monkeypatch.setattr(nltk.data, "path", [str(instructions.PUNKT_DIR.parent), *nltk.data.path])  # nltk reads only there
+
+    try:
+        theirs = load_punkt_params(FileSystemPathPointer(str(instructions.PUNKT_DIR)))
+    except AttributeError:  # nltk < 3.10 reads a plain path
+        theirs = load_punkt_params(str(instructions.PUNKT_DIR))
+    ours = instructions._punkt()._params
+    assert ours.abbrev_types == theirs.abbrev_types and len(ours.abbrev_types) == 156
+    assert ours.sent_starters == theirs.sent_starters and ours.collocations == theirs.collocations
+    assert dict(ours.ortho_context) == dict(theirs.ortho_context) and len(ours.ortho_context) == 20366
 
 
 def test_word_tokens_follow_nltk() -> None:

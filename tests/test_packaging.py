@@ -32,6 +32,14 @@ def test_built_wheel_ships_configs_and_runs(tmp_path):
     for role in ("teacher", "student"):
         assert (site / "tropd_cli" / "lab_models" / "smol" / f"{role}_adapter" / "adapter_model.safetensors").exists()
     assert (site / "tropd_cli" / "lab_models" / "smol" / "student_adapter" / "tropd_layers.json").exists()
+    # nltk's English Punkt model for the instruction checkers (no download at run time)
+    punkt = site / "tropd_cli" / "data" / "punkt_tab" / "english"
+    assert {p.name for p in punkt.iterdir()} >= {
+        "abbrev_types.txt",
+        "collocations.tab",
+        "sent_starters.txt",
+        "ortho_context.tab",
+    }
     code = "import sys, tropd_cli; print(tropd_cli.__file__); from tropd_cli.cli import main; main()"
     proc = subprocess.run(
         [sys.executable, "-c", code, "train", "experiment=tiny"],

@@ -8,14 +8,8 @@ scores follow the two harnesses' ``evaluation_lib``: an empty (all-whitespace) r
 loose accepts an instruction when it holds on any of eight variants of the response (as is, without its first
 line, without its last line, without both, and each of those with every ``*`` removed).
 
-The references tokenize with nltk, whose models need a download; here :func:`_sentences` and
-:func:`_word_tokens` re-implement ``nltk.sent_tokenize`` (Punkt with its English model's abbreviations,
-sentence starters and collocations) and ``nltk.word_tokenize`` with the standard library. The part of the
-English model not carried is its table of how ~20,000 words are capitalized: after an abbreviation, an ellipsis
-or an initial, Punkt looks the next word up there to decide whether it starts a sentence. Here ~400 common words
-stand in for the table, so such a boundary can differ when the next word is a rarer capitalized word ("I said
-ok. Wait for me." is two sentences to nltk, one here; "A. Importance ..." likewise). Elsewhere the rules are
-nltk's.
+Sentences and words are nltk's, as in the references: ``nltk.sent_tokenize`` (Punkt with NLTK's English
+``punkt_tab`` model, shipped in the package so nothing is downloaded) and ``nltk.word_tokenize``.
 
 Not supported (left out of :data:`SUPPORTED`, so callers can refuse them): ``words:start_verb`` needs nltk's
 part-of-speech tagger and ``words:odd_even_syllables`` needs syllapy's pronunciation dictionary.
@@ -24,15 +18,19 @@ part-of-speech tagger and ``words:odd_even_syllables`` needs syllapy's pronuncia
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import re
 import string
 import unicodedata
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
+
+from tropd_cli.errors import UserError
 
 __all__ = ["SUPPORTED", "check_following", "unsupported"]
 
@@ -96,259 +94,49 @@ def _pattern(text: str) -> str:
     return text
 
 
-# --- nltk.sent_tokenize: Punkt with the English model ------------------------------------------------------------
+# --- nltk's tokenizers, with the English Punkt model shipped in the package ------------------------------------
 
-_NON_WORD = "(?:[)\";}\\]*:@'({\\[\u2018\u2019\u201c\u201d\xab\xbb?!])"
-_MULTI = r"(?:\-{2,}|\.{2,}|(?:\.\s){2,}\.)"
-# A word runs until whitespace, punctuation that cannot be inside a word, or a comma that ends it.
-_PUNKT_WORD = re.compile(
-    rf"{_MULTI}|(?=[^(\"`{{\[:;&#*@)}}\]\-,])\S+?(?=\s|$|{_NON_WORD}|{_MULTI}|,(?=$|\s|{_NON_WORD}|{_MULTI}))|\S"
-)
-_PUNKT_END = re.compile(rf"[.?!](?=(?P<after_tok>{_NON_WORD}|\s+(?P<next_tok>\S+)))")
-_PUNKT_REALIGN = re.compile("[\"')\\]}\u2018\u2019\u201c\u201d\xab\xbb]+?(?:\\s+|(?=--)|$)", re.MULTILINE)
-_PUNKT_NUMERIC = re.compile(r"^-?[\.,]?\d[\d,\.-]*\.?$")
-_PUNKT_INITIAL = re.compile(r"[^\W\d]\.$")
-_PUNKT_ELLIPSIS = re.compile(r"\.\.+$")
+#: NLTK's ``punkt_tab/english`` model (the data ``nltk.download("punkt_tab")`` installs), shipped as package data:
+#: see data/punkt_tab/README.md for its origin and licence.
+PUNKT_DIR = Path(__file__).resolve().parent / "data" / "punkt_tab" / "english"
 
-# The English model's parameters (nltk punkt_tab/english), except its orthographic table (see module docstring).
-_PUNKT_ABBREVS = _wordset(
-    """a.a a.c a.d a.g a.h a.m a.m.e a.s a.t adm ala ariz aug ave b.f b.v bros c c.i.t c.o.m.b c.v calif chg cie co col
-    colo conn corp cos ct d d.c d.h d.w dec dr e e.f e.h e.l e.m f f.g f.j feb fla fri ft g g.d g.f g.k ga gen h h.c
-    h.f h.m i.m.s ill inc j.b j.c j.j j.k j.p j.r jan jr k kan ky l l.a l.f l.p lt ltd m m.b.a m.d.c m.j maj messrs
-    mg mich minn mr mrs ms n n.c n.d n.h n.j n.m n.v n.y nev nov oct ok okla ore p p.a.m p.m pa ph.d prof r r.a r.h
-    r.i r.j r.k r.t rep reps s s.a s.a.y s.c s.g s.p.a s.s sen sep sept sr st sw t t.j tenn tues u.k u.n u.s u.s.a
-    u.s.s.r v va vs vt w w.c w.r w.va w.w wash wed wis yr"""
-) | {". . "}
-_PUNKT_SENT_STARTERS = _wordset(
-    """according although among both but despite even he however i if in indeed instead it many meanwhile moreover most
-    nevertheless nonetheless nor sales separately similarly since so some the there these they this though thus
-    under when while yet"""
-)
-_PUNKT_COLLOCATIONS = frozenset(
-    tuple(pair.split("/"))
-    for pair in _wordlist(
-        """##number##/abreast ##number##/aes ##number##/business ##number##/cbot ##number##/colgate ##number##/commodities
-        ##number##/cooper ##number##/corrections ##number##/credit ##number##/dividend ##number##/financing
-        ##number##/genentech ##number##/henley ##number##/insider ##number##/international ##number##/leisure
-        ##number##/letters ##number##/notable ##number##/pay-fone ##number##/pegasus ##number##/pepper ##number##/review
-        ##number##/rj ##number##/wedgestone ##number##/who ##number##/zimmer b/edelman b/levine b/smith b/stewart
-        b/wigton i/magnin i/toussie j/aron j/fialka j/walter o/ludcke"""
+
+@functools.cache
+def _punkt() -> Any:
+    """nltk's Punkt sentence tokenizer with the shipped model, read as nltk's ``load_punkt_params`` reads it."""
+    try:
+        from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+    except ImportError as exc:
+        raise UserError("instruction following needs nltk: pip install 'tropd[eval]'") from exc
+
+    def lines(name: str) -> list[str]:
+        return (PUNKT_DIR / name).read_text(encoding="utf-8").split("\n")[:-1]  # each line ends with "\n"
+
+    params = PunktParameters()
+    params.abbrev_types = set(lines("abbrev_types.txt"))
+    params.sent_starters = set(lines("sent_starters.txt"))
+    params.collocations = {tuple(line.split("\t")) for line in lines("collocations.tab")}
+    params.ortho_context = defaultdict(
+        int, {k: int(v) for k, v in (line.split("\t") for line in lines("ortho_context.tab"))}
     )
-)
-# Common words and what the model's orthographic table says of them: seen lowercase and never capitalized
-# mid-sentence (a capitalized one starts a sentence), or seen lowercase but also capitalized mid-sentence.
-_LOWER_NEVER_MID_UPPER = _wordset(
-    """above accordingly advantages always analysis answers anyone anything anyway appendix approach ask begin being
-    benefit besides between body caution certainly challenge challenges character characters check closing
-    conclusion conclusions consider context correct cost definition deployment description detail details
-    disadvantages discussion does doing done either ensure especially evaluation eventually example examples feature
-    features final finally findings following furthermore given goals hence her here hers herself him himself
-    honestly imagine implementation important importantly incorrect indeed instead into likewise limitations
-    maintenance method methodology minimal moreover myself neither nevertheless nonetheless nor notably note nothing
-    objective objectives okay opening otherwise ours ourselves overall performance please plot problem problems
-    question questions recommendation recommendations remember requirements result results sadly same scene scope
-    section separately setting settings similarly so solution solutions someone sometimes sorry source specifically
-    step still substitution such surprisingly testing thank thanks them themes themselves therefore things think
-    though through thus tip tips title together tomorrow true try ultimately unfortunately unlike very wait warning
-    were whenever wherever whether which whom yes yesterday yet your yourself"""
-)
-_LOWER_AND_MID_UPPER = _wordset(
-    """a about according act actually add after again against all also although am among an and another answer any are
-    around as at avoid background basically be because been before below benefits both budget but by can chapter
-    clearly costs could data day design despite development did do don down during each ending even every everybody
-    everyone everything false few fifth find first for fourth from further future generally get give go goal good
-    great had has have having he his history how however if impact in introduction is it its itself just keep key
-    last later let life like look love main make many may maybe me meanwhile methods might more most much must my
-    never next nice no nobody none not notes now obviously of off often on once one only option options or other our
-    out over own part people perhaps price purpose quality rather really resources risk risks sales second security
-    see several she should since some somebody something sources start steps strategies strategy summary sure take
-    tell than that the their theme then there these they thing third this those time to today too tools under until
-    up use was water way we well what whatever when where while who why will with work world would year years you"""
-)
+    return PunktSentenceTokenizer(params)
 
 
-def _punkt_type(tok: str) -> str:
-    return _PUNKT_NUMERIC.sub("##number##", tok.lower())
+@functools.cache
+def _treebank() -> Any:
+    from nltk.tokenize import NLTKWordTokenizer
 
-
-def _without_period(typ: str) -> str:
-    return typ[:-1] if len(typ) > 1 and typ.endswith(".") else typ
-
-
-def _ortho_starts_sentence(tok: str, typ: str) -> bool | None:
-    """Punkt's orthographic heuristic: whether ``tok`` starts a sentence, None where the model cannot tell.
-
-    A capitalized word starts one when the model saw it lowercase and never capitalized mid-sentence; a word
-    outside the lists above counts as never seen, as names and most words newer than the model's news corpus are.
-    """
-    if tok in (";", ":", ",", ".", "!", "?"):
-        return False
-    if tok[0].isupper() and typ in _LOWER_NEVER_MID_UPPER:
-        return True
-    if tok[0].islower():
-        return False  # nltk: unless the model only ever saw it lowercase at sentence starts (4 rare words)
-    return None
-
-
-def _punkt_breaks(tokens: list[str]) -> list[bool]:
-    """Punkt's two annotation passes: which tokens end a sentence."""
-    brk = [False] * len(tokens)
-    abbr = [False] * len(tokens)
-    ellipsis = [False] * len(tokens)
-    for i, tok in enumerate(tokens):
-        if tok in (".", "?", "!"):
-            brk[i] = True
-        elif _PUNKT_ELLIPSIS.match(tok):
-            ellipsis[i] = True
-        elif tok.endswith(".") and not tok.endswith(".."):
-            base = tok[:-1].lower()
-            if base in _PUNKT_ABBREVS or base.split("-")[-1] in _PUNKT_ABBREVS:
-                abbr[i] = True
-            else:
-                brk[i] = True
-    for i in range(len(tokens) - 1):
-        tok, nxt = tokens[i], tokens[i + 1]
-        if not tok.endswith("."):
-            continue
-        typ = _without_period(_punkt_type(tok))
-        next_typ = _without_period(_punkt_type(nxt)) if brk[i + 1] else _punkt_type(nxt)
-        initial = bool(_PUNKT_INITIAL.match(tok))
-        if (typ, next_typ) in _PUNKT_COLLOCATIONS:
-            brk[i], abbr[i] = False, True
-            continue
-        if (abbr[i] or ellipsis[i]) and not initial:
-            starts = _ortho_starts_sentence(nxt, next_typ)
-            if starts is True or (nxt[0].isupper() and next_typ in _PUNKT_SENT_STARTERS):
-                brk[i] = True
-                continue
-        if initial or typ == "##number##":
-            starts = _ortho_starts_sentence(nxt, next_typ)
-            # An initial before a capitalized word never seen lowercase is part of a name ("J. Bach").
-            seen_lower = next_typ in _LOWER_NEVER_MID_UPPER or next_typ in _LOWER_AND_MID_UPPER
-            if starts is False or (starts is None and initial and nxt[0].isupper() and not seen_lower):
-                brk[i], abbr[i] = False, True
-    return brk
-
-
-def _context_has_break(context: str) -> bool:
-    tokens = [tok for line in context.split("\n") if line.strip() for tok in _PUNKT_WORD.findall(line)]
-    return any(_punkt_breaks(tokens)[:-1])  # a break needs a token after it
-
-
-def _last_whitespace(text: str) -> int:
-    return max(0, max(text.rfind(c) for c in string.whitespace))
-
-
-def _sentence_slices(text: str) -> list[tuple[int, int]]:
-    """Punkt's candidate boundaries, each judged on the word before it and the token after it."""
-    contexts: list[tuple[re.Match[str], str]] = []
-    prev: re.Match[str] | None = None
-    prev_start = prev_stop = 0
-    for match in _PUNKT_END.finditer(text):
-        ws = _last_whitespace(text[prev_stop : match.start()])
-        start = ws + prev_stop + 1 if ws else prev_start
-        # of a run like "!!!" only the last character is a candidate
-        if prev is not None and prev_stop <= start:
-            contexts.append((prev, text[prev_start:prev_stop] + prev.group() + prev.group("after_tok")))
-        prev, prev_start, prev_stop = match, start, match.start()
-    if prev is not None:
-        contexts.append((prev, text[prev_start:prev_stop] + prev.group() + prev.group("after_tok")))
-    slices = []
-    last = 0
-    for match, context in contexts:
-        if _context_has_break(context):
-            slices.append((last, match.end()))
-            last = match.start("next_tok") if match.group("next_tok") else match.end()
-    slices.append((last, len(text.rstrip())))
-    return slices
+    return NLTKWordTokenizer()
 
 
 def _sentences(text: str) -> list[str]:
-    """``nltk.sent_tokenize(text)``; closing quotes and brackets after a boundary stay with their sentence."""
-    slices = _sentence_slices(text)
-    out = []
-    realign = 0
-    for i, (start, stop) in enumerate(slices):
-        start += realign
-        if i + 1 < len(slices):
-            m = _PUNKT_REALIGN.match(text[slices[i + 1][0] : slices[i + 1][1]])
-            if m:
-                out.append(text[start : slices[i + 1][0] + len(m.group(0).rstrip())])
-                realign = m.end()
-                continue
-            realign = 0
-        if text[start:stop]:
-            out.append(text[start:stop])
-    return out
-
-
-# --- nltk.word_tokenize: the improved Treebank tokenizer on each sentence -----------------------------------------
-
-
-def _subs(*rules: tuple[str, str]) -> list[tuple[re.Pattern[str], str]]:
-    return [(re.compile(pattern), repl) for pattern, repl in rules]
-
-
-_TB_STARTING_QUOTES = _subs(
-    ("([«“‘„]|[`]+)", r" \1 "),
-    (r"^\"", r"``"),
-    (r"(``)", r" \1 "),
-    (r"([ \(\[{<])(\"|\'{2})", r"\1 `` "),
-    (r"(?i)(?<!\w)(\')(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)", r"\1 "),
-)
-_TB_PUNCTUATION = _subs(
-    (r"([^\.])(\.)([\]\)}>\"\'»”’ ]*)\s*$", r"\1 \2 \3 "),
-    (r"([:,])([^\d])", r" \1 \2"),
-    (r"([:,])$", r" \1 "),
-    (r"\.{2,}", r" \g<0> "),
-    (r"[;@#$%&]", r" \g<0> "),
-    ("[\u2012-\u2015]", r" \g<0> "),
-    (r"([^\.])(\.)([\]\)}>\"\']*)\s*$", r"\1 \2\3 "),
-    (r"[?!]", r" \g<0> "),
-    (r"([^'])' ", r"\1 ' "),
-    (r"[*]", r" \g<0> "),
-    (r"[\]\[\(\)\{\}\<\>]", r" \g<0> "),
-    (r"--", r" -- "),
-)
-_TB_ENDING_QUOTES = _subs(
-    ("([»”’])", r" \1 "),
-    (r"''", " '' "),
-    (r'"', " '' "),
-    (r"\s+", " "),
-    (r"([^' ])('[sS]|'[mM]|'[dD]|') ", r"\1 \2 "),
-    (r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T) ", r"\1 \2 "),
-)
-_TB_CONTRACTIONS = _subs(
-    *(
-        (pattern, r" \1 \2 ")
-        for pattern in (
-            r"(?i)\b(can)(not)\b",
-            r"(?i)\b(d)('ye)\b",
-            r"(?i)\b(gim)(me)\b",
-            r"(?i)\b(gon)(na)\b",
-            r"(?i)\b(got)(ta)\b",
-            r"(?i)\b(lem)(me)\b",
-            r"(?i)\b(more)('n)\b",
-            r"(?i)\b(wan)(na)(?=\s)",
-            r"(?i) ('t)(is)\b",
-            r"(?i) ('t)(was)\b",
-        )
-    )
-)
-
-
-def _treebank(sentence: str) -> list[str]:
-    for pattern, repl in _TB_STARTING_QUOTES + _TB_PUNCTUATION:
-        sentence = pattern.sub(repl, sentence)
-    sentence = " " + sentence + " "
-    for pattern, repl in _TB_ENDING_QUOTES + _TB_CONTRACTIONS:
-        sentence = pattern.sub(repl, sentence)
-    return sentence.split()
+    """``nltk.sent_tokenize(text)`` (``language="english"``), with the shipped English model."""
+    return list(_punkt().tokenize(text))
 
 
 def _word_tokens(text: str) -> list[str]:
-    """``nltk.word_tokenize(text)``: punctuation split off, ``don't`` is ``do n't``, double quotes become `` and ''."""
-    return [tok for sentence in _sentences(text) for tok in _treebank(sentence)]
+    """``nltk.word_tokenize(text)``: the sentences of :func:`_sentences`, each through nltk's Treebank tokenizer."""
+    return [tok for sentence in _sentences(text) for tok in _treebank().tokenize(sentence)]
 
 
 def _count_words(text: str) -> int:
