@@ -359,6 +359,8 @@ def write_outputs(
                 "prompt_suffix",
                 "stop",
                 "max_prompt_tokens",
+                "reasoning",
+                "reasoning_tags",
             )
         }
         settings["tasks"] = {
