@@ -429,7 +429,9 @@ def test_the_shipped_punkt_model_reads_as_nltk_reads_it(monkeypatch) -> None:
     from nltk.data import FileSystemPathPointer
     from nltk.tokenize.punkt import load_punkt_params
 
-    monkeypatch.setattr(nltk.data, "path", [str(instructions.PUNKT_DIR.parent), *nltk.data.path])  # nltk reads only there
+    monkeypatch.setattr(
+        nltk.data, "path", [str(instructions.PUNKT_DIR.parent), *nltk.data.path]
+    )  # nltk reads only there
 
     try:
         theirs = load_punkt_params(FileSystemPathPointer(str(instructions.PUNKT_DIR)))

@@ -265,6 +265,7 @@ def quick_equal(predicted: str, gold: str) -> bool | None:
 
 
 _REPEATING = re.compile(r"(-?)(\d*)\.(\d*)\\overline\{(\d+)\}")
+_COLUMN_VECTOR = re.compile(r"\\begin\{[pb]matrix\}((?:(?!&|\\end).)*)\\end\{[pb]matrix\}", re.DOTALL)
 _SCIENTIFIC = re.compile(r"-?\d+(?:\.\d+)?[eE][+-]?\d+")
 _RELATION = re.compile(r"(<=|>=|\\leq?|\\geq?|\\lt|\\gt|\\ngtr|<|>|\u2264|\u2265)")
 _LESS = {"<": "(", "\\lt": "(", "<=": "[", "\\le": "[", "\\leq": "[", "\u2264": "["}
@@ -324,9 +325,13 @@ def _inequality_to_interval(answer: str) -> str | None:
 
 def canonical_math(answer: str) -> str:
     """Spellings math-verify does not read, rewritten as ones it does: repeating decimals as fractions,
-    a bare ``pi`` as ``\\pi``, ``6e8`` as ``600000000``, one-variable inequalities as intervals."""
+    column vectors as tuples, a bare ``pi`` as ``\\pi``, ``6e8`` as ``600000000``, one-variable
+    inequalities as intervals."""
     s = answer.strip()
     s = _REPEATING.sub(_repeating_to_fraction, s)
+    column = _COLUMN_VECTOR.fullmatch(s.strip("$ "))
+    if column:  # a column vector as the tuple of its entries
+        s = "(" + ", ".join(e.strip() for e in re.split(r"\\\\", column.group(1)) if e.strip()) + ")"
     s = re.sub(r"(?<![\\a-zA-Z])pi(?![a-zA-Z])", r"\\pi", s)
     if _SCIENTIFIC.fullmatch(s):
         value = Decimal(s)
