@@ -22,7 +22,7 @@ FIXTURE = Path(__file__).parent / "data" / "ifeval" / "gpt4_google_verdicts.json
 # A reasoning block of the kind that broke every instruction when graded as the answer: commas, capitals,
 # asterisks, quotes, placeholders, a postscript marker and a repeat of the prompt.
 THINK = (
-    "<think>\nOkay, The User asks: {prompt}\nPlan: Title, *Highlights*, [placeholders], \"quotes\", "
+    '<think>\nOkay, The User asks: {prompt}\nPlan: Title, *Highlights*, [placeholders], "quotes", '
     "P.S. at the end, CAPITAL WORDS, commas, bullet points:\n* one\n* two\nLet me write it.\n</think>\n\n"
 )
 

@@ -239,7 +239,8 @@ CASES: list[tuple[str, dict[str, Any] | None, str, str]] = [
         "  Two spaces.\n   Three spaces.\n\n    Four spaces.",
         "  Two spaces. \n   Three spaces.\n     Five spaces. \n    Four spaces.",
     ),
-    ("format:quote_unquote", None, 'A phrase. "A quote." Its explanation.', 'An intro. "A quote." “Another.” Then.'),
+    # the pinned revision does not read curly quotes as quotation marks: straight ones back to back break it
+    ("format:quote_unquote", None, 'A phrase. "A quote." “Another.” Then.', 'An intro. "A quote." "Another." Then.'),
     ("format:list", row(sep="..."), "Items:\n ... First.\n ... Second.", "- First.\n - Second."),
     ("format:thesis", None, "<i>\n  A thesis.\n</i>\nA paragraph", "<i>A thesis only.</i>"),
     (
@@ -437,6 +438,7 @@ def test_the_shipped_punkt_model_reads_as_nltk_reads_it(monkeypatch) -> None:
         theirs = load_punkt_params(FileSystemPathPointer(str(instructions.PUNKT_DIR)))
     except AttributeError:  # nltk < 3.10 reads a plain path
         theirs = load_punkt_params(str(instructions.PUNKT_DIR))
+    instructions._punkt.cache_clear()  # tokenizing adds zero entries to the model's lookup table; read it afresh
     ours = instructions._punkt()._params
     assert ours.abbrev_types == theirs.abbrev_types and len(ours.abbrev_types) == 156
     assert ours.sent_starters == theirs.sent_starters and ours.collocations == theirs.collocations
