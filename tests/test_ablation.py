@@ -160,6 +160,7 @@ def test_tiny_grid_runs_every_cell_and_writes_the_summary(tiny_grid):
     cell = json.loads(cells[0].read_text())
     assert cell["overrides"][-1] == "seed=0" and "method=opd" in cell["overrides"]
     assert len(cell["curves"]["rkl_estimate"]) == 2  # experiment=tiny trains 2 steps
+    assert cell["seconds"]["train"] > 0 and cell["seconds"]["eval"] >= 0  # what the cell cost
     # The reference rows: the grid's teacher and untrained (layer-dropped) student, scored once on the suite.
     for role, model in (("teacher", "tiny-random"), ("student_init", "tiny-random[layers 0,3]")):
         ref = json.loads((root / "reference" / role / "cell.json").read_text())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +202,9 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     console.print(f"[bold]{variant}[/] seed {ab.seed}: {' '.join(overrides)}")
     resolved = {str(k): v for k, v in OmegaConf.to_container(OmegaConf.structured(train_cfg)).items()}  # type: ignore[union-attr]
     hooks = build_hooks(train_cfg.logger, steps=train_cfg.steps, output_dir=out, run_config=resolved, console=console)
+    started = time.perf_counter()
     result = train(train_cfg, output_dir=out, hooks=hooks)
+    trained = time.perf_counter()
 
     scores: dict[str, float] = {}
     if suites:
@@ -215,6 +218,8 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
         "overrides": overrides,
         "checkpoint": str(result.checkpoint),
         "models": models_of(train_cfg),
+        # wall clock of this cell: training (with its held-out measurements) and the eval suites
+        "seconds": {"train": round(trained - started, 1), "eval": round(time.perf_counter() - trained, 1)},
     }
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(cell, indent=2) + "\n")
