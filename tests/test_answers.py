@@ -166,6 +166,8 @@ def test_quick_equal_settles_plain_numbers_without_math_verify():
         ("we get -3 as the value", "-3"),
         ("nothing numeric here", ""),
         ("cut off inside \\boxed{\\frac{1}{", "1"),  # an unclosed box is no answer: falls back to the last number
+        # the last box is unclosed: an earlier, closed box is a draft, not the answer (rule 1 gives nothing)
+        ("first \\boxed{3}, then \\boxed{\\frac{7}{", "7"),
     ],
 )
 def test_extract_answer(completion, answer):

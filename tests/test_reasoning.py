@@ -54,11 +54,11 @@ def test_tags_come_from_the_template_and_the_suite():
     ]
     assert template_tags(None) == [] and template_tags("{{ messages }}") == []
     tags = tags_for("... <|end_of_thought|> ...", [["<scratch>", "</scratch>"]])
-    assert tags == [
+    assert tags == (
         ("<think>", "</think>"),
         ("<|begin_of_thought|>", "<|end_of_thought|>"),
         ("<scratch>", "</scratch>"),
-    ]
+    )
     assert graded_text("<scratch>x</scratch> 7", tags) == "7"
     assert opened_by_prompt(R1_PROMPT, THINK) and not opened_by_prompt("<｜Assistant｜>", THINK)
 

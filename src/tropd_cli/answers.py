@@ -24,9 +24,7 @@ from tropd_cli.errors import UserError
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 _PLAIN_NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
 # A number that opens the answer text, with its currency sign or percent: "72 clips" -> "72", "$18 dollars".
-_LEADING_NUMBER = re.compile(
-    r"(?:\\?\$\s*)?(-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?|-?\.\d+)(\s*\\?%)?(?=\s+[A-Za-z]|$)"
-)
+_LEADING_NUMBER = re.compile(rf"(?:\\?\$\s*)?({_NUMBER.pattern})(\s*\\?%)?(?=\s+[A-Za-z]|$)")
 # The end of a sentence: . ! ? ; followed by blank space or the end (a decimal point is followed by a digit).
 _SENTENCE_END = re.compile(r"[.!?;](?=\s|$)")
 # "The answer is X", "Final answer: X", "**Answer:** X" (the last one in the text wins).
@@ -124,7 +122,8 @@ def _final_boxed(text: str) -> str | None:
     """The last ``\\boxed{}``; boxes joined only by "and" or a comma just before it are one answer
     (``$\\boxed{2}$ and $\\boxed{3}$`` -> ``2, 3``); ``\\boxed 5`` when no braced box exists."""
     spans = _boxed_spans(text)
-    if not spans:
+    last = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if not spans or spans[-1][0] != last:  # no braced box, ``\boxed 5``, or the last box is unclosed (no answer)
         return last_boxed(text)
     parts = [spans[-1][2]]
     for (_, end, content), (start, _, _) in zip(spans[-2::-1], spans[:0:-1], strict=True):
@@ -179,13 +178,10 @@ def extract_choice(text: str, letters: str = "ABCD", choices: Sequence[str] = ()
     """
     opts, lower = re.escape(letters), re.escape(letters.lower())
     explicit: list[tuple[int, str]] = []
-    for match in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
-        found = re.fullmatch(
-            rf"\s*\(?\s*(?:\\(?:text|textbf|mathrm|mathbf)\{{)?\s*([{opts}])\s*\}}?\s*\)?\s*",
-            _boxed_at(text, match) or "",
-        )
+    for start, _, content in _boxed_spans(text):
+        found = re.fullmatch(rf"\(?\s*(?:\\(?:text|textbf|mathrm|mathbf)\{{)?\s*([{opts}])\s*\}}?\s*\)?", content)
         if found:
-            explicit.append((match.start(), found.group(1)))
+            explicit.append((start, found.group(1)))
     phrase = (
         r"(?i:answer|(?:correct|right|best)\s+(?:option|choice))\s*(?:\*\*)?\s*"
         r"(?:(?i:is|(?:would|should|must)\s+be)|:|=|-|\u2014)\s*:?\s*(?:\*\*)?\s*(?:(?i:option|choice)\s*)?"
@@ -224,19 +220,6 @@ def _choice_by_text(text: str, letters: str, choices: Sequence[str]) -> str:
     return matches[0] if len(matches) == 1 else ""
 
 
-def _boxed_at(text: str, match: re.Match[str]) -> str | None:
-    """The content of the ``\\boxed{...}`` whose opening brace ends ``match`` (nested braces kept)."""
-    depth = 0
-    for j in range(match.end() - 1, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[match.end() : j]
-    return None
-
-
 def normalize_answer(answer: str) -> str:
     """A canonical spelling for majority voting: spacing, ``\\left``/``\\right``, ``\\dfrac``, ``$`` and
     trailing dots removed; plain numbers lose thousands separators and a ``.0`` tail."""
@@ -271,6 +254,7 @@ _RELATION = re.compile(r"(<=|>=|\\leq?|\\geq?|\\lt|\\gt|\\ngtr|<|>|\u2264|\u2265
 _LESS = {"<": "(", "\\lt": "(", "<=": "[", "\\le": "[", "\\leq": "[", "\u2264": "["}
 _GREATER = {">": "(", "\\gt": "(", ">=": "[", "\\ge": "[", "\\geq": "[", "\u2265": "["}
 _CLOSE = {"(": ")", "[": "]"}
+_VARIABLE = re.compile(r"[a-zA-Z]")
 _FLIP = {  # a < x  is  x > a
     "<": ">", ">": "<", "\\lt": "\\gt", "\\gt": "\\lt", "<=": ">=", ">=": "<=", "\\le": "\\ge", "\\ge": "\\le",
     "\\leq": "\\geq", "\\geq": "\\leq", "\u2264": "\u2265", "\u2265": "\u2264",
@@ -289,8 +273,7 @@ def _repeating_to_fraction(match: re.Match[str]) -> str:
 def _one_interval(part: str) -> str | None:
     """``2 \\le x < 5`` -> ``[2,5)``, ``x > 3`` -> ``(3,\\infty)``; None when ``part`` is not one such relation."""
     tokens = [t.strip() for t in _RELATION.split(part.replace(" ", ""))]
-    variable = re.compile(r"[a-zA-Z]")
-    if len(tokens) == 5 and variable.fullmatch(tokens[2]) and tokens[0] and tokens[4]:
+    if len(tokens) == 5 and _VARIABLE.fullmatch(tokens[2]) and tokens[0] and tokens[4]:
         a, op1, _, op2, b = tokens
         if op1 in _LESS and op2 in _LESS:
             return f"{_LESS[op1]}{a},{b}{_CLOSE[_LESS[op2]]}"
@@ -299,9 +282,9 @@ def _one_interval(part: str) -> str | None:
         return None
     if len(tokens) == 3 and tokens[0] and tokens[2]:
         lhs, op, rhs = tokens
-        if variable.fullmatch(rhs) and not variable.fullmatch(lhs):  # 3 < x  ==  x > 3
+        if _VARIABLE.fullmatch(rhs) and not _VARIABLE.fullmatch(lhs):  # 3 < x  ==  x > 3
             lhs, rhs, op = rhs, lhs, _FLIP.get(op, op)
-        if not variable.fullmatch(lhs):
+        if not _VARIABLE.fullmatch(lhs):
             return None
         if op in _LESS:
             return f"(-\\infty,{rhs}{_CLOSE[_LESS[op]]}"

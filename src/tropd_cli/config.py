@@ -470,6 +470,7 @@ def validate_student(cfg: ModelConfig, key: str) -> None:
 def validate_suites(suites: dict[str, EvalSuiteConfig]) -> None:
     """Checks of eval suites that types cannot express; raises UserError naming the key."""
     from tropd_cli.benchmarks import BENCHMARKS
+    from tropd_cli.reasoning import REASONING_MODES
 
     for name, suite in suites.items():
         key = f"eval_suite.{name}"
@@ -479,7 +480,7 @@ def validate_suites(suites: dict[str, EvalSuiteConfig]) -> None:
         _check(suite.batch_size > 0, f"{key}.batch_size={suite.batch_size} must be positive")
         _check(suite.temperature >= 0, f"{key}.temperature={suite.temperature} must be >= 0 (0 = greedy)")
         _check(0.0 < suite.top_p <= 1.0, f"{key}.top_p={suite.top_p} must be in (0, 1]")
-        _choice(suite.reasoning, ("strip", "keep"), f"{key}.reasoning")
+        _choice(suite.reasoning, REASONING_MODES, f"{key}.reasoning")
         for j, pair in enumerate(suite.reasoning_tags):
             _check(
                 len(pair) == 2 and all(pair),

@@ -228,7 +228,7 @@ def score_samples(
     ``truncated_reasoning`` metric. Each sample keeps the raw ``completion`` and the ``graded`` text.
     """
     t0 = time.perf_counter()
-    reasoning = reasoning or Reasoning(suite.reasoning, tuple(tags_for(None, suite.reasoning_tags)))
+    reasoning = reasoning or Reasoning(suite.reasoning, tags_for(None, suite.reasoning_tags))
     order = sorted(completions)
     graded = [reasoning.graded(completions[job], job[0]) for job in order]
     grades = task.grade([g or "" for g in graded], [task.examples[i] for i, _ in order])
@@ -290,12 +290,13 @@ def format_prompts(tokenizer: PreTrainedTokenizerBase, task: Task, suite: EvalSu
     ]
 
 
-def reasoning_for(tokenizer: PreTrainedTokenizerBase, task: Task, suite: EvalSuiteConfig) -> Reasoning:
+def reasoning_for(tokenizer: PreTrainedTokenizerBase, suite: EvalSuiteConfig, prompts: Sequence[str]) -> Reasoning:
     """The suite's reasoning handling for this model: ``<think>`` plus the tags its chat template declares
-    and ``suite.reasoning_tags``; the problems whose formatted prompt opens a block."""
+    and ``suite.reasoning_tags``; the problems whose formatted prompt (``prompts``, from
+    :func:`format_prompts`) opens a block."""
     template = getattr(tokenizer, "chat_template", None) if suite.chat_template else None
-    tags = tuple(tags_for(template if isinstance(template, str) else None, suite.reasoning_tags))
-    opened = frozenset(i for i, p in enumerate(format_prompts(tokenizer, task, suite)) if opened_by_prompt(p, tags))
+    tags = tags_for(template if isinstance(template, str) else None, suite.reasoning_tags)
+    opened = frozenset(i for i, p in enumerate(prompts) if opened_by_prompt(p, tags))
     return Reasoning(suite.reasoning, tags, opened)
 
 
@@ -308,15 +309,17 @@ def generate(
     *,
     seed: int,
     on_batch: Callable[[int], None] | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> dict[tuple[int, int], str]:
-    """``suite.n_samples`` completions per problem, keyed by (problem index, sample index).
+    """``suite.n_samples`` completions per problem, keyed by (problem index, sample index); ``prompts``:
+    the task's :func:`format_prompts`, when the caller has them already.
 
     Jobs are sorted by prompt length (longest first), so a batch holds similar lengths and little
     padding; batch ``b`` samples with ``seeded(seed, b)``. Completions end at EOS, at
     ``max_new_tokens`` or at a stop string (:func:`find_stop`).
     """
     device = next(model.parameters()).device
-    prompts = format_prompts(tokenizer, task, suite)
+    prompts = format_prompts(tokenizer, task, suite) if prompts is None else prompts
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     jobs = sorted(((i, k) for i in range(len(prompts)) for k in range(suite.n_samples)), key=lambda j: -lengths[j[0]])
     stop_check = _stop_checker(tokenizer, suite.stop)
@@ -360,8 +363,9 @@ def evaluate(
     for suite in suites:
         for task in suite.tasks:
             t0 = time.perf_counter()
-            completions = generate(model, tokenizer, task, suite.config, seed=seed, on_batch=on_batch)
-            reasoning = reasoning_for(tokenizer, task, suite.config)
+            prompts = format_prompts(tokenizer, task, suite.config)
+            completions = generate(model, tokenizer, task, suite.config, seed=seed, on_batch=on_batch, prompts=prompts)
+            reasoning = reasoning_for(tokenizer, suite.config, prompts)
             result = score_samples(task, suite.name, suite.config, completions, reasoning)
             result.seconds = time.perf_counter() - t0
             results.append(result)
@@ -400,7 +404,7 @@ def rescore(lines: Sequence[dict[str, Any]], suites: Sequence[SuiteTasks]) -> di
         out[model] = []
         for key, completions in per_task.items():
             suite, task, _ = index[key]
-            pairs = tags[model].get(key) or tuple(tags_for(None, suite.config.reasoning_tags))
+            pairs = tags[model].get(key) or tags_for(None, suite.config.reasoning_tags)
             reasoning = Reasoning(suite.config.reasoning, pairs, frozenset(opened[model][key]))
             out[model].append(score_samples(task, suite.name, suite.config, completions, reasoning))
     return out

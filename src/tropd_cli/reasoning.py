@@ -34,7 +34,7 @@ def template_tags(chat_template: str | None) -> list[tuple[str, str]]:
     return [pair for pair in KNOWN_TAGS if pair[1] in chat_template]
 
 
-def tags_for(chat_template: str | None = None, extra: Sequence[Sequence[str]] = ()) -> list[tuple[str, str]]:
+def tags_for(chat_template: str | None = None, extra: Sequence[Sequence[str]] = ()) -> tuple[tuple[str, str], ...]:
     """``<think>``/``</think>``, the pairs ``chat_template`` declares and ``extra`` pairs, without repeats."""
     pairs: list[tuple[str, str]] = []
     for pair in [*DEFAULT_TAGS, *template_tags(chat_template), *(tuple(p) for p in extra)]:
@@ -42,7 +42,7 @@ def tags_for(chat_template: str | None = None, extra: Sequence[Sequence[str]] = 
             raise ValueError(f"a reasoning tag pair is [open, close], got {list(pair)}")
         if pair not in pairs:
             pairs.append((str(pair[0]), str(pair[1])))
-    return pairs
+    return tuple(pairs)
 
 
 def opened_by_prompt(prompt: str, tags: Sequence[tuple[str, str]]) -> bool:
