@@ -168,6 +168,10 @@ def test_tiny_grid_runs_every_cell_and_writes_the_summary(tiny_grid):
         assert "method=opd" not in ref["overrides"] and "experiment=tiny" in ref["overrides"]
         assert float(table[role]["eval/average_mean"]) == pytest.approx(ref["metrics"]["eval/average"], rel=1e-5)
     assert list(table)[:2] == ["teacher", "student_init"]
+    # The cells share one held-out set and one measurement of the untrained student: written once, then read.
+    assert len(list((root / "reference" / "heldout").iterdir())) == 1
+    starts = {json.loads(p.read_text())["metrics"]["heldout/start/rkl"] for p in cells}
+    assert len(starts) == 1 and starts.pop() > 0
 
 
 def test_a_rerun_skips_finished_cells(tiny_grid, tropd_in):

@@ -516,3 +516,33 @@ def test_training_with_chunked_sampling(make_config, tmp_path):
     whole = train(make_config(), output_dir=tmp_path / "w").history
     assert all(math.isfinite(h["loss"]) for h in chunked) and chunked[0]["prefix_len"] > 0
     assert [h["tokens"] for h in chunked] != [h["tokens"] for h in whole] or chunked[0]["loss"] != whole[0]["loss"]
+
+
+def test_sampling_applies_the_lm_head_to_contiguous_rows_of_one_position(rollout_models):
+    """The prefill's LM head gets a contiguous ``[B, 1, H]``: a strided slice of the prompt's hidden states sent
+    torch's bf16 CPU ``linear`` through a per-row copy of the whole [V, H] weight (10 s per 100-row eval batch)."""
+    _, student, prompt_ids, prompt_mask = rollout_models
+    from tropd_cli.rollout import sample
+
+    seen: list[tuple[tuple[int, ...], bool]] = []
+    head = student.model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(
+        lambda module, args: seen.append((tuple(args[0].shape), args[0].is_contiguous()))
+    )
+    try:
+        tokens = sample(
+            student.model,
+            prompt_ids,
+            prompt_mask,
+            max_new_tokens=3,
+            temperature=0.0,
+            eos_token_id=None,
+            pad_token_id=0,
+            seed=1,
+        )
+    finally:
+        handle.remove()
+    rows = prompt_ids.shape[0]
+    assert tokens.shape == (rows, 3)
+    assert len(seen) == 3  # prefill + 2 decode calls
+    assert all(shape[:2] == (rows, 1) and contiguous for shape, contiguous in seen), seen

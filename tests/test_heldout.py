@@ -5,8 +5,10 @@ Tiny random models built in-process (CPU, seconds), as in test_engine.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,3 +237,68 @@ def test_the_summary_and_the_closing_lines_lead_with_held_out_numbers():
     assert second.startswith("training signal (on-policy reverse-KL estimate): 3.0312 (first 1 steps) -> 1.5392")
     assert heldout_summary([{"step": 1}]) == {}
     assert len(closing_lines({**summary, "heldout": {}}, window=1)) == 1
+
+
+def test_the_cache_gives_the_same_set_and_start_measurement_and_keys_what_they_depend_on(
+    make_config, load_models, tmp_path, caplog
+):
+    cache = tmp_path / "heldout-cache"
+    cfg = make_config(heldout={"size": 4, "temperature": 1.0})
+    teacher, student = load_models(cfg)
+    examples = examples_from_config(cfg.dataset)
+    trainer = Trainer(cfg, teacher=teacher, student=student, examples=examples)
+    held_examples = heldout.heldout_examples(cfg, examples)
+    fresh = heldout.HeldOut(trainer, held_examples)
+    first = heldout.HeldOut(trainer, held_examples, cache_dir=cache)
+    assert not first.cached and (first.cache / "teacher.pt").exists()
+    start = first.measure_start(trainer.student.model)
+    assert (first.cache / "start.pt").exists()
+
+    second = heldout.HeldOut(trainer, held_examples, cache_dir=cache)
+    assert second.cached and second.cache == first.cache
+    for field in ("input_ids", "attention_mask", "response_mask", "prefix_mask", "prompt_index"):
+        assert torch.equal(getattr(second.teacher_batch, field), getattr(fresh.teacher_batch, field)), field
+    assert all(torch.equal(a, b) for a, b in zip(second.teacher_hidden, fresh.teacher_hidden, strict=True))
+    # The start measurement is read, not measured: a model that would measure differently is never run.
+    trainer.student.model.model.embed_tokens.weight.data.add_(1.0)
+    stored = second.measure_start(trainer.student.model)
+    expected = fresh.measure(load_models(cfg)[1].model)
+    for key in heldout.METRICS:
+        assert stored[f"heldout/{key}"] == start[f"heldout/{key}"] == pytest.approx(expected[f"heldout/{key}"]), key
+
+    # The outlier share is the run's trust region's, recomputed from the stored log-probs.
+    cfg_tau = dataclasses.replace(cfg, trust_region=dataclasses.replace(cfg.trust_region, tau=cfg.trust_region.tau + 3))
+    trainer.cfg = cfg_tau
+    assert heldout.cache_key(trainer, held_examples) == second.cache.name  # tau is not in the key
+    shifted = heldout.HeldOut(trainer, held_examples, cache_dir=cache).measure_start(trainer.student.model)
+    assert shifted["heldout/rkl"] == start["heldout/rkl"]
+    assert shifted["heldout/outlier_share"] != start["heldout/outlier_share"]
+
+    # What the set or the start depends on is in the key: another teacher temperature, student or prompt set.
+    trainer.cfg = dataclasses.replace(cfg, heldout=dataclasses.replace(cfg.heldout, temperature=0.5))
+    assert heldout.cache_key(trainer, held_examples) != first.cache.name
+    trainer.cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, keep_layers=[0, 2]))
+    assert heldout.cache_key(trainer, held_examples) != first.cache.name
+    trainer.cfg = cfg
+    assert heldout.cache_key(trainer, held_examples[:3]) != first.cache.name
+
+    # A torn entry is recomputed, with a warning, and rewritten.
+    (first.cache / "teacher.pt").write_bytes(b"torn")
+    with caplog.at_level("WARNING"):
+        again = heldout.HeldOut(trainer, held_examples, cache_dir=cache)
+    assert not again.cached and "unreadable" in caplog.text
+    assert torch.equal(again.teacher_batch.input_ids, fresh.teacher_batch.input_ids)
+    assert heldout.HeldOut(trainer, held_examples, cache_dir=cache).cached
+
+
+def test_runs_sharing_a_cache_log_the_start_numbers_of_a_run_without_it(make_config, tmp_path):
+    plain = train(make_config(steps=1, heldout={"size": 3}), output_dir=tmp_path / "plain").history[0]
+    cache = str(tmp_path / "shared")
+    first = train(make_config(steps=1, heldout={"size": 3, "cache_dir": cache}), output_dir=tmp_path / "a").history[0]
+    other = make_config(steps=1, seed=5, heldout={"size": 3, "cache_dir": cache}, method={"name": "opd"})
+    second = train(other, output_dir=tmp_path / "b").history[0]
+    assert len(list(Path(cache).iterdir())) == 1  # one entry: seed and method are not in the key
+    for key in heldout.METRICS:
+        name = f"heldout/start/{key}"
+        assert plain[name] == first[name] == second[name], name
+    assert without_heldout([first]) == without_heldout([plain])  # the cache changes no training

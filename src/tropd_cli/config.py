@@ -242,6 +242,9 @@ class HeldoutConfig:
     max_new_tokens: int | None = None  # the teacher's and the student's responses; None = rollout.max_new_tokens
     every: int | None = None  # measure every N steps (and before the first, after the last); None = eval_every
     temperature: float = 0.0  # the teacher's responses: 0 = greedy; > 0 = sampled once, with a fixed seed
+    # Keep the held-out set and the untrained student's measurement here, under a key of everything they depend
+    # on, for runs that share them (an ablation's cells; `tropd ablate` sets <sweep>/reference/heldout); null = off.
+    cache_dir: str | None = None
 
 
 @dataclass

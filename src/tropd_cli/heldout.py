@@ -23,10 +23,13 @@ Engine code: no Hydra, no printing.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -132,10 +135,70 @@ def heldout_examples(cfg: TrainConfig, train: Sequence[Example]) -> list[Example
     return out
 
 
-class HeldOut:
-    """The held-out prompts, the teacher's responses to them (written once, here) and :meth:`measure`."""
+#: Bump when what the cache holds, or how it is computed, changes: older entries are then never read.
+CACHE_VERSION = 1
 
-    def __init__(self, trainer: Trainer, examples: list[Example]) -> None:
+
+def cache_key(trainer: Trainer, examples: Sequence[Example]) -> str:
+    """The cache entry of a held-out set and of the untrained student's measurement on it: a hash of everything
+    either depends on (both models and their dtypes, the sampling copy's, the prompts, the sampling and scoring
+    settings, the devices and thread count, the library versions), and of nothing a method or a seed sets."""
+    import transformers
+
+    from tropd_cli import __version__
+
+    cfg = trainer.cfg
+    fields: dict[str, Any] = {
+        "version": CACHE_VERSION,
+        "tropd": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "teacher": dataclasses.asdict(cfg.teacher),
+        "student": dataclasses.asdict(cfg.student),
+        "sampler_dtype": str(getattr(trainer.sampler, "dtype", cfg.rollout.sampler_dtype)),
+        "dataset": dataclasses.asdict(cfg.dataset),
+        "prompts": [ex.prompt for ex in examples],
+        "heldout": {k: v for k, v in dataclasses.asdict(cfg.heldout).items() if k != "cache_dir"},
+        "max_new_tokens": cfg.rollout.max_new_tokens,
+        "generation_batch_size": cfg.rollout.generation_batch_size,
+        "scoring_temperature": trainer.scoring_temperature,
+        "chunk_size": cfg.scoring.chunk_size,
+        "devices": [str(trainer.device), str(trainer.teacher_device)],
+        "threads": torch.get_num_threads(),
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        return dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as err:  # a torn or foreign file: recompute (and overwrite it)
+        log.warning("held-out cache %s is unreadable (%s): recomputing it", path, err)
+        return None
+
+
+def _write(path: Path, value: dict[str, Any]) -> None:
+    """Atomically (a temporary file, then a rename): a reader sees a whole entry or none."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{time.monotonic_ns()}.tmp")
+        torch.save(value, tmp)
+        tmp.replace(path)
+    except OSError as err:  # a cache that cannot be written costs time, never the run
+        log.warning("held-out cache %s not written: %s", path, err)
+
+
+class HeldOut:
+    """The held-out prompts, the teacher's responses to them (written once, here) and :meth:`measure`.
+
+    ``cache_dir`` (``heldout.cache_dir``): read the teacher's responses and hidden states, and the untrained
+    student's measurement (:meth:`measure_start`), from ``<cache_dir>/<key>/`` when an earlier run with the same
+    :func:`cache_key` wrote them, else compute and write them there: an ablation's cells share both.
+    """
+
+    def __init__(self, trainer: Trainer, examples: list[Example], cache_dir: str | Path | None = None) -> None:
         if not examples:
             raise ValueError("HeldOut needs at least one example")
         cfg = self.cfg = trainer.cfg
@@ -148,7 +211,17 @@ class HeldOut:
         self.prompt_ids, self.prompt_mask = tokenize_prompts(
             self.tokenizer, texts, max_prompt_tokens=cfg.dataset.max_prompt_tokens, device=trainer.device
         )
+        self.cache = Path(cache_dir) / cache_key(trainer, examples) if cache_dir else None
         t0 = time.perf_counter()
+        stored = _read(self.cache / "teacher.pt") if self.cache else None
+        self.cached = stored is not None
+        if stored is not None:
+            self.teacher_batch = RolloutBatch(
+                **{k: v.to(trainer.device) if isinstance(v, Tensor) else v for k, v in stored["batch"].items()}
+            )
+            self.teacher_hidden = list(stored["hidden"])
+            self.build_seconds = time.perf_counter() - t0
+            return
         self.teacher_batch = rollout(
             trainer.teacher_sampler,
             None,
@@ -168,6 +241,12 @@ class HeldOut:
         # CPU (small: tokens x hidden size), so a measurement runs the student alone.
         self.teacher_hidden = self._teacher_hidden()
         self.build_seconds = time.perf_counter() - t0
+        if self.cache:
+            batch = {f.name: getattr(self.teacher_batch, f.name) for f in dataclasses.fields(self.teacher_batch)}
+            _write(
+                self.cache / "teacher.pt",
+                {"batch": {k: _cpu(v) for k, v in batch.items()}, "hidden": self.teacher_hidden},
+            )
         if self.trainer.uses_engine and trainer.device.type == "cuda":
             torch.cuda.empty_cache()  # before the vLLM engine wakes (see Trainer.make_batch)
 
@@ -176,31 +255,49 @@ class HeldOut:
         """Teacher-written tokens every measurement scores."""
         return int(self.teacher_batch.response_mask.sum())
 
-    @torch.no_grad()
     def measure(self, student: PreTrainedModel) -> dict[str, float]:
         """``heldout/<name>`` for each of :data:`METRICS`, plus ``heldout/prompts``, ``heldout/tokens`` and
-        ``time_heldout``, for ``student`` (an HF model: the run's student, or rank 0's sampling copy)."""
+        ``time_heldout``, for ``student`` (an HF model: the run's student, or its sampling copy)."""
         t0 = time.perf_counter()
+        return self._metrics(self._measured(student), time.perf_counter() - t0)
+
+    def measure_start(self, student: PreTrainedModel) -> dict[str, float]:
+        """:meth:`measure` of the untrained student, read from the cache when an earlier run with the same key
+        measured it (the trust region's outlier share is recomputed from the stored log-probs: it is the run's)."""
+        t0 = time.perf_counter()
+        stored = _read(self.cache / "start.pt") if self.cache and self.cached else None
+        if stored is None:
+            stored = self._measured(student)
+            if self.cache:
+                _write(self.cache / "start.pt", {k: _cpu(v) for k, v in stored.items()})
+        return self._metrics(stored, time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def _measured(self, student: PreTrainedModel) -> dict[str, Tensor]:
+        """Per token: both KLs and both log-probs at the teacher's tokens; per prompt: greedy lengths and emptiness."""
         was_training = student.training
         student.eval()
         try:
             kl = self._divergences(student)
-            lengths, empty = self._greedy_answers(student)
+            kl["lengths"], kl["empty"] = self._greedy_answers(student)
         finally:
             student.train(was_training)
-        tr = self.cfg.trust_region
-        outlier = losses.outlier_probability(kl["teacher_logp"] - kl["student_logp"], tau=tr.tau, kind=tr.kind)
         if self.trainer.uses_engine and self.trainer.device.type == "cuda":
             torch.cuda.empty_cache()
+        return kl
+
+    def _metrics(self, kl: dict[str, Tensor], seconds: float) -> dict[str, float]:
+        tr = self.cfg.trust_region
+        outlier = losses.outlier_probability(kl["teacher_logp"] - kl["student_logp"], tau=tr.tau, kind=tr.kind)
         return {
             "heldout/rkl": float(kl["reverse"].mean()),
             "heldout/fkl": float(kl["forward"].mean()),
             "heldout/outlier_share": float(outlier.mean()),
-            "heldout/empty_rate": float(empty.float().mean()),
-            "heldout/response_len": float(lengths.float().mean()),
+            "heldout/empty_rate": float(kl["empty"].float().mean()),
+            "heldout/response_len": float(kl["lengths"].float().mean()),
             "heldout/prompts": float(len(self.examples)),
             "heldout/tokens": float(self.tokens),
-            "time_heldout": time.perf_counter() - t0,
+            "time_heldout": seconds,
         }
 
     def _row_chunks(self) -> list[RolloutBatch]:
@@ -267,6 +364,10 @@ class HeldOut:
             [row[keep].tolist() for row, keep in zip(tokens, text, strict=True)], skip_special_tokens=True
         )
         return valid.sum(-1), torch.tensor([not answer.strip() for answer in answers])
+
+
+def _cpu(value: Any) -> Any:
+    return value.detach().cpu() if isinstance(value, Tensor) else value
 
 
 def _moved(batch: RolloutBatch, device: torch.device) -> RolloutBatch:

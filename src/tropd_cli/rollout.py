@@ -122,13 +122,17 @@ def _sample_loop(
     batch = input_ids.shape[0]
     cache = DynamicCache()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    # Logits at the last position only. As an index tensor, not ``logits_to_keep=1``: HF then applies the LM head
+    # to the strided slice ``hidden[:, -1:]``, and torch's bf16 ``linear`` on a non-contiguous 3-D input on the
+    # CPU expands the [V, H] weight once per row (a [B, H, V] copy: 10 s at B = 100 with SmolLM2's 49k
+    # vocabulary, half of a 200-problem eval). Indexing gathers a contiguous [B, 1, H] first.
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         past_key_values=cache,
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=torch.tensor([input_ids.shape[1] - 1], device=input_ids.device),
     )
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     tokens = []

@@ -922,9 +922,13 @@ def _heldout_set(cfg: TrainConfig, trainer: Trainer, dist: Dist) -> heldout.Held
     if not examples:
         log.warning("held-out signals are off: every held-out candidate prompt is a training prompt")
         return None
-    held = heldout.HeldOut(trainer, examples)
+    held = heldout.HeldOut(trainer, examples, cache_dir=None if dist.enabled else cfg.heldout.cache_dir)
     log.info(
-        "held-out set: %d prompts, %d teacher tokens (written in %.1fs)", len(examples), held.tokens, held.build_seconds
+        "held-out set: %d prompts, %d teacher tokens (%s in %.1fs)",
+        len(examples),
+        held.tokens,
+        "read from the cache" if held.cached else "written",
+        held.build_seconds,
     )
     return held
 
@@ -979,19 +983,23 @@ def _train_loop(
         for done, metrics in enumerate(history):
             hooks.on_step(done, metrics)  # replay the progress so metrics files and bars are complete
     nonfinite = 0  # steps in a row in which every update was skipped
-    eval_model = trainer.sampler if dist.enabled else student.model
+    # Held-out signals and eval_every are measured on the sampling copy when there is one (synced first): the
+    # numerics the rollouts and `tropd eval` of the checkpoint use (bf16 where fast), at twice the speed of the
+    # fp32 student on a CPU; under FSDP it is the only whole copy. A vLLM sampler is no HF model: the student.
+    on_sampler = dist.enabled or (not trainer.uses_engine and trainer.sampler is not student.model)
+    eval_model = trainer.sampler if on_sampler else student.model
     measure_heldout = heldout.enabled(cfg, dist)  # the same on every rank (they sync the sampler together)
     # Before the first step (the sampling copy of a sharded student still equals the initial weights); its
     # numbers go into the first step's line as heldout/start/*. A resumed run has them in its history.
-    before = held.measure(eval_model) if held is not None and start == 0 else None
+    before = held.measure_start(eval_model) if held is not None and start == 0 else None
     for step in range(start, cfg.steps):
         metrics = trainer.step(step)
         nonfinite = nonfinite + 1 if metrics["optimizer_steps"] == 0 else 0
         evaluate_now = bool(cfg.eval_every) and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps)
         heldout_now = measure_heldout and heldout.due(cfg, step)
         if evaluate_now or heldout_now:
-            if dist.enabled:
-                trainer._sync_sampler()  # collective: every rank, then rank 0 measures the synced copy
+            if on_sampler:
+                trainer._sync_sampler()  # under FSDP a collective: every rank, then rank 0 measures the synced copy
             if evaluate_now and eval_suites:
                 metrics.update(eval_metrics(eval_model, trainer.tokenizer, eval_suites, seed=cfg.seed))
             if heldout_now and held is not None:

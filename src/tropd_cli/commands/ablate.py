@@ -187,6 +187,9 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     validate_train(train_cfg)
     if ab.threads:
         train_cfg.threads = ab.threads
+    if train_cfg.heldout.cache_dir is None:
+        # Every cell of the grid measures on the same held-out set, and starts from the same student: written once.
+        train_cfg.heldout.cache_dir = str(sweep_dir() / "reference" / "heldout")
     eval_suites = cell_suites(ab, train_cfg)
     score_references(ab, sweep_dir(), console)
 
