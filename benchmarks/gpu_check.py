@@ -40,8 +40,9 @@ def run_pair(name: str, overrides: list[str], args: argparse.Namespace) -> dict[
     from omegaconf import OmegaConf
 
     import tropd_cli.commands.common as common
-    from tropd_cli.config import TrainConfig, validate_train
+    from tropd_cli.config import TrainConfig
     from tropd_cli.trainer import train
+    from tropd_cli.validate import validate_train
 
     settings = [
         "device=cuda",

@@ -37,10 +37,12 @@ def gradients(overrides: list[str], batches: int) -> tuple[list[torch.Tensor], l
     from hydra import compose, initialize_config_dir
 
     from tropd_cli.commands.common import CONF_DIR, to_object
-    from tropd_cli.config import TrainConfig, validate_train
+    from tropd_cli.config import TrainConfig
     from tropd_cli.data import examples_from_config
-    from tropd_cli.models import default_cache_dir, load_pair, resolve_device
+    from tropd_cli.device import resolve_device
+    from tropd_cli.models import default_cache_dir, load_pair
     from tropd_cli.trainer import Trainer
+    from tropd_cli.validate import validate_train
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = to_object(compose("train", [*overrides, "logger=none", "heldout.size=0"]), TrainConfig)

@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 
 import tropd_cli.commands.common  # noqa: F401  (registers the schemas and the tropd_* resolvers)
 from tropd_cli.ablation import cell_record, final_metrics, markdown_table, summarize, write_summary
-from tropd_cli.config import AblateConfig, TrainConfig, validate_train
+from tropd_cli.config import AblateConfig, TrainConfig
+from tropd_cli.validate import validate_train
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GRIDS = sorted(p.stem for p in (CONF_DIR / "ablation").glob("*.yaml"))

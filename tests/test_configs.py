@@ -15,8 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import tropd_cli.commands.common as common  # registers the structured-config schemas
-from tropd_cli.config import AblateConfig, EvalConfig, TrainConfig, validate_suites, validate_train
+from tropd_cli.config import AblateConfig, EvalConfig, TrainConfig
 from tropd_cli.errors import UserError
+from tropd_cli.validate import validate_suites, validate_train
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PLACEHOLDER = "placeholder-value"

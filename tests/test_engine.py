@@ -15,13 +15,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tropd_cli.batch import RolloutBatch
 from tropd_cli.config import ModelConfig, TrainConfig
 from tropd_cli.data import format_prompt
 from tropd_cli.errors import UserError
 from tropd_cli.models import LoadedModel
-from tropd_cli.rollout import RolloutBatch, rollout, tokenize_prompts
-from tropd_cli.scoring import student_scores
-from tropd_cli.trainer import Trainer, lm_head_weight, response_hidden, train
+from tropd_cli.rollout import rollout, tokenize_prompts
+from tropd_cli.scoring import lm_head_weight, response_hidden, student_scores
+from tropd_cli.trainer import Trainer, train
 
 CPU = torch.device("cpu")
 LOGGED = (
@@ -354,7 +355,7 @@ def test_gradient_checkpointing_gives_the_same_step(make_config, tmp_path):
 
 def test_bf16_scorer_tracks_fp32_and_its_gradients_reach_the_fp32_weights(rollout_models):
     """precision=bf16: bf16 autocast backbone and lm_head, fp32 log-softmax, gradients into fp32 weights."""
-    from tropd_cli.trainer import StudentScorer
+    from tropd_cli.scoring import StudentScorer
 
     _, student, _, _ = rollout_models
     batch = make_rollout(rollout_models, seed=5, prefix_max=3)
@@ -397,14 +398,14 @@ def test_attention_implementation_is_applied_and_sdpa_equals_eager(make_config, 
         scores[impl] = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     torch.testing.assert_close(scores["sdpa"], scores["eager"], atol=1e-5, rtol=1e-5)
     with pytest.raises(UserError, match=r"student.attn_implementation='flash' is not an option"):
-        from tropd_cli.config import validate_train
+        from tropd_cli.validate import validate_train
 
         validate_train(make_config(student={"attn_implementation": "flash"}))
 
 
 def test_a_teacher_behind_the_forward_adapter_samples_the_same_prefixes(rollout_models):
     """teacher_device / distributed.shard_teacher sample guidance prefixes through ForwardAdapter."""
-    from tropd_cli.trainer import ForwardAdapter
+    from tropd_cli.scoring import ForwardAdapter
 
     teacher, student, prompt_ids, prompt_mask = rollout_models
     direct = make_rollout(rollout_models, seed=11, prefix_max=6)
@@ -420,7 +421,7 @@ def test_a_teacher_with_a_padded_lm_head_is_scored_over_the_shared_rows(rollout_
     import copy
 
     from tropd_cli.models import shared_vocab
-    from tropd_cli.trainer import TeacherScorer
+    from tropd_cli.scoring import TeacherScorer
 
     teacher, student, _, _ = rollout_models
     vocab = lm_head_weight(student.model).shape[0]

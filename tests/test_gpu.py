@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tropd_cli.models import resolve_dtype
+from tropd_cli.device import resolve_dtype
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -14,8 +14,8 @@ import tropd_cli.commands.common  # noqa: F401  (registers the schemas)
 from conftest import greedy_accuracy
 from tropd_cli.config import EvalTaskConfig, ModelConfig, TrainConfig
 from tropd_cli.evaluation import load_suites
-from tropd_cli.lab import LAB_DIR, TASK_KWARGS, build
-from tropd_cli.models import load_model
+from tropd_cli.lab import TASK_KWARGS, build
+from tropd_cli.models import LAB_DIR, load_model
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CPU = torch.device("cpu")

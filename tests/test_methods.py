@@ -21,7 +21,7 @@ from torch import Tensor
 
 import tropd_cli.commands.common as common  # registers the structured-config schemas
 from tropd_cli import losses
-from tropd_cli.config import TrainConfig, validate_train
+from tropd_cli.config import TrainConfig
 from tropd_cli.losses import (
     DEFAULT_CLIP_FLOOR,
     entropy_opd_loss,
@@ -38,8 +38,9 @@ from tropd_cli.losses import (
     trust_region_mask,
 )
 from tropd_cli.methods import METHODS, TokenInputs, reopold_stage
-from tropd_cli.scoring import generalized_jsd_chunked
-from tropd_cli.trainer import Trainer, to_grid
+from tropd_cli.scoring import generalized_jsd_chunked, to_grid
+from tropd_cli.trainer import Trainer
+from tropd_cli.validate import validate_train
 
 F64 = torch.float64
 LN2 = math.log(2.0)

@@ -690,7 +690,7 @@ class TaggedEngine:
         return [[token] * int(b) for b in budgets]
 
     def teacher_scores(self, sequences: Any, start: Any, *, top_k: int, temperature: float = 1.0, device: Any = None):
-        from tropd_cli.scoring import TeacherScores
+        from tropd_cli.batch import TeacherScores
 
         self._run()
         n, vocab = sum(len(s) - f for s, f in zip(sequences, start, strict=True)), 100  # the tiny character vocab
@@ -708,9 +708,9 @@ def test_the_trainer_wakes_the_engines_one_at_a_time_as_planned(make_config, tmp
     vLLM components the plan puts in that phase (a whole engine: its share; the student engine's weights alone:
     vllm_student_engine_weights)."""
     import tropd_cli.vllm_backend as backend
-    from tropd_cli.config import validate_train
     from tropd_cli.errors import UserError
     from tropd_cli.trainer import train
+    from tropd_cli.validate import validate_train
 
     TaggedEngine.built, TaggedEngine.moments = [], []
     monkeypatch.setattr(backend, "VLLMEngine", TaggedEngine)
@@ -756,8 +756,8 @@ def test_the_trainer_runs_one_engine_by_default_as_planned(make_config, tmp_path
     them (vllm_student_engine_weights); the student engine then wakes whole to continue them (sampling)."""
     import tropd_cli.rollout as rollout_module
     import tropd_cli.vllm_backend as backend
-    from tropd_cli.config import validate_train
     from tropd_cli.trainer import train
+    from tropd_cli.validate import validate_train
 
     TaggedEngine.built, TaggedEngine.moments = [], []
     monkeypatch.setattr(backend, "VLLMEngine", TaggedEngine)
@@ -818,7 +818,9 @@ def test_preset_run_matches_the_paper_presets(monkeypatch) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from tropd_cli.config import TrainConfig, register_configs, validate_train
+    from tropd_cli.commands.common import register_configs
+    from tropd_cli.config import TrainConfig
+    from tropd_cli.validate import validate_train
 
     register_configs()
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)

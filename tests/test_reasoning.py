@@ -16,10 +16,11 @@ from omegaconf import OmegaConf
 
 from tropd_cli.benchmarks import load_task
 from tropd_cli.code_eval import pick_block
-from tropd_cli.config import EvalSuiteConfig, EvalTaskConfig, validate_suites
+from tropd_cli.config import EvalSuiteConfig, EvalTaskConfig
 from tropd_cli.errors import UserError
 from tropd_cli.evaluation import Reasoning, SuiteTasks, rescore, score_samples
 from tropd_cli.reasoning import DEFAULT_TAGS, graded_text, opened_by_prompt, tags_for, template_tags
+from tropd_cli.validate import validate_suites
 
 THINK = DEFAULT_TAGS
 

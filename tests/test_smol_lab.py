@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import greedy_accuracy
+from tropd_cli.commands.smol_lab import build, main
 from tropd_cli.config import EvalTaskConfig, ModelConfig
-from tropd_cli.models import default_cache_dir, load_model
-from tropd_cli.smol_lab import LAYERS_FILE, STUDENT_ADAPTER, TEACHER_ADAPTER, build, main
+from tropd_cli.models import LAYERS_FILE, STUDENT_ADAPTER, TEACHER_ADAPTER, default_cache_dir, load_model
 
 pytestmark = [
     pytest.mark.slow,

@@ -20,14 +20,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tropd_cli import rollout as rollout_mod
+from tropd_cli.batch import RolloutBatch, completion_mask
 from tropd_cli.config import ModelConfig
 from tropd_cli.data import format_prompt
 from tropd_cli.errors import UserError
 from tropd_cli.models import REGISTRY, default_cache_dir, tiny_random
-from tropd_cli.rollout import RolloutBatch, _left_pad, _sample_loop, generator, rollout, sample, tokenize_prompts
-from tropd_cli.scoring import teacher_scores
-from tropd_cli.trainer import lm_head_weight, response_hidden
+from tropd_cli.rng import generator, seeded
+from tropd_cli.rollout import _left_pad, _sample_loop, rollout, sample, tokenize_prompts
+from tropd_cli.scoring import lm_head_weight, response_hidden, teacher_scores
 from tropd_cli.vllm_backend import (
     VLLMEngine,
     entropy_lower_bound,
@@ -128,7 +128,7 @@ def test_request_sampling_kwargs_match_the_hf_sampling_settings():
     sampled = request_sampling_kwargs(
         3, max_new_tokens=16, min_new_tokens=20, temperature=0.7, top_p=0.9, seed=11, stop_token_ids=[3, 7]
     )
-    assert [kw["seed"] for kw in sampled] == [rollout_mod.seeded(11, i) for i in range(3)]
+    assert [kw["seed"] for kw in sampled] == [seeded(11, i) for i in range(3)]
     assert len({kw["seed"] for kw in sampled}) == 3
     assert request_sampling_kwargs(3, max_new_tokens=16, seed=11) == request_sampling_kwargs(
         3, max_new_tokens=16, seed=11
@@ -269,7 +269,7 @@ def tiny_batch(tiny, prompts, *, seed: int = 2) -> RolloutBatch:
     model, tokenizer = tiny
     ids, mask = prompts
     responses = loop_sample(model, ids, mask, eos=digit_eos(tokenizer), pad=tokenizer.pad_token_id, seed=seed)
-    response_mask = rollout_mod.completion_mask(responses, digit_eos(tokenizer))
+    response_mask = completion_mask(responses, digit_eos(tokenizer))
     return RolloutBatch(
         input_ids=torch.cat([ids, torch.where(response_mask, responses, tokenizer.pad_token_id)], 1),
         attention_mask=torch.cat([mask, response_mask.long()], 1),
@@ -528,7 +528,7 @@ def greedy_divergence_gaps(hf, prompts: list[list[int]], ours: list[list[int]], 
 
 def response_batch(ids, mask, tokens, *, eos: int, pad: int) -> RolloutBatch:
     """A rollout batch of the prompts ``ids`` and the sampled ``tokens`` (``[B, T']``, EOS kept)."""
-    response_mask = rollout_mod.completion_mask(tokens, eos)
+    response_mask = completion_mask(tokens, eos)
     return RolloutBatch(
         input_ids=torch.cat([ids, torch.where(response_mask, tokens, pad)], 1),
         attention_mask=torch.cat([mask, response_mask.long()], 1),
@@ -802,7 +802,7 @@ def test_teacher_scoring_through_a_vllm_engine_matches_hf_scoring(make_config, t
 
 
 def test_vllm_teacher_scoring_refuses_what_it_cannot_score(make_config):
-    from tropd_cli.config import validate_train
+    from tropd_cli.validate import validate_train
 
     cfg = make_config(method={"name": "gkd"})
     cfg.rollout.backend, cfg.rollout.vllm.teacher_scoring = "vllm", True

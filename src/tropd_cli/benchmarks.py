@@ -14,9 +14,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tropd_cli.answers import extract_answer, extract_choice, gsm8k_gold, math_judge
+from tropd_cli.code_eval import (
+    called_functions,
+    extract_code,
+    extract_fenced,
+    lcb_func_name,
+    lcb_prompt,
+    load_humaneval,
+    mbpp_prompt,
+    score_humaneval,
+    score_livecodebench,
+    score_mbpp,
+)
 from tropd_cli.config import EvalTaskConfig
 from tropd_cli.data import Example, hub_records, read_records, reasoning_gym_examples
 from tropd_cli.errors import UserError
+from tropd_cli.instructions import check_following, unsupported
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CHOICE_INSTRUCTION = (
@@ -259,7 +272,6 @@ def _mmlu_redux_task(cfg: EvalTaskConfig, where: str) -> Task:
 
 
 def _humaneval_task(cfg: EvalTaskConfig, where: str) -> Task:
-    from tropd_cli.code_eval import extract_code, load_humaneval, score_humaneval
 
     examples = load_humaneval(cfg.path)
     examples = examples[: cfg.size] if cfg.size else examples
@@ -273,7 +285,6 @@ def _humaneval_task(cfg: EvalTaskConfig, where: str) -> Task:
 
 
 def _mbpp_task(cfg: EvalTaskConfig, where: str) -> Task:
-    from tropd_cli.code_eval import called_functions, extract_fenced, mbpp_prompt, score_mbpp
 
     rows = _rows(cfg, Source("google-research-datasets/mbpp", "full", "test"), where)
     examples = [
@@ -293,7 +304,6 @@ def _mbpp_task(cfg: EvalTaskConfig, where: str) -> Task:
 
 def _livecodebench_task(cfg: EvalTaskConfig, where: str) -> Task:
     """LiveCodeBench problems released in [options.start_date, options.end_date) (ISO dates, both optional)."""
-    from tropd_cli.code_eval import extract_fenced, lcb_func_name, lcb_prompt, score_livecodebench
 
     source = Source("livecodebench/code_generation_lite", "release_v6", "test")
     rows = _rows(cfg, source, where, cut=False)
@@ -333,7 +343,6 @@ def _instructions_task(cfg: EvalTaskConfig, where: str, source: Source) -> Task:
     Prompts with an instruction this project cannot check are refused, or with
     ``options.skip_unsupported: true`` left out (and counted in the results as ``skipped``).
     """
-    from tropd_cli.instructions import check_following, unsupported
 
     rows = _rows(cfg, source, where, cut=False)
     origin = _origin(cfg, source)

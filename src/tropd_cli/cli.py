@@ -11,7 +11,7 @@ import os
 import sys
 
 from tropd_cli import __version__
-from tropd_cli.errors import TRACE_ENV, first_line
+from tropd_cli.errors import TRACE_ENV, UserError, first_line
 
 SUBCOMMANDS = {
     "train": ("tropd_cli.commands.train", "distill a teacher into a student (TrOPD, OPD, SFT, ...)"),
@@ -112,8 +112,6 @@ def main(argv: list[str] | None = None) -> None:
 
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-
-    from tropd_cli.errors import UserError
 
     try:
         module.main()

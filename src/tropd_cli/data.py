@@ -40,7 +40,7 @@ def sft_target(example: Example, target_field: str | None) -> str | None:
 
 def reasoning_gym_examples(name: str, *, size: int, seed: int, kwargs: dict[str, Any]) -> tuple[list[Example], Any]:
     """Examples of a seeded reasoning-gym task; also returns the task object (it holds the scorer)."""
-    import reasoning_gym
+    import reasoning_gym  # lazy, like the task module below: reasoning-gym takes seconds to import
 
     from tropd_cli.worked_sum import register
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tropd_cli.device import resolve_device
 from tropd_cli.errors import UserError
 
 
@@ -72,8 +73,6 @@ def init_from_env(device: str, timeout_minutes: int = 60) -> tuple[Dist, torch.d
     CUDA ranks use NCCL on ``cuda:LOCAL_RANK``; CPU ranks use gloo. Single-process runs return
     :data:`SINGLE` and the device ``device`` names (``auto``: CUDA when visible).
     """
-    from tropd_cli.models import resolve_device
-
     info = env_world()
     if not info.enabled:
         return info, resolve_device(device)

@@ -29,24 +29,43 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
+import transformers
 from torch import Tensor
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tropd_cli import losses
+from tropd_cli import __version__, losses
+from tropd_cli.batch import RolloutBatch, completion_mask
 from tropd_cli.config import TrainConfig
 from tropd_cli.data import Example, dataset_prompts, examples_from_config
+from tropd_cli.distributed import Dist
 from tropd_cli.errors import UserError
-from tropd_cli.rollout import RolloutBatch, completion_mask, rollout, sample, seeded, tokenize_prompts
-from tropd_cli.scoring import full_vocab_kl
-
-if TYPE_CHECKING:
-    from tropd_cli.distributed import Dist
-    from tropd_cli.trainer import Trainer
+from tropd_cli.models import LoadedModel
+from tropd_cli.rng import seeded
+from tropd_cli.rollout import rollout, sample, tokenize_prompts
+from tropd_cli.scoring import full_vocab_kl, lm_head_weight, response_hidden
 
 log = logging.getLogger(__name__)
+
+
+class Run(Protocol):
+    """What the held-out set reads of the run (:class:`tropd_cli.trainer.Trainer` has it)."""
+
+    cfg: TrainConfig
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    teacher_device: torch.device
+    teacher: LoadedModel
+    teacher_sampler: Any  # an HF model, or one behind a ForwardAdapter
+    sampler: Any  # the student's sampling copy (its dtype is part of the cache key)
+    vocab: int
+    scoring_temperature: float
+
+    @property
+    def uses_engine(self) -> bool: ...
+
 
 #: Added to ``dataset.seed`` to draw the held-out prompts (and to sample the teacher's responses).
 SEED_OFFSET = 1_000_003
@@ -139,14 +158,10 @@ def heldout_examples(cfg: TrainConfig, train: Sequence[Example]) -> list[Example
 CACHE_VERSION = 1
 
 
-def cache_key(trainer: Trainer, examples: Sequence[Example]) -> str:
+def cache_key(trainer: Run, examples: Sequence[Example]) -> str:
     """The cache entry of a held-out set and of the untrained student's measurement on it: a hash of everything
     either depends on (both models and their dtypes, the sampling copy's, the prompts, the sampling and scoring
     settings, the devices and thread count, the library versions), and of nothing a method or a seed sets."""
-    import transformers
-
-    from tropd_cli import __version__
-
     cfg = trainer.cfg
     fields: dict[str, Any] = {
         "version": CACHE_VERSION,
@@ -198,7 +213,7 @@ class HeldOut:
     :func:`cache_key` wrote them, else compute and write them there: an ablation's cells share both.
     """
 
-    def __init__(self, trainer: Trainer, examples: list[Example], cache_dir: str | Path | None = None) -> None:
+    def __init__(self, trainer: Run, examples: list[Example], cache_dir: str | Path | None = None) -> None:
         if not examples:
             raise ValueError("HeldOut needs at least one example")
         cfg = self.cfg = trainer.cfg
@@ -216,9 +231,8 @@ class HeldOut:
         stored = _read(self.cache / "teacher.pt") if self.cache else None
         self.cached = stored is not None
         if stored is not None:
-            self.teacher_batch = RolloutBatch(
-                **{k: v.to(trainer.device) if isinstance(v, Tensor) else v for k, v in stored["batch"].items()}
-            )
+            fields: dict[str, Any] = stored["batch"]
+            self.teacher_batch = _moved(RolloutBatch(**fields), trainer.device)
             self.teacher_hidden = list(stored["hidden"])
             self.build_seconds = time.perf_counter() - t0
             return
@@ -307,8 +321,6 @@ class HeldOut:
     @torch.no_grad()
     def _teacher_hidden(self) -> list[Tensor]:
         """The teacher's final hidden states ``[N_chunk, H]`` at the response positions of each row chunk (CPU)."""
-        from tropd_cli.trainer import response_hidden
-
         model, device = self.trainer.teacher.model, self.trainer.teacher_device
         was_training = model.training
         model.eval()
@@ -319,8 +331,6 @@ class HeldOut:
 
     def _divergences(self, student: PreTrainedModel) -> dict[str, Tensor]:
         """Per-token full-vocabulary KLs and both log-probs at the teacher's tokens, over all held-out rows."""
-        from tropd_cli.trainer import lm_head_weight, response_hidden
-
         trainer = self.trainer
         device = trainer.device
         s_weight = lm_head_weight(student)[: trainer.vocab]

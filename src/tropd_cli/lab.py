@@ -31,8 +31,9 @@ from tropd_cli.config import (
     TrainConfig,
     TrustRegionConfig,
 )
+from tropd_cli.models import LAB_DIR
+from tropd_cli.trainer import train
 
-LAB_DIR = Path(__file__).resolve().parent / "lab_models"
 #: The task: chain_sum with two one-digit terms ("... 4 + 9 =" -> "13").
 TASK_KWARGS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
 
@@ -81,8 +82,6 @@ def sft_config(recipe: Recipe, *, steps: int | None = None, cache_dir: str | Non
 
 def build(role: str, out_dir: Path, *, steps: int | None = None) -> Path:
     """Train the ``role`` model (``teacher`` or ``student``) from scratch and save it as ``out_dir/role``."""
-    from tropd_cli.trainer import train
-
     target = out_dir / role
     with tempfile.TemporaryDirectory(prefix=f"lab-{role}-") as tmp:
         result = train(sft_config(RECIPES[role], steps=steps, cache_dir=tmp), output_dir=Path(tmp))

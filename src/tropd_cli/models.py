@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tropd_cli.config import LoraConfig, ModelConfig
+from tropd_cli.device import resolve_dtype
 from tropd_cli.errors import UserError, first_line
 from tropd_cli.hub import hub_offline, hub_reachable
 
@@ -27,8 +28,6 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -40,40 +39,6 @@ class LoadedModel:
 
 def default_cache_dir(cache_dir: str | None = None) -> Path:
     return Path(cache_dir or os.environ.get("TROPD_CACHE") or Path.home() / ".cache" / "tropd")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name} but no CUDA GPU is visible; use device=cpu or device=auto")
-    return torch.device(name)
-
-
-@functools.cache
-def fast_bf16(device_type: str) -> bool:
-    """Does this device run bf16 matmuls natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX)?"""
-    if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device_type != "cpu":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(name: str, device: torch.device, *, frozen: bool) -> torch.dtype:
-    """``auto``: bf16 for a frozen model (teacher, sampling copy) where bf16 is fast, fp32 otherwise.
-
-    A trained student stays fp32 under ``auto``: its optimizer needs full-precision weights.
-    """
-    if name == "auto":
-        return torch.bfloat16 if frozen and fast_bf16(device.type) else torch.float32
-    if name not in _DTYPES:
-        raise UserError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
-    return _DTYPES[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,12 +132,86 @@ def tiny_random(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerB
     return model, tokenizer
 
 
+# ---------------------------------------------------------------------------------------------
+# The shipped labs: the CPU lab's models (built by ``python -m tropd_cli.lab``) and the smol lab's LoRA adapters
+# (built by ``python -m tropd_cli.smol_lab``), merged into SmolLM2 on first use and cached.
+
+LAB_DIR = Path(__file__).resolve().parent / "lab_models"
+SMOL_DIR = LAB_DIR / "smol"
+TEACHER_ADAPTER = SMOL_DIR / "teacher_adapter"
+STUDENT_ADAPTER = SMOL_DIR / "student_adapter"
+ADAPTERS = {"teacher": TEACHER_ADAPTER, "student": STUDENT_ADAPTER}
+SMOL_BASE = "smollm2-135m-instruct"
+#: Beside the student adapter: which layers of the teacher it was trained on.
+LAYERS_FILE = "tropd_layers.json"
+
+
+def adapter_digest(path: Path) -> str:
+    """A short hash of an adapter's files: the cache key of the merged model."""
+    h = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        h.update((path / name).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _require_adapter(path: Path, role: str) -> None:
+    if not (path / "adapter_model.safetensors").exists():
+        raise UserError(
+            f"the smol-lab {role} adapter is missing from {path}; rebuild it with `python -m tropd_cli.smol_lab {role}`"
+        )
+
+
+def smol_lab_teacher_dir(cfg: ModelConfig, cache: Path) -> Path:
+    """The registry entry ``smol-lab-teacher``: SmolLM2 with the shipped adapter merged, built once and cached."""
+    _require_adapter(TEACHER_ADAPTER, "teacher")
+    target = cache / f"smol-lab-teacher-{adapter_digest(TEACHER_ADAPTER)}"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    base = REGISTRY[SMOL_BASE](ModelConfig(name=SMOL_BASE), cache)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="float32")
+    load_adapter_into(model, TEACHER_ADAPTER)
+    _save_atomic(model, AutoTokenizer.from_pretrained(base), target, f"{SMOL_BASE} + teacher adapter")
+    return target
+
+
+def smol_lab_student_dir(cfg: ModelConfig, cache: Path) -> Path:
+    """The registry entry ``smol-lab-student``: the merged teacher cut to the student's layers, with the shipped
+    student adapter merged, built once and cached."""
+    _require_adapter(STUDENT_ADAPTER, "student")
+    keep = json.loads((STUDENT_ADAPTER / LAYERS_FILE).read_text())["keep_layers"]
+    target = cache / f"smol-lab-student-{adapter_digest(TEACHER_ADAPTER)}-{adapter_digest(STUDENT_ADAPTER)}"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    teacher = smol_lab_teacher_dir(ModelConfig(name="smol-lab-teacher"), cache)
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype="float32")
+    drop_layers(model, keep)
+    load_adapter_into(model, STUDENT_ADAPTER)
+    source = f"smol-lab-teacher layers {keep} + student adapter"
+    _save_atomic(model, AutoTokenizer.from_pretrained(teacher), target, source)
+    return target
+
+
+def _save_atomic(model: Any, tokenizer: Any, target: Path, source: str) -> None:
+    """Save into a temp dir beside ``target``, then one rename: a killed build never leaves half a cache."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(source + "\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process built it first
+            if not (target / "model.safetensors").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _lab_dir(role: str) -> Callable[[ModelConfig, Path], Path]:
     """The CPU lab's teacher or student, shipped inside the package (see :mod:`tropd_cli.lab`)."""
 
     def path(cfg: ModelConfig, cache: Path) -> Path:
-        from tropd_cli.lab import LAB_DIR
-
         target = LAB_DIR / role
         if not (target / "config.json").exists():
             raise UserError(f"the lab {role} is missing from {LAB_DIR}; rebuild it with `python -m tropd_cli.lab`")
@@ -192,9 +231,7 @@ REGISTRY: dict[str, Callable[[ModelConfig, Path], Path]] = {
 
 def _smol_lab(role: str, cfg: ModelConfig, cache: Path) -> Path:
     """The real-LM lab's teacher or student: SmolLM2 with shipped LoRA adapters merged (:mod:`tropd_cli.smol_lab`)."""
-    from tropd_cli.smol_lab import student_dir, teacher_dir
-
-    return teacher_dir(cfg, cache) if role == "teacher" else student_dir(cfg, cache)
+    return smol_lab_teacher_dir(cfg, cache) if role == "teacher" else smol_lab_student_dir(cfg, cache)
 
 
 BUILDERS = {"tiny-random": tiny_random}

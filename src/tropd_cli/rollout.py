@@ -4,56 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-if TYPE_CHECKING:
-    from tropd_cli.vllm_backend import VLLMEngine
-
-
-@dataclass
-class RolloutBatch:
-    """Sequences laid out as ``[prompt (left-padded, P) | response (right-padded, T)]``."""
-
-    input_ids: Tensor  # [B, P + T]
-    attention_mask: Tensor  # [B, P + T]
-    prompt_len: int  # P
-    response_mask: Tensor  # [B, T] bool: generated tokens, up to and including the first EOS
-    prefix_mask: Tensor  # [B, T] bool: tokens written by the teacher (guidance prefix)
-    prompt_index: Tensor  # [B] index of each row's prompt in the step's prompt list
-
-    @property
-    def response_ids(self) -> Tensor:
-        return self.input_ids[:, self.prompt_len :]
-
-    def rows(self, index: Tensor | slice) -> RolloutBatch:
-        return RolloutBatch(
-            input_ids=self.input_ids[index],
-            attention_mask=self.attention_mask[index],
-            prompt_len=self.prompt_len,
-            response_mask=self.response_mask[index],
-            prefix_mask=self.prefix_mask[index],
-            prompt_index=self.prompt_index[index],
-        )
-
-
-def seeded(*keys: int) -> int:
-    """A 63-bit seed from integer keys such as (seed, step, stream): same keys, same randomness."""
-    value = 0x9E3779B97F4A7C15
-    for key in keys:
-        value = (value ^ (int(key) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        value ^= value >> 31
-    return value & 0x7FFFFFFFFFFFFFFF
-
-
-def generator(*keys: int) -> torch.Generator:
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(seeded(*keys))
-    return gen
+from tropd_cli.batch import RolloutBatch, completion_mask
+from tropd_cli.rng import generator, seeded
+from tropd_cli.vllm_backend import VLLMEngine, sample_with_engine
 
 
 def tokenize_prompts(
@@ -71,16 +30,6 @@ def tokenize_prompts(
         add_special_tokens=False,  # the chat template already wrote them
     )
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
-
-
-def completion_mask(tokens: Tensor, eos_token_id: int | list[int] | None) -> Tensor:
-    """1 on generated tokens up to and including the first EOS; 0 after it (padding)."""
-    if eos_token_id is None:
-        return torch.ones_like(tokens, dtype=torch.bool)
-    eos_ids = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=tokens.device)
-    is_eos = torch.isin(tokens, eos_ids).long()
-    ended_before = (is_eos.cumsum(-1) - is_eos) > 0
-    return ~ended_before
 
 
 def _top_p_filter(probs: Tensor, top_p: float) -> Tensor:
@@ -220,8 +169,6 @@ def sample(
             stop_check=stop_check,
         )
     if backend == "vllm":
-        from tropd_cli.vllm_backend import sample_with_engine
-
         if isinstance(model, torch.nn.Module):
             raise TypeError("backend='vllm' samples from a VLLMEngine, not a torch module; use loop or generate")
         return sample_with_engine(

@@ -9,19 +9,14 @@ backward (the Liger-kernel approach), so peak memory is O(chunk x V), never O(N 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from transformers import PreTrainedModel
 
-
-@dataclass
-class TeacherScores:
-    """Teacher statistics at N flattened response positions (all detached)."""
-
-    logp: Tensor  # [N] log pi_T of the sampled token
-    topk_ids: Tensor  # [N, k] the teacher's k most likely next tokens
-    topk_logp: Tensor  # [N, k] their full-vocabulary log-probs
-    entropy: Tensor  # [N]
+from tropd_cli.batch import RolloutBatch, TeacherScores
+from tropd_cli.losses import generalized_jsd
 
 
 def _score_dtype(hidden: Tensor) -> torch.dtype:
@@ -251,8 +246,6 @@ class _ChunkedGeneralizedJSD(torch.autograd.Function):
         chunk_size: int,
         inv_temperature: float,
     ) -> Tensor:
-        from tropd_cli.losses import generalized_jsd
-
         n = student_hidden.shape[0]
         out = torch.empty(n, dtype=_score_dtype(student_hidden), device=student_hidden.device)
         for start in range(0, n, chunk_size):
@@ -266,8 +259,6 @@ class _ChunkedGeneralizedJSD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        from tropd_cli.losses import generalized_jsd
-
         s_hidden, s_weight, t_hidden, t_weight = ctx.saved_tensors
         inv_t = ctx.inv_temperature
         grad_hidden = torch.zeros_like(s_hidden) if ctx.needs_input_grad[0] else None
@@ -316,3 +307,149 @@ def generalized_jsd_chunked(
         chunk_size,
         1.0 / temperature,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The models' forwards at response positions: hidden states, the scorers the trainer runs, their adapters
+
+
+def response_hidden(model: PreTrainedModel, batch: RolloutBatch) -> Tensor:
+    """Final hidden states that predict each response token, flattened to ``[N, H]`` (N = valid tokens)."""
+    return _response_hidden(model, batch.input_ids, batch.attention_mask, batch.prompt_len, batch.response_mask)
+
+
+def _response_hidden(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, response_mask: Tensor
+) -> Tensor:
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    out = model.get_decoder()(  # type: ignore[operator]
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state[:, prompt_len - 1 : -1]  # position t-1 predicts token t
+    return hidden[response_mask]
+
+
+class StudentScorer(nn.Module):
+    """The student's training forward: backbone, then chunked lm_head scoring at response positions.
+
+    One module, so that under FSDP its root (embeddings, final norm, lm_head) is gathered for the whole
+    forward and backward, like any model forward. ``bf16``: the backbone runs under bf16 autocast and
+    the lm_head projection in bf16 (log-softmax in fp32); the fp32 weights stay the optimizer's.
+    """
+
+    def __init__(self, model: PreTrainedModel, *, chunk_size: int, temperature: float, bf16: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size, self.temperature, self.bf16 = chunk_size, temperature, bf16
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_mask: Tensor,
+        prompt_len: int,
+        gather_ids: Tensor | None = None,
+        teacher_hidden: Tensor | None = None,
+        teacher_weight: Tensor | None = None,
+        gkd_beta: float = 0.5,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``(logp [N], gathered [N, k], entropy [N], generalized JSD [N] or None)`` at response tokens."""
+        device_type = input_ids.device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16 and device_type in ("cuda", "cpu")):
+            hidden = _response_hidden(self.model, input_ids, attention_mask, prompt_len, response_mask)
+        weight = lm_head_weight(self.model)  # type: ignore[arg-type]
+        if self.bf16:
+            hidden = hidden.to(torch.bfloat16)
+        if weight.dtype != hidden.dtype:
+            weight = weight.to(hidden.dtype)  # differentiable cast: gradients reach the fp32 weight
+        targets = input_ids[:, prompt_len:][response_mask]
+        logp, gathered, entropy = student_scores(
+            hidden, weight, targets, gather_ids, chunk_size=self.chunk_size, temperature=self.temperature
+        )
+        full = None
+        if teacher_hidden is not None and teacher_weight is not None:
+            full = generalized_jsd_chunked(
+                hidden,
+                weight,
+                teacher_hidden,
+                teacher_weight,
+                beta=gkd_beta,
+                chunk_size=self.chunk_size,
+                temperature=self.temperature,
+            )
+        return logp, gathered, entropy, full
+
+
+class TeacherScorer(nn.Module):
+    """The teacher's scoring forward (no gradients), as one module so that a sharded teacher gathers its root."""
+
+    def __init__(
+        self, model: PreTrainedModel, *, chunk_size: int, temperature: float, vocab: int | None = None
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size, self.temperature = chunk_size, temperature
+        self.vocab = vocab  # score over the first `vocab` lm_head rows (the student's; None = all)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_mask: Tensor,
+        prompt_len: int,
+        top_k: int,
+        keep_weight: bool = False,
+    ) -> tuple[TeacherScores, Tensor, Tensor | None]:
+        """Teacher statistics at response tokens, its hidden states there and, with ``keep_weight``, a copy of
+        its lm_head (GKD; a copy because a sharded teacher frees its gathered weights after forward)."""
+        hidden = _response_hidden(self.model, input_ids, attention_mask, prompt_len, response_mask)
+        weight = lm_head_weight(self.model)  # type: ignore[arg-type]
+        if self.vocab is not None and weight.shape[0] > self.vocab:
+            weight = weight[: self.vocab]
+        targets = input_ids[:, prompt_len:][response_mask]
+        scores = teacher_scores(
+            hidden, weight, targets, top_k=top_k, chunk_size=self.chunk_size, temperature=self.temperature
+        )
+        return scores, hidden, weight.detach().clone() if keep_weight else None
+
+    def lm_forward(self, **kwargs: Any) -> Any:
+        """The wrapped model's own forward (sampling guidance prefixes); under FSDP a registered forward method."""
+        return self.model(**kwargs)
+
+
+class ForwardAdapter:
+    """What the sampling loop needs from a model (``__call__``, ``eval``/``train``), for a teacher that is
+    sharded (calls go through :meth:`TeacherScorer.lm_forward`) or on another device (inputs moved there,
+    logits moved back)."""
+
+    def __init__(self, forward: Any, device: torch.device, home: torch.device) -> None:
+        self.forward, self.device, self.home = forward, device, home
+        self.training = False
+
+    def __call__(self, **kwargs: Any) -> Any:
+        moved = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+        out = self.forward(**moved)
+        if self.device != self.home:
+            out.logits = out.logits.to(self.home)
+        return out
+
+    def eval(self) -> ForwardAdapter:
+        return self
+
+    def train(self, mode: bool = True) -> ForwardAdapter:
+        return self
+
+
+def to_grid(values: Tensor, mask: Tensor) -> Tensor:
+    """Scatter flattened per-token values ``[N, ...]`` back to ``[b, T, ...]`` (zeros elsewhere)."""
+    out = values.new_zeros(tuple(mask.shape) + tuple(values.shape[1:]))
+    out[mask] = values
+    return out
+
+
+def lm_head_weight(model: PreTrainedModel) -> Tensor:
+    return model.get_output_embeddings().weight

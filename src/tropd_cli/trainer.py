@@ -19,30 +19,23 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tropd_cli import checkpoint, heldout, losses
+from tropd_cli import checkpoint, heldout, losses, vllm_backend
 from tropd_cli import distributed as D
+from tropd_cli.batch import RolloutBatch, TeacherScores
 from tropd_cli.config import TrainConfig
 from tropd_cli.data import Example, dataset_prompts, examples_from_config, sft_target
+from tropd_cli.device import fast_bf16, resolve_device, resolve_dtype
 from tropd_cli.distributed import SINGLE, Dist
 from tropd_cli.errors import UserError
 from tropd_cli.evaluation import SuiteTasks, evaluate, load_suites
 from tropd_cli.methods import TokenInputs, get_method
-from tropd_cli.models import (
-    LoadedModel,
-    default_cache_dir,
-    fast_bf16,
-    load_pair,
-    merge_lora,
-    resolve_device,
-    resolve_dtype,
-    save_adapter,
-    shared_vocab,
-)
-from tropd_cli.rollout import RolloutBatch, generator, prefix_cap, rollout, seeded, tokenize_prompts
-from tropd_cli.scoring import TeacherScores, generalized_jsd_chunked, student_scores, teacher_scores
+from tropd_cli.models import LoadedModel, default_cache_dir, load_pair, merge_lora, save_adapter, shared_vocab
+from tropd_cli.rng import generator, seeded
+from tropd_cli.rollout import prefix_cap, rollout, tokenize_prompts
+from tropd_cli.scoring import ForwardAdapter, StudentScorer, TeacherScorer, to_grid
 
 log = logging.getLogger(__name__)
 
@@ -90,152 +83,6 @@ class PromptOrder:
             perm = torch.randperm(self.n, generator=generator(self.seed, epoch, 17))
             out.append(int(perm[offset]))
         return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Scoring helpers
-
-
-def response_hidden(model: PreTrainedModel, batch: RolloutBatch) -> Tensor:
-    """Final hidden states that predict each response token, flattened to ``[N, H]`` (N = valid tokens)."""
-    return _response_hidden(model, batch.input_ids, batch.attention_mask, batch.prompt_len, batch.response_mask)
-
-
-def _response_hidden(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, response_mask: Tensor
-) -> Tensor:
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-    out = model.get_decoder()(  # type: ignore[operator]
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-    )
-    hidden = out.last_hidden_state[:, prompt_len - 1 : -1]  # position t-1 predicts token t
-    return hidden[response_mask]
-
-
-class StudentScorer(nn.Module):
-    """The student's training forward: backbone, then chunked lm_head scoring at response positions.
-
-    One module, so that under FSDP its root (embeddings, final norm, lm_head) is gathered for the whole
-    forward and backward, like any model forward. ``bf16``: the backbone runs under bf16 autocast and
-    the lm_head projection in bf16 (log-softmax in fp32); the fp32 weights stay the optimizer's.
-    """
-
-    def __init__(self, model: PreTrainedModel, *, chunk_size: int, temperature: float, bf16: bool) -> None:
-        super().__init__()
-        self.model = model
-        self.chunk_size, self.temperature, self.bf16 = chunk_size, temperature, bf16
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        response_mask: Tensor,
-        prompt_len: int,
-        gather_ids: Tensor | None = None,
-        teacher_hidden: Tensor | None = None,
-        teacher_weight: Tensor | None = None,
-        gkd_beta: float = 0.5,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """``(logp [N], gathered [N, k], entropy [N], generalized JSD [N] or None)`` at response tokens."""
-        device_type = input_ids.device.type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16 and device_type in ("cuda", "cpu")):
-            hidden = _response_hidden(self.model, input_ids, attention_mask, prompt_len, response_mask)
-        weight = lm_head_weight(self.model)  # type: ignore[arg-type]
-        if self.bf16:
-            hidden = hidden.to(torch.bfloat16)
-        if weight.dtype != hidden.dtype:
-            weight = weight.to(hidden.dtype)  # differentiable cast: gradients reach the fp32 weight
-        targets = input_ids[:, prompt_len:][response_mask]
-        logp, gathered, entropy = student_scores(
-            hidden, weight, targets, gather_ids, chunk_size=self.chunk_size, temperature=self.temperature
-        )
-        full = None
-        if teacher_hidden is not None and teacher_weight is not None:
-            full = generalized_jsd_chunked(
-                hidden,
-                weight,
-                teacher_hidden,
-                teacher_weight,
-                beta=gkd_beta,
-                chunk_size=self.chunk_size,
-                temperature=self.temperature,
-            )
-        return logp, gathered, entropy, full
-
-
-class TeacherScorer(nn.Module):
-    """The teacher's scoring forward (no gradients), as one module so that a sharded teacher gathers its root."""
-
-    def __init__(
-        self, model: PreTrainedModel, *, chunk_size: int, temperature: float, vocab: int | None = None
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.chunk_size, self.temperature = chunk_size, temperature
-        self.vocab = vocab  # score over the first `vocab` lm_head rows (the student's; None = all)
-
-    @torch.no_grad()
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        response_mask: Tensor,
-        prompt_len: int,
-        top_k: int,
-        keep_weight: bool = False,
-    ) -> tuple[TeacherScores, Tensor, Tensor | None]:
-        """Teacher statistics at response tokens, its hidden states there and, with ``keep_weight``, a copy of
-        its lm_head (GKD; a copy because a sharded teacher frees its gathered weights after forward)."""
-        hidden = _response_hidden(self.model, input_ids, attention_mask, prompt_len, response_mask)
-        weight = lm_head_weight(self.model)  # type: ignore[arg-type]
-        if self.vocab is not None and weight.shape[0] > self.vocab:
-            weight = weight[: self.vocab]
-        targets = input_ids[:, prompt_len:][response_mask]
-        scores = teacher_scores(
-            hidden, weight, targets, top_k=top_k, chunk_size=self.chunk_size, temperature=self.temperature
-        )
-        return scores, hidden, weight.detach().clone() if keep_weight else None
-
-    def lm_forward(self, **kwargs: Any) -> Any:
-        """The wrapped model's own forward (sampling guidance prefixes); under FSDP a registered forward method."""
-        return self.model(**kwargs)
-
-
-class ForwardAdapter:
-    """What the sampling loop needs from a model (``__call__``, ``eval``/``train``), for a teacher that is
-    sharded (calls go through :meth:`TeacherScorer.lm_forward`) or on another device (inputs moved there,
-    logits moved back)."""
-
-    def __init__(self, forward: Any, device: torch.device, home: torch.device) -> None:
-        self.forward, self.device, self.home = forward, device, home
-        self.training = False
-
-    def __call__(self, **kwargs: Any) -> Any:
-        moved = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
-        out = self.forward(**moved)
-        if self.device != self.home:
-            out.logits = out.logits.to(self.home)
-        return out
-
-    def eval(self) -> ForwardAdapter:
-        return self
-
-    def train(self, mode: bool = True) -> ForwardAdapter:
-        return self
-
-
-def to_grid(values: Tensor, mask: Tensor) -> Tensor:
-    """Scatter flattened per-token values ``[N, ...]`` back to ``[b, T, ...]`` (zeros elsewhere)."""
-    out = values.new_zeros(tuple(mask.shape) + tuple(values.shape[1:]))
-    out[mask] = values
-    return out
-
-
-def lm_head_weight(model: PreTrainedModel) -> Tensor:
-    return model.get_output_embeddings().weight
 
 
 class Metrics:
@@ -416,8 +263,6 @@ class Trainer:
     def _make_engines(self) -> Any:
         """``rollout.backend=vllm``: a colocated vLLM engine of the student (and of the teacher with
         ``rollout.vllm.teacher_scoring``), started from the weights saved here once and asleep until used."""
-        from tropd_cli import vllm_backend
-
         cfg, v = self.cfg, self.cfg.rollout.vllm
         root = Path(D.broadcast_object(str(self.work_dir or tempfile.mkdtemp(prefix="tropd-vllm-")), self.dist))
         self._engine_dir = root
@@ -711,12 +556,10 @@ class Trainer:
         """Teacher statistics at a micro-batch's response positions (and its hidden states and lm_head for GKD)."""
         top_k = min(self.cfg.method.top_k, self.vocab) if self.method.needs_topk else 0
         if self.scores_by_engine:  # rollout.vllm.teacher_scoring (validated: not gkd/eopd, temperature 1)
-            from tropd_cli.vllm_backend import scoring_sequences
-
             if self.device.type == "cuda" and getattr(self.teacher_engine, "asleep", False):
                 torch.cuda.empty_cache()  # before the engine wakes (see make_batch)
 
-            sequences, start = scoring_sequences(mb)
+            sequences, start = vllm_backend.scoring_sequences(mb)
             scores = self.teacher_engine.teacher_scores(
                 sequences, start, top_k=top_k, temperature=self.scoring_temperature, device=self.device
             )

@@ -49,9 +49,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tropd_cli.batch import RolloutBatch, TeacherScores, completion_mask
 from tropd_cli.errors import UserError, first_line
-from tropd_cli.rollout import RolloutBatch, completion_mask, seeded
-from tropd_cli.scoring import TeacherScores
+from tropd_cli.rng import seeded
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from tropd_cli.commands.common import CONF_DIR, hydra_output_dir, quiet_libraries, require, to_object
-from tropd_cli.config import AblateConfig, EvalConfig, EvalSuiteConfig, ModelConfig, TrainConfig, validate_train
+from tropd_cli.config import AblateConfig, EvalConfig, EvalSuiteConfig, ModelConfig, TrainConfig
 from tropd_cli.errors import exit_on_user_error
+from tropd_cli.validate import validate_train
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="ablate")
@@ -118,8 +119,9 @@ def _score_references(
     from rich.markup import escape
 
     from tropd_cli.ablation import cell_record
+    from tropd_cli.device import resolve_device
     from tropd_cli.evaluation import load_suites
-    from tropd_cli.models import default_cache_dir, load_student, model_label, resolve_device
+    from tropd_cli.models import default_cache_dir, load_student, model_label
     from tropd_cli.trainer import eval_metrics
 
     if ab.threads:
@@ -194,9 +196,10 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     score_references(ab, sweep_dir(), console)
 
     from tropd_cli.ablation import cell_record
+    from tropd_cli.device import resolve_device
     from tropd_cli.evaluation import load_suites
     from tropd_cli.loggers import build_hooks
-    from tropd_cli.models import default_cache_dir, load_model, resolve_device
+    from tropd_cli.models import default_cache_dir, load_model
     from tropd_cli.trainer import eval_metrics, train
 
     out.mkdir(parents=True, exist_ok=True)

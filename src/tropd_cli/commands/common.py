@@ -9,12 +9,21 @@ import warnings
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from tropd_cli.config import register_configs
+from tropd_cli.config import AblateConfig, EvalConfig, TrainConfig
 from tropd_cli.errors import UserError
 
 T = TypeVar("T")
+
+
+def register_configs() -> None:
+    """Register the schemas; YAML files extend them through their defaults lists."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="ablate_schema", node=AblateConfig)
 
 
 def conf_dir() -> str:

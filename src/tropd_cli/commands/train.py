@@ -17,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from tropd_cli.commands.common import CONF_DIR, hydra_output_dir, quiet_libraries, to_object
-from tropd_cli.config import TrainConfig, validate_train
+from tropd_cli.config import TrainConfig
 from tropd_cli.errors import exit_on_user_error
+from tropd_cli.validate import validate_train
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
