@@ -49,7 +49,7 @@ def generation(model_name: str, quick: bool) -> dict[str, Any]:
 
     from tropd_cli.config import EvalSuiteConfig, EvalTaskConfig, ModelConfig
     from tropd_cli.data import format_prompt
-    from tropd_cli.evaluation import generate, load_suites
+    from tropd_cli.evals.engine import generate, load_suites
     from tropd_cli.models import default_cache_dir, load_model
 
     kwargs = {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}
@@ -105,7 +105,7 @@ def generation(model_name: str, quick: bool) -> dict[str, Any]:
 
 
 def math_scoring(quick: bool) -> dict[str, Any]:
-    from tropd_cli.answers import MathJudge
+    from tropd_cli.evals.answers import MathJudge
 
     pairs = MATH_PAIRS * (1 if quick else 12)
     out: dict[str, Any] = {"pairs": len(pairs)}
@@ -122,7 +122,7 @@ def math_scoring(quick: bool) -> dict[str, Any]:
 
 
 def code_scoring(quick: bool) -> dict[str, Any]:
-    from tropd_cli.code_eval import load_humaneval, score_humaneval
+    from tropd_cli.evals.code import load_humaneval, score_humaneval
 
     examples = load_humaneval()[: 16 if quick else None]
     completions = [ex.metadata["canonical_solution"] for ex in examples]

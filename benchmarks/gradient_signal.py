@@ -41,7 +41,7 @@ def gradients(overrides: list[str], batches: int) -> tuple[list[torch.Tensor], l
     from tropd_cli.data import examples_from_config
     from tropd_cli.device import resolve_device
     from tropd_cli.models import default_cache_dir, load_pair
-    from tropd_cli.trainer import Trainer
+    from tropd_cli.train.trainer import Trainer
     from tropd_cli.validate import validate_train
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

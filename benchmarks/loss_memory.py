@@ -172,7 +172,7 @@ def _tropd_objective(x: dict[str, Any], logp, student_topk_logp, teacher_logp, t
     """tropd_loss(outlier='fkl') with a Bernoulli trust mask, reduced once by masked_mean (as the trainer does)."""
     import torch
 
-    from tropd_cli import losses
+    from tropd_cli.train import losses
 
     b = x["batch"]
     logp = logp.view(b, -1)
@@ -194,7 +194,7 @@ def _tropd_objective(x: dict[str, Any], logp, student_topk_logp, teacher_logp, t
 
 
 def loss_tropd(x: dict[str, Any], chunk_size: int):
-    from tropd_cli.scoring import student_scores, teacher_scores
+    from tropd_cli.train.scoring import student_scores, teacher_scores
 
     teacher = teacher_scores(
         x["teacher_hidden"], x["teacher_weight"], x["token_ids"], top_k=x["top_k"], chunk_size=chunk_size
@@ -309,7 +309,7 @@ def source_sha() -> str:
     """Fingerprint of the project code a path runs (scoring and losses), so rows from different versions show."""
     import hashlib
 
-    from tropd_cli import losses, scoring
+    from tropd_cli.train import losses, scoring
 
     digest = hashlib.sha256()
     for module in (scoring, losses):

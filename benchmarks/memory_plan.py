@@ -305,7 +305,7 @@ def child_main() -> None:
     from tropd_cli.commands.common import register_configs
     from tropd_cli.data import examples_from_config
     from tropd_cli.models import default_cache_dir, load_pair
-    from tropd_cli.trainer import Trainer
+    from tropd_cli.train.trainer import Trainer
     from tropd_cli.validate import validate_train
 
     torch.set_num_threads(2)

@@ -149,7 +149,7 @@ def run_tropd(setup: Setup, *, fp32: bool) -> dict[str, Any]:
     )
     from tropd_cli.data import load_examples
     from tropd_cli.models import default_cache_dir, load_pair
-    from tropd_cli.trainer import Trainer
+    from tropd_cli.train.trainer import Trainer
     from tropd_cli.validate import validate_train
 
     teacher_cfg, student_cfg = model_configs(setup, teacher_dtype="float32" if fp32 else "auto")

@@ -27,14 +27,14 @@ from tropd_cli.config import (
 )
 from tropd_cli.data import Example, load_examples
 from tropd_cli.models import LoadedModel, load_pair
-from tropd_cli.trainer import TrainResult, train
+from tropd_cli.train.trainer import TrainResult, train
 
 CPU = torch.device("cpu")
 
 
 def greedy_accuracy(name: str, task: EvalTaskConfig, *, max_new_tokens: int, cache_dir: Path) -> float:
     """The registry model ``name``'s greedy score on one eval task, all problems in one batch."""
-    from tropd_cli.evaluation import evaluate, load_suites
+    from tropd_cli.evals.engine import evaluate, load_suites
     from tropd_cli.models import load_model
 
     loaded = load_model(ModelConfig(name=name), device=CPU, cache_dir=cache_dir, frozen=True)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tropd_cli.answers import (
+from tropd_cli.evals.answers import (
     MathJudge,
     extract_answer,
     extract_choice,

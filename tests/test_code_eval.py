@@ -16,7 +16,8 @@ import zlib
 
 import pytest
 
-from tropd_cli.code_eval import (
+from tropd_cli.errors import UserError
+from tropd_cli.evals.code import (
     LCB_PASS_LINE,
     extract_code,
     extract_fenced,
@@ -34,7 +35,6 @@ from tropd_cli.code_eval import (
     score_livecodebench,
     score_mbpp,
 )
-from tropd_cli.errors import UserError
 
 PROMPT = 'from typing import List\n\n\ndef total(xs: List[int]) -> int:\n    """Sum of xs."""\n'
 

@@ -20,9 +20,9 @@ from tropd_cli.config import ModelConfig, TrainConfig
 from tropd_cli.data import format_prompt
 from tropd_cli.errors import UserError
 from tropd_cli.models import LoadedModel
-from tropd_cli.rollout import rollout, tokenize_prompts
-from tropd_cli.scoring import lm_head_weight, response_hidden, student_scores
-from tropd_cli.trainer import Trainer, train
+from tropd_cli.rollout.sampling import rollout, tokenize_prompts
+from tropd_cli.train.scoring import lm_head_weight, response_hidden, student_scores
+from tropd_cli.train.trainer import Trainer, train
 
 CPU = torch.device("cpu")
 LOGGED = (
@@ -335,7 +335,7 @@ def test_student_equal_to_teacher_has_zero_reward_and_full_trust(make_config, lo
 
 
 def test_gradient_checkpointing_gives_the_same_step(make_config, tmp_path):
-    from tropd_cli.trainer import train
+    from tropd_cli.train.trainer import train
 
     plain = train(make_config(steps=2), output_dir=tmp_path / "plain")
     checkpointed = train(make_config(steps=2, student={"gradient_checkpointing": True}), output_dir=tmp_path / "ckpt")
@@ -355,7 +355,7 @@ def test_gradient_checkpointing_gives_the_same_step(make_config, tmp_path):
 
 def test_bf16_scorer_tracks_fp32_and_its_gradients_reach_the_fp32_weights(rollout_models):
     """precision=bf16: bf16 autocast backbone and lm_head, fp32 log-softmax, gradients into fp32 weights."""
-    from tropd_cli.scoring import StudentScorer
+    from tropd_cli.train.scoring import StudentScorer
 
     _, student, _, _ = rollout_models
     batch = make_rollout(rollout_models, seed=5, prefix_max=3)
@@ -405,7 +405,7 @@ def test_attention_implementation_is_applied_and_sdpa_equals_eager(make_config, 
 
 def test_a_teacher_behind_the_forward_adapter_samples_the_same_prefixes(rollout_models):
     """teacher_device / distributed.shard_teacher sample guidance prefixes through ForwardAdapter."""
-    from tropd_cli.scoring import ForwardAdapter
+    from tropd_cli.train.scoring import ForwardAdapter
 
     teacher, student, prompt_ids, prompt_mask = rollout_models
     direct = make_rollout(rollout_models, seed=11, prefix_max=6)
@@ -421,7 +421,7 @@ def test_a_teacher_with_a_padded_lm_head_is_scored_over_the_shared_rows(rollout_
     import copy
 
     from tropd_cli.models import shared_vocab
-    from tropd_cli.scoring import TeacherScorer
+    from tropd_cli.train.scoring import TeacherScorer
 
     teacher, student, _, _ = rollout_models
     vocab = lm_head_weight(student.model).shape[0]
@@ -471,7 +471,7 @@ def test_guided_continuations_stop_at_each_rows_budget(rollout_models):
     prefix = with_limits.prefix_mask.sum(-1)
     assert prefix.max() > prefix.min()  # uneven prefixes
 
-    import tropd_cli.rollout as rollout_mod
+    import tropd_cli.rollout.sampling as rollout_mod
 
     original = rollout_mod._sample_loop
 
@@ -493,7 +493,7 @@ def test_guided_continuations_stop_at_each_rows_budget(rollout_models):
 
 def test_chunked_sampling_bounds_the_batch_and_keeps_greedy_outputs(rollout_models):
     _, student, prompt_ids, prompt_mask = rollout_models
-    from tropd_cli.rollout import sample
+    from tropd_cli.rollout.sampling import sample
 
     kwargs = dict(max_new_tokens=10, temperature=0.0, eos_token_id=None, pad_token_id=0, seed=1)
     whole_log = ForwardLog(student.model)
@@ -523,7 +523,7 @@ def test_sampling_applies_the_lm_head_to_contiguous_rows_of_one_position(rollout
     """The prefill's LM head gets a contiguous ``[B, 1, H]``: a strided slice of the prompt's hidden states sent
     torch's bf16 CPU ``linear`` through a per-row copy of the whole [V, H] weight (10 s per 100-row eval batch)."""
     _, student, prompt_ids, prompt_mask = rollout_models
-    from tropd_cli.rollout import sample
+    from tropd_cli.rollout.sampling import sample
 
     seen: list[tuple[tuple[int, ...], bool]] = []
     head = student.model.get_output_embeddings()

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from tropd_cli.benchmarks import BENCHMARKS, load_task
 from tropd_cli.config import EvalTaskConfig
 from tropd_cli.errors import UserError
-from tropd_cli.evaluation import task_metrics
+from tropd_cli.evals.benchmarks import BENCHMARKS, load_task
+from tropd_cli.evals.engine import task_metrics
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tropd_cli.config import EvalSuiteConfig, EvalTaskConfig, ModelConfig
-from tropd_cli.evaluation import (
+from tropd_cli.evals.engine import (
     apply_stop,
     evaluate,
     find_stop,
@@ -17,7 +17,7 @@ from tropd_cli.evaluation import (
     task_metrics,
 )
 from tropd_cli.models import tiny_random
-from tropd_cli.trainer import train
+from tropd_cli.train.trainer import train
 
 # ---------------------------------------------------------------------------------------------
 # Stop strings
@@ -67,8 +67,8 @@ def test_avg_pass_and_maj_by_hand():
 
 
 def test_majority_vote_groups_answers_by_the_grading_equality():
-    from tropd_cli.answers import math_judge
-    from tropd_cli.evaluation import vote
+    from tropd_cli.evals.answers import math_judge
+    from tropd_cli.evals.engine import vote
 
     answers = ["3", "0.5", "\\frac{1}{2}", "3", "1/2", ""]
     assert vote(answers) == 0  # by spelling: "3" twice beats each spelling of one half

@@ -17,7 +17,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from tropd_cli.config import EvalSuiteConfig
-from tropd_cli.evaluation import load_suites, rescore
+from tropd_cli.evals.engine import load_suites, rescore
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "graders"

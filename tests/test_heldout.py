@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tropd_cli import heldout
 from tropd_cli.config import ModelConfig, TrainConfig
 from tropd_cli.data import examples_from_config
 from tropd_cli.errors import UserError
-from tropd_cli.losses import outlier_probability, trust_region_mask
-from tropd_cli.scoring import full_vocab_kl
-from tropd_cli.trainer import Trainer, train
+from tropd_cli.train import heldout
+from tropd_cli.train.losses import outlier_probability, trust_region_mask
+from tropd_cli.train.scoring import full_vocab_kl
+from tropd_cli.train.trainer import Trainer, train
 
 
 def held_out_set(cfg: TrainConfig, load_models) -> tuple[heldout.HeldOut, Trainer]:

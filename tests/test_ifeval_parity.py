@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tropd_cli.benchmarks import load_task
 from tropd_cli.config import EvalSuiteConfig, EvalTaskConfig
-from tropd_cli.evaluation import score_samples
-from tropd_cli.instructions import check_following
+from tropd_cli.evals.benchmarks import load_task
+from tropd_cli.evals.engine import score_samples
+from tropd_cli.evals.instructions import check_following
 
 FIXTURE = Path(__file__).parent / "data" / "ifeval" / "gpt4_google_verdicts.jsonl.gz"
 # A reasoning block of the kind that broke every instruction when graded as the answer: commas, capitals,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tropd_cli.instructions import check_following, unsupported
+from tropd_cli.evals.instructions import check_following, unsupported
 
 FIXTURE = Path(__file__).parent / "data" / "ifbench" / "upstream_verdicts.jsonl.gz"
 

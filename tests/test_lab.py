@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import tropd_cli.commands.common  # noqa: F401  (registers the schemas)
 from conftest import greedy_accuracy
 from tropd_cli.config import EvalTaskConfig, ModelConfig, TrainConfig
-from tropd_cli.evaluation import load_suites
+from tropd_cli.evals.engine import load_suites
 from tropd_cli.lab import TASK_KWARGS, build
 from tropd_cli.models import LAB_DIR, load_model
 
@@ -42,7 +42,7 @@ def test_the_shipped_teacher_knows_the_task_and_the_student_does_not():
 
 
 def test_experiment_lab_composes_and_trains(tmp_path):
-    from tropd_cli.trainer import train
+    from tropd_cli.train.trainer import train
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("train", ["experiment=lab", "steps=2", f"cache_dir={tmp_path}"]))
@@ -56,7 +56,7 @@ def test_experiment_lab_composes_and_trains(tmp_path):
 def test_training_prompts_never_appear_in_the_eval_suite(experiment, tmp_path):
     """The leak the char lab had (120 of its 126 eval problems were training prompts) is gone by construction."""
     from tropd_cli.data import examples_from_config
-    from tropd_cli.heldout import heldout_examples
+    from tropd_cli.train.heldout import heldout_examples
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("train", [f"experiment={experiment}", f"cache_dir={tmp_path}"]))

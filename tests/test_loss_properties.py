@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tropd_cli import losses
+from tropd_cli.train import losses
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
 

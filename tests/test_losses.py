@@ -1,4 +1,4 @@
-"""Unit tests for the per-token objectives in ``tropd_cli.losses`` and the guidance prefix cap.
+"""Unit tests for the per-token objectives in ``tropd_cli.train.losses`` and the guidance prefix cap.
 
 Expected values are written by hand from the formulas in ``shared/METHOD.md``; gradients are checked
 with ``torch.autograd.gradcheck`` in float64 and against their closed forms.
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from tropd_cli.losses import (
+from tropd_cli.train.losses import (
     DEFAULT_CLIP_FLOOR,
     k1_reward,
     masked_mean,
@@ -523,7 +523,7 @@ def test_tropd_loss_gradcheck(outlier, clip_eps):
 
 
 def test_prefix_cap_cosine_schedule():
-    from tropd_cli.rollout import prefix_cap
+    from tropd_cli.rollout.sampling import prefix_cap
 
     for length, steps in [(8192, 200), (101, 10), (64, 7)]:
         caps = [prefix_cap(s, steps, length) for s in range(steps + 1)]
@@ -537,7 +537,7 @@ def test_prefix_cap_cosine_schedule():
 
 
 def test_prefix_cap_constant_and_unknown_schedule():
-    from tropd_cli.rollout import prefix_cap
+    from tropd_cli.rollout.sampling import prefix_cap
 
     assert [prefix_cap(s, 10, 300, "constant") for s in (0, 5, 10)] == [300, 300, 300]
     with pytest.raises(ValueError, match="guidance schedule"):

@@ -20,9 +20,9 @@ from hydra import compose, initialize_config_dir
 from torch import Tensor
 
 import tropd_cli.commands.common as common  # registers the structured-config schemas
-from tropd_cli import losses
 from tropd_cli.config import TrainConfig
-from tropd_cli.losses import (
+from tropd_cli.train import losses
+from tropd_cli.train.losses import (
     DEFAULT_CLIP_FLOOR,
     entropy_opd_loss,
     eopd_loss,
@@ -37,9 +37,9 @@ from tropd_cli.losses import (
     tropd_loss,
     trust_region_mask,
 )
-from tropd_cli.methods import METHODS, TokenInputs, reopold_stage
-from tropd_cli.scoring import generalized_jsd_chunked, to_grid
-from tropd_cli.trainer import Trainer
+from tropd_cli.train.methods import METHODS, TokenInputs, reopold_stage
+from tropd_cli.train.scoring import generalized_jsd_chunked, to_grid
+from tropd_cli.train.trainer import Trainer
 from tropd_cli.validate import validate_train
 
 F64 = torch.float64

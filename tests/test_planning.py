@@ -34,7 +34,7 @@ from tropd_cli.planning import (
     param_counts,
     plan_memory,
 )
-from tropd_cli.rollout import sample
+from tropd_cli.rollout.sampling import sample
 
 SMOLLM2_CONFIG = Path.home() / ".cache" / "tropd" / "smollm2-135m-instruct" / "config.json"
 
@@ -259,7 +259,7 @@ def test_guided_rollout_caches_reach_the_plans_bounds() -> None:
     max_new - cap) with an unguided one (budget max_new) decodes to prompt + cap + max_new - 1."""
     from types import SimpleNamespace
 
-    from tropd_cli.rollout import rollout
+    from tropd_cli.rollout.sampling import rollout
 
     config = CONFIGS["qwen2-untied"]
     student, teacher = build(config).eval(), build(CONFIGS["llama-tied"]).eval()
@@ -329,7 +329,7 @@ def test_generation_batch_size_bounds_only_the_hf_sampling_phase() -> None:
 
 
 def test_guidance_cap_is_the_trainers() -> None:
-    from tropd_cli.rollout import prefix_cap
+    from tropd_cli.rollout.sampling import prefix_cap
 
     for steps in (1, 2, 200):
         for step in range(steps):
@@ -707,9 +707,9 @@ def test_the_trainer_wakes_the_engines_one_at_a_time_as_planned(make_config, tmp
     keep VLLMEngine's memory states, at every moment an engine runs, the engine memory on the GPU is exactly the
     vLLM components the plan puts in that phase (a whole engine: its share; the student engine's weights alone:
     vllm_student_engine_weights)."""
-    import tropd_cli.vllm_backend as backend
+    import tropd_cli.rollout.vllm as backend
     from tropd_cli.errors import UserError
-    from tropd_cli.trainer import train
+    from tropd_cli.train.trainer import train
     from tropd_cli.validate import validate_train
 
     TaggedEngine.built, TaggedEngine.moments = [], []
@@ -754,9 +754,9 @@ def test_the_trainer_runs_one_engine_by_default_as_planned(make_config, tmp_path
     """The default (teacher_prefixes=false): only the student has an engine, and the HF teacher writes the prefixes
     with the student engine's weights alone on the GPU (woken by the weight sync), as the plan's prefixes phase has
     them (vllm_student_engine_weights); the student engine then wakes whole to continue them (sampling)."""
-    import tropd_cli.rollout as rollout_module
-    import tropd_cli.vllm_backend as backend
-    from tropd_cli.trainer import train
+    import tropd_cli.rollout.sampling as rollout_module
+    import tropd_cli.rollout.vllm as backend
+    from tropd_cli.train.trainer import train
     from tropd_cli.validate import validate_train
 
     TaggedEngine.built, TaggedEngine.moments = [], []

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from tropd_cli.benchmarks import load_task
-from tropd_cli.code_eval import pick_block
 from tropd_cli.config import EvalSuiteConfig, EvalTaskConfig
 from tropd_cli.errors import UserError
-from tropd_cli.evaluation import Reasoning, SuiteTasks, rescore, score_samples
-from tropd_cli.reasoning import DEFAULT_TAGS, graded_text, opened_by_prompt, tags_for, template_tags
+from tropd_cli.evals.benchmarks import load_task
+from tropd_cli.evals.code import pick_block
+from tropd_cli.evals.engine import Reasoning, SuiteTasks, rescore, score_samples
+from tropd_cli.evals.reasoning import DEFAULT_TAGS, graded_text, opened_by_prompt, tags_for, template_tags
 from tropd_cli.validate import validate_suites
 
 THINK = DEFAULT_TAGS
@@ -152,7 +152,7 @@ def test_instruction_following_sees_only_the_answer(tmp_path):
 
 
 def test_code_is_taken_from_the_answer_not_the_draft_in_the_reasoning():
-    from tropd_cli.code_eval import load_humaneval
+    from tropd_cli.evals.code import load_humaneval
 
     task = load_task(EvalTaskConfig(name="humaneval", benchmark="humaneval", size=1), "t")
     ex = load_humaneval(None)[0]

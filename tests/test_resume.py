@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import tropd_command
-from tropd_cli import checkpoint
 from tropd_cli.errors import UserError
-from tropd_cli.trainer import NoHooks, StopRequest, train
+from tropd_cli.train import checkpoint
+from tropd_cli.train.trainer import NoHooks, StopRequest, train
 
 
 class StopAt(NoHooks):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tropd_cli.sandbox import detect_isolation, run_many, run_program
+from tropd_cli.evals.sandbox import detect_isolation, run_many, run_program
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
 

@@ -1,11 +1,11 @@
-"""Chunked scorers in ``tropd_cli.scoring`` against the full log-softmax reference ``naive_scores``."""
+"""Chunked scorers in ``tropd_cli.train.scoring`` against the full log-softmax reference ``naive_scores``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tropd_cli.scoring import naive_scores, student_scores, teacher_scores
+from tropd_cli.train.scoring import naive_scores, student_scores, teacher_scores
 
 N, H, V, K = 37, 16, 50, 5  # odd N so that most chunk sizes leave a ragged last chunk
 CHUNKS = [1, 7, 64, 1000]

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from tropd_cli.config import DatasetConfig, GuidanceConfig, LoggerConfig, ModelConfig, RolloutConfig, TrainConfig
 from tropd_cli.models import default_cache_dir, load_pair
-from tropd_cli.trainer import Trainer, train
+from tropd_cli.train.trainer import Trainer, train
 
 pytestmark = [
     pytest.mark.slow,

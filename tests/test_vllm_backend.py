@@ -26,9 +26,8 @@ from tropd_cli.data import format_prompt
 from tropd_cli.errors import UserError
 from tropd_cli.models import REGISTRY, default_cache_dir, tiny_random
 from tropd_cli.rng import generator, seeded
-from tropd_cli.rollout import _left_pad, _sample_loop, rollout, sample, tokenize_prompts
-from tropd_cli.scoring import lm_head_weight, response_hidden, teacher_scores
-from tropd_cli.vllm_backend import (
+from tropd_cli.rollout.sampling import _left_pad, _sample_loop, rollout, sample, tokenize_prompts
+from tropd_cli.rollout.vllm import (
     VLLMEngine,
     entropy_lower_bound,
     import_vllm,
@@ -39,6 +38,7 @@ from tropd_cli.vllm_backend import (
     unpad_completions,
     unpad_prompts,
 )
+from tropd_cli.train.scoring import lm_head_weight, response_hidden, teacher_scores
 
 CPU = torch.device("cpu")
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -645,7 +645,7 @@ def test_vllm_engine_samples_scores_and_syncs_weights_like_hf(tmp_path_factory, 
         engine.sleep()
         assert engine.asleep == engine.enable_sleep_mode  # a no-op without sleep mode (the CPU build)
         last[0] = time.perf_counter()
-        with caplog.at_level("WARNING", logger="tropd_cli.vllm_backend"):
+        with caplog.at_level("WARNING", logger="tropd_cli.rollout.vllm"):
             engine.load_weights(perturbed.named_parameters())
         lap("load_weights")
         assert "unwritten" not in caplog.text, caplog.text
@@ -725,7 +725,7 @@ class HFEngine(LoopEngine):
 
 @pytest.fixture
 def hf_engines(monkeypatch):
-    import tropd_cli.vllm_backend as backend
+    import tropd_cli.rollout.vllm as backend
 
     HFEngine.built = []
     monkeypatch.setattr(backend, "VLLMEngine", HFEngine)
@@ -740,7 +740,7 @@ def test_training_with_the_vllm_backend_takes_the_loop_backends_steps(make_confi
     """Same samples as the loop backend at every step: the engine starts from the saved student and gets
     the updated weights before each rollout (without the sync, step 2 would sample from stale weights).
     Teacher prefixes stay on the HF teacher here (rollout.vllm.teacher_prefixes=false), as in the loop run."""
-    from tropd_cli.trainer import train
+    from tropd_cli.train.trainer import train
 
     common = dict(steps=3, rollout={"batch_size": 2, "max_new_tokens": 8, "sampler_dtype": "float32"})
     loop = train(make_config(**common), output_dir=tmp_path / "loop")
@@ -762,7 +762,7 @@ def test_training_with_the_vllm_backend_takes_the_loop_backends_steps(make_confi
 def test_guidance_prefixes_come_from_a_teacher_engine(make_config, tmp_path, hf_engines, monkeypatch):
     """rollout.vllm.teacher_prefixes: a second engine, of the teacher, writes the prefixes (beside a sleeping
     student engine, which validate_train allows with VLLM_ENABLE_V1_MULTIPROCESSING=1)."""
-    from tropd_cli.trainer import train
+    from tropd_cli.train.trainer import train
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     cfg = make_config(steps=3, rollout={"batch_size": 2, "max_new_tokens": 8})
@@ -780,7 +780,7 @@ def test_guidance_prefixes_come_from_a_teacher_engine(make_config, tmp_path, hf_
 def test_teacher_scoring_through_a_vllm_engine_matches_hf_scoring(make_config, tmp_path, hf_engines, monkeypatch):
     """rollout.vllm.teacher_scoring: with k = the whole vocabulary the engine's top-k log-probs carry the
     full distribution, so every logged statistic, the entropy included, equals HF scoring."""
-    from tropd_cli.trainer import train
+    from tropd_cli.train.trainer import train
 
     vocab = 100  # the tiny models' character vocabulary
     common = dict(steps=2, method={"top_k": vocab}, rollout={"batch_size": 2, "max_new_tokens": 8})

@@ -42,7 +42,7 @@ def final_metrics(history: Sequence[dict[str, float]], keys: Sequence[str] = CUR
 def final_heldout(history: Sequence[dict[str, float]]) -> dict[str, float]:
     """The held-out signals of the run's last measurement (``heldout/rkl``, ...; after the last step), and their
     values before the first step as ``heldout/start/*``: evidence on prompts the run never trained on."""
-    from tropd_cli.heldout import METRICS  # lazy: the summary needs no torch
+    from tropd_cli.train.heldout import METRICS  # lazy: the summary needs no torch
 
     end = next((h for h in reversed(history) if "heldout/rkl" in h), None)
     if end is None:

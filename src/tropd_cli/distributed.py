@@ -5,7 +5,7 @@ One process per GPU (or per CPU rank with gloo, as in the tests). Nothing here r
 
 What is sharded and what is not (docs/scaling.md):
 - the student's fp32 weights, gradients and AdamW states: FSDP2 (``fully_shard``) per decoder layer,
-  plus the root (embeddings, final norm, lm_head) owned by :class:`tropd_cli.trainer.StudentScorer`;
+  plus the root (embeddings, final norm, lm_head) owned by :class:`tropd_cli.train.scoring.StudentScorer`;
 - the student's sampling copy: a full, unsharded copy on every rank (bf16 where fast), re-synced from
   the shards before every rollout (:func:`full_tensor` per parameter);
 - the teacher: replicated (default) or sharded the same way with ``distributed.shard_teacher=true``.

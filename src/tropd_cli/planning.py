@@ -302,7 +302,7 @@ class RunShape:
     vllm_sleep: bool = True  # rollout.vllm.enable_sleep_mode: engines asleep (level 1) outside their use
     # VLLM_ENABLE_V1_MULTIPROCESSING=1: every engine core in its own process (tropd sets 0 unless the user did).
     # vLLM's sleep mode allows one engine per process, so a teacher engine beside a sleeping student engine
-    # needs it (config.validate_train refuses the run otherwise; ``MemoryPlan.problems`` says so). The weight
+    # needs it (validate.validate_train refuses the run otherwise; ``MemoryPlan.problems`` says so). The weight
     # sync then goes through ``collective_rpc``: the fp32 student copied to host RAM on every rank.
     vllm_multiprocessing: bool = False
     # Whether torch.cuda.empty_cache() runs before an engine wakes. tropd calls it (Trainer.make_batch before
@@ -828,7 +828,7 @@ def vllm_engine_room(run: RunShape, gpu: GPU, usable: float = 0.9, role: str = "
 
 
 def guidance_cap(step: int, steps: int, max_new_tokens: int, schedule: str = "cosine") -> int:
-    """The guidance prefix cap at ``step`` of ``steps`` (``tropd_cli.rollout.prefix_cap`` as the trainer calls
+    """The guidance prefix cap at ``step`` of ``steps`` (``tropd_cli.rollout.sampling.prefix_cap`` as the trainer calls
     it: annealed over ``steps - 1`` so that it reaches 0 at the last step)."""
     if schedule == "constant":
         return max_new_tokens

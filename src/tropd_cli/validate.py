@@ -6,12 +6,12 @@ names against (methods, losses, benchmarks, reasoning modes).
 
 from __future__ import annotations
 
-from tropd_cli.benchmarks import BENCHMARKS
 from tropd_cli.config import EvalSuiteConfig, ModelConfig, TrainConfig
 from tropd_cli.errors import UserError
-from tropd_cli.losses import OUTLIER_STRATEGIES, TRUST_REGION_KINDS
-from tropd_cli.methods import METHODS
-from tropd_cli.reasoning import REASONING_MODES
+from tropd_cli.evals.benchmarks import BENCHMARKS
+from tropd_cli.evals.reasoning import REASONING_MODES
+from tropd_cli.train.losses import OUTLIER_STRATEGIES, TRUST_REGION_KINDS
+from tropd_cli.train.methods import METHODS
 
 
 def _check(condition: bool, message: str) -> None:

@@ -241,7 +241,7 @@ def run(cfg: DictConfig) -> dict:
     output_dir = hydra_output_dir()
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    from tropd_cli.evaluation import load_suites, rescore
+    from tropd_cli.evals.engine import load_suites, rescore
 
     console = Console(stderr=True)
     with console.status("loading eval data"):
@@ -283,7 +283,7 @@ def generate_and_score(
     import torch
 
     from tropd_cli.device import resolve_device
-    from tropd_cli.evaluation import count_jobs, evaluate
+    from tropd_cli.evals.engine import count_jobs, evaluate
     from tropd_cli.models import default_cache_dir, load_student
 
     if eval_cfg.threads:

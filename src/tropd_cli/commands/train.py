@@ -88,7 +88,7 @@ def _run(cfg: DictConfig, train_cfg: TrainConfig, output_dir: Path, info: Any, d
     resolved = {str(k): v for k, v in OmegaConf.to_container(cfg, resolve=True).items()}  # type: ignore[union-attr]
 
     from tropd_cli.loggers import ConfigFile, Hooks, build_hooks
-    from tropd_cli.trainer import StopRequest, train
+    from tropd_cli.train.trainer import StopRequest, train
 
     console = Console(stderr=True, quiet=not info.is_main)  # one rank talks
     # Files of the run are written once the models and data have loaded (the hooks' on_start), so bad
@@ -146,7 +146,7 @@ def _run(cfg: DictConfig, train_cfg: TrainConfig, output_dir: Path, info: Any, d
 def heldout_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
     """``summary.json``'s ``heldout``: prompts, teacher tokens, and the signals ``start`` (before the first step)
     and ``end`` (the last measurement, after the last step); empty when the run measured none."""
-    from tropd_cli.heldout import METRICS
+    from tropd_cli.train.heldout import METRICS
 
     end = next((h for h in reversed(history) if "heldout/rkl" in h), None)
     if end is None:

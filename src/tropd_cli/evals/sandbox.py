@@ -12,7 +12,7 @@ hostility is its result (``ExecResult.status``); only a sandbox that cannot star
 Layers, probed once per process by :func:`detect_isolation` (``Isolation.describe()`` says which
 are on):
 
-* Always (rlimits, set by :mod:`tropd_cli.sandbox_child` before ``exec``): wall time (the whole
+* Always (rlimits, set by :mod:`tropd_cli.evals.sandbox_child` before ``exec``): wall time (the whole
   sample is killed), CPU seconds per process (RLIMIT_CPU), address space per process (RLIMIT_AS),
   file size (RLIMIT_FSIZE), no core files, processes (RLIMIT_NPROC), ``PR_SET_NO_NEW_PRIVS``, and
   SIGKILL when the evaluator dies (``PR_SET_PDEATHSIG``).
@@ -31,7 +31,7 @@ are on):
   interpreter's install are bound back at their own paths. Fallback (the "socket prelude"): the
   Python guard refuses every socket but AF_UNIX pairs, connect/bind/sendto and name lookups.
 
-The Python guard (:func:`tropd_cli.sandbox_child.install_guard`, prepended to the program whenever a
+The Python guard (:func:`tropd_cli.evals.sandbox_child.install_guard`, prepended to the program whenever a
 layer is missing) is an audit hook; it also refuses starting other programs and ``ctypes``. It is
 the weaker layer: native code can get past it. For the kernel to enforce everything, run the
 evaluation as root (e.g. in a container with CAP_SYS_ADMIN). Not bounded in any mode: disk use in
@@ -68,8 +68,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import IO, Literal
 
-from tropd_cli import sandbox_child
-from tropd_cli.sandbox_child import LaunchSpec
+from tropd_cli.evals import sandbox_child
+from tropd_cli.evals.sandbox_child import LaunchSpec
 
 Status = Literal["ok", "failed", "timeout", "crashed", "killed"]
 

@@ -101,7 +101,7 @@ def _pattern(text: str) -> str:
 
 #: NLTK's ``punkt_tab/english`` model (the data ``nltk.download("punkt_tab")`` installs), shipped as package data:
 #: see data/punkt_tab/README.md for its origin and licence.
-PUNKT_DIR = Path(__file__).resolve().parent / "data" / "punkt_tab" / "english"
+PUNKT_DIR = Path(__file__).resolve().parents[1] / "data" / "punkt_tab" / "english"
 
 
 @functools.cache

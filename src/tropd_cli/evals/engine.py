@@ -18,16 +18,16 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tropd_cli.answers import normalize_answer
 from tropd_cli.batch import completion_mask
-from tropd_cli.benchmarks import Grade, SameAnswer, Task, load_task
-from tropd_cli.code_eval import pass_at_k
 from tropd_cli.config import EvalSuiteConfig
 from tropd_cli.data import format_prompt
 from tropd_cli.errors import UserError
-from tropd_cli.reasoning import DEFAULT_TAGS, graded_text, opened_by_prompt, tags_for
+from tropd_cli.evals.answers import normalize_answer
+from tropd_cli.evals.benchmarks import Grade, SameAnswer, Task, load_task
+from tropd_cli.evals.code import pass_at_k
+from tropd_cli.evals.reasoning import DEFAULT_TAGS, graded_text, opened_by_prompt, tags_for
 from tropd_cli.rng import seeded
-from tropd_cli.rollout import sample, tokenize_prompts
+from tropd_cli.rollout.sampling import sample, tokenize_prompts
 
 #: A sample counts as correct for pass@k when its score reaches this (scores are 0/1 but for
 #: reasoning-gym scorers that give partial credit; those count in avg@n, not in pass@k).

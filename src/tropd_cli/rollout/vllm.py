@@ -15,7 +15,7 @@ the whole contract with the rest of tropd:
 - :func:`request_sampling_kwargs`: one seeded ``SamplingParams`` per row, same distribution as the
   HF samplers (full vocabulary at ``temperature``, nucleus only when ``top_p < 1``);
 - :func:`scoring_sequences` and :func:`teacher_scores_from_vllm`: a rollout batch -> the sequences
-  to score, and vLLM prompt log-probs -> the :class:`~tropd_cli.scoring.TeacherScores` the trainer
+  to score, and vLLM prompt log-probs -> the :class:`~tropd_cli.train.scoring.TeacherScores` the trainer
   reads.
 
 vLLM is imported lazily (:func:`import_vllm`): without it, importing this module still works and
@@ -115,7 +115,7 @@ def pad_completions(
     *,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Completions as ``[B, T']`` long, in the layout of :func:`tropd_cli.rollout._sample_loop`.
+    """Completions as ``[B, T']`` long, in the layout of :func:`tropd_cli.rollout.sampling._sample_loop`.
 
     Each row is cut to ``max_new_tokens`` and after its first EOS (which is kept); the rest of the
     row is ``pad_id``. ``T'`` is the longest row after cutting, as for the loop, which stops as soon
@@ -770,7 +770,7 @@ def sample_with_engine(
     seed: int,
     row_limits: Tensor | None = None,
 ) -> Tensor:
-    """:func:`tropd_cli.rollout.sample` for ``backend="vllm"``: unpad, generate, pad back to ``[B, T']``.
+    """:func:`tropd_cli.rollout.sampling.sample` for ``backend="vllm"``: unpad, generate, pad back to ``[B, T']``.
 
     ``row_limits``: each row's own budget (at most ``max_new_tokens``), sent as that request's ``max_tokens``.
     """

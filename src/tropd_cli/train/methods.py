@@ -1,4 +1,4 @@
-"""Methods: which per-token objective of :mod:`tropd_cli.losses` a run optimises.
+"""Methods: which per-token objective of :mod:`tropd_cli.train.losses` a run optimises.
 
 A method maps one micro-batch's per-token tensors to a per-token loss ``[b, T]``; the trainer
 reduces it with one ``masked_mean``. Keyed by ``method.name``; the paper's table rows
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tropd_cli import losses
 from tropd_cli.config import TrainConfig
+from tropd_cli.train import losses
 
 
 @dataclass

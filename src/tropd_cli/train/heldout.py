@@ -11,7 +11,7 @@ signals here are measured on a fixed set of held-out prompts instead, before the
   run starts (greedy by default, ``heldout.temperature``), so every measurement is on the same token
   positions and the numbers are comparable across steps and runs.
 - ``heldout/outlier_share``: on that teacher-written (off-policy) text, the expected share of tokens
-  the run's trust region would leave out, :func:`tropd_cli.losses.outlier_probability` of
+  the run's trust region would leave out, :func:`tropd_cli.train.losses.outlier_probability` of
   ``R = log pi_T(y_t) - log pi_S(y_t)`` at the teacher's token ``y_t``.
 - ``heldout/empty_rate``, ``heldout/response_len``: the student's greedy responses to the held-out
   prompts: the share with no non-whitespace text before EOS, and the mean number of tokens
@@ -36,7 +36,7 @@ import transformers
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tropd_cli import __version__, losses
+from tropd_cli import __version__
 from tropd_cli.batch import RolloutBatch, completion_mask
 from tropd_cli.config import TrainConfig
 from tropd_cli.data import Example, dataset_prompts, examples_from_config
@@ -44,14 +44,15 @@ from tropd_cli.distributed import Dist
 from tropd_cli.errors import UserError
 from tropd_cli.models import LoadedModel
 from tropd_cli.rng import seeded
-from tropd_cli.rollout import rollout, sample, tokenize_prompts
-from tropd_cli.scoring import full_vocab_kl, lm_head_weight, response_hidden
+from tropd_cli.rollout.sampling import rollout, sample, tokenize_prompts
+from tropd_cli.train import losses
+from tropd_cli.train.scoring import full_vocab_kl, lm_head_weight, response_hidden
 
 log = logging.getLogger(__name__)
 
 
 class Run(Protocol):
-    """What the held-out set reads of the run (:class:`tropd_cli.trainer.Trainer` has it)."""
+    """What the held-out set reads of the run (:class:`tropd_cli.train.trainer.Trainer` has it)."""
 
     cfg: TrainConfig
     tokenizer: PreTrainedTokenizerBase

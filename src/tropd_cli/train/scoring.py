@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from tropd_cli.batch import RolloutBatch, TeacherScores
-from tropd_cli.losses import generalized_jsd
+from tropd_cli.train.losses import generalized_jsd
 
 
 def _score_dtype(hidden: Tensor) -> torch.dtype:

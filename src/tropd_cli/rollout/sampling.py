@@ -12,7 +12,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from tropd_cli.batch import RolloutBatch, completion_mask
 from tropd_cli.rng import generator, seeded
-from tropd_cli.vllm_backend import VLLMEngine, sample_with_engine
+from tropd_cli.rollout.vllm import VLLMEngine, sample_with_engine
 
 
 def tokenize_prompts(
@@ -142,7 +142,7 @@ def sample(
     Sampling is from the full distribution at ``temperature`` (no top-k, and top-p only when asked),
     so that rollout log-probs match the trainer's scoring. ``temperature <= 0`` means greedy.
     ``backend``: ``loop`` (a minimal KV-cache loop, the default), ``generate`` (HF ``generate``) or
-    ``vllm`` (``model`` is then a :class:`tropd_cli.vllm_backend.VLLMEngine`; same layout, same
+    ``vllm`` (``model`` is then a :class:`tropd_cli.rollout.vllm.VLLMEngine`; same layout, same
     distribution, vLLM's own per-row seeded noise).
     ``stop_check``: see :func:`_sample_loop` (``loop`` only). ``row_limits``: each row's own budget
     (``loop``; ``vllm``: each request's ``max_tokens``; ``generate`` runs to ``max_new_tokens`` and the
@@ -315,7 +315,7 @@ def rollout(
     ``guided_rows`` (bool ``[B]``) selects the rows that get a teacher prefix of at most ``prefix_max``
     tokens; ``prefix_sampling="min"`` keeps ``min(prefix_max, len(teacher response))`` tokens,
     ``"uniform"`` draws the length from ``U[0, that]``. Randomness is keyed by ``seed``.
-    With ``backend="vllm"`` the student is a :class:`tropd_cli.vllm_backend.VLLMEngine` and the
+    With ``backend="vllm"`` the student is a :class:`tropd_cli.rollout.vllm.VLLMEngine` and the
     teacher writes its prefixes with ``teacher_backend`` (default: ``loop`` for an HF teacher; ``vllm``
     when ``teacher`` is an engine too). Each row's continuation stops at its own budget,
     ``max_new_tokens - len(prefix)``; ``chunk_rows``: see :func:`sample`. ``after_prefixes`` is called

