@@ -41,7 +41,7 @@ def run_pair(name: str, overrides: list[str], args: argparse.Namespace) -> dict[
 
     import tropd_cli.commands.common as common
     from tropd_cli.config import TrainConfig
-    from tropd_cli.train.trainer import train
+    from tropd_cli.train.loop import train
     from tropd_cli.validate import validate_train
 
     settings = [

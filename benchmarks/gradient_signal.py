@@ -41,7 +41,8 @@ def gradients(overrides: list[str], batches: int) -> tuple[list[torch.Tensor], l
     from tropd_cli.data import examples_from_config
     from tropd_cli.device import resolve_device
     from tropd_cli.models import default_cache_dir, load_pair
-    from tropd_cli.train.trainer import Trainer
+    from tropd_cli.train import step as step_module
+    from tropd_cli.train.setup import build_run
     from tropd_cli.validate import validate_train
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -52,23 +53,23 @@ def gradients(overrides: list[str], batches: int) -> tuple[list[torch.Tensor], l
     device = resolve_device(cfg.device)
     teacher, student = load_pair(cfg.teacher, cfg.student, device=device, cache_dir=default_cache_dir(cfg.cache_dir))
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(
+        run = build_run(
             cfg, teacher=teacher, student=student, examples=examples_from_config(cfg.dataset), work_dir=Path(tmp)
         )
         params = [p for p in student.model.parameters() if p.requires_grad]
         grads: list[torch.Tensor] = []
 
-        def capture(loss: float) -> float:  # replaces the optimizer step: record, never update
+        def capture(run: object, loss: float) -> float:  # replaces the optimizer step: record, never update
             grads.append(torch.cat([p.grad.detach().flatten() for p in params if p.grad is not None]).clone())
             return float(grads[-1].norm())
 
-        trainer._optimizer_step = capture  # type: ignore[method-assign]
+        step_module.optimizer_step = capture  # type: ignore[assignment]
         tokens = []
         t0 = time.perf_counter()
         for step in range(batches):
-            tokens.append(trainer.step(step)["tokens"])
+            tokens.append(step_module.train_step(run, step)["tokens"])
         seconds = (time.perf_counter() - t0) / batches
-        trainer.close()
+        run.close()
     return grads, tokens, seconds
 
 

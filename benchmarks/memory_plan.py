@@ -78,7 +78,7 @@ def short(gpu: GPU) -> str:
 # writes the guidance prefixes), one set for 8 H100s and 8 H200s alike (shares are fractions of the GPU, so the
 # H100 binds), checked at step 0 (the HF teacher's prefix cache at its largest) and at the last steps (no
 # prefixes: the weight sync's cached blocks beside the student engine). tropd empties torch's cache once the HF
-# teacher's prefixes are written (Trainer._after_prefixes), so their blocks no longer sit beside the student
+# teacher's prefixes are written (EngineSamplers.after_prefixes), so their blocks no longer sit beside the student
 # engine: `rollout.generation_batch_size` only sets the prefixes phase, and the engine's share only the sampling
 # phase and the startup. The eager HF loop is launch-bound, so the fewer calls the HF teacher writes the prefixes
 # in, the shorter the run: the most rows per call that fit within HEADROOM, beside the preset's 0.3 share.
@@ -305,7 +305,8 @@ def child_main() -> None:
     from tropd_cli.commands.common import register_configs
     from tropd_cli.data import examples_from_config
     from tropd_cli.models import default_cache_dir, load_pair
-    from tropd_cli.train.trainer import Trainer
+    from tropd_cli.train import step as step_module
+    from tropd_cli.train.setup import build_run
     from tropd_cli.validate import validate_train
 
     torch.set_num_threads(2)
@@ -319,14 +320,14 @@ def child_main() -> None:
     gc.collect()
     rss0 = rss_bytes()
     teacher, student = load_pair(cfg.teacher, cfg.student, device=device, cache_dir=default_cache_dir(cfg.cache_dir))
-    trainer = Trainer(cfg, teacher=teacher, student=student, examples=examples)
+    trainer = build_run(cfg, teacher=teacher, student=student, examples=examples)
     gc.collect()
     rss1 = rss_bytes()
     shapes: list[dict[str, int]] = []
-    make_batch = trainer.make_batch
+    make_batch = step_module.make_batch
 
-    def recording(step: int):
-        batch = make_batch(step)
+    def recording(run: Any, step: int):
+        batch = make_batch(run, step)
         shapes.append(
             {
                 "rows": int(batch.input_ids.shape[0]),
@@ -337,7 +338,7 @@ def child_main() -> None:
         )
         return batch
 
-    trainer.make_batch = recording  # type: ignore[method-assign]
+    step_module.make_batch = recording  # type: ignore[assignment]
     caches: dict[str, dict[int, Any]] = {"student": {}, "teacher": {}}
 
     def capture(role: str):
@@ -349,18 +350,18 @@ def child_main() -> None:
         return hook
 
     handles = [
-        trainer.sampler.register_forward_pre_hook(capture("student"), with_kwargs=True),
+        trainer.samplers.student.register_forward_pre_hook(capture("student"), with_kwargs=True),
         teacher.model.register_forward_pre_hook(capture("teacher"), with_kwargs=True),
     ]
     t0 = time.perf_counter()
-    trainer.step(0)
+    step_module.train_step(trainer, 0)
     gc.collect()
     rss2 = rss_bytes()
     for seen in caches.values():
         seen.clear()
     meter = PeakMeter()
     meter.reset()
-    trainer.step(1)
+    step_module.train_step(trainer, 1)
     peak = meter.peak()
     meter.close()
     seconds = (time.perf_counter() - t0) / 2
@@ -382,7 +383,7 @@ def child_main() -> None:
         "student_layers": student.model.config.num_hidden_layers,
         "teacher_config": shape_keys(teacher.model.config.to_dict()),
         "student_config": shape_keys(student.model.config.to_dict()),
-        "sampler_dtype": str(next(trainer.sampler.parameters()).dtype).removeprefix("torch."),
+        "sampler_dtype": str(next(trainer.samplers.student.parameters()).dtype).removeprefix("torch."),
         "teacher_dtype": str(next(teacher.model.parameters()).dtype).removeprefix("torch."),
         "student_dtype": str(next(student.model.parameters()).dtype).removeprefix("torch."),
         "precision": "bf16" if getattr(trainer, "bf16", False) else "fp32",
@@ -536,7 +537,7 @@ def component_table(data: dict[str, Any]) -> list[str]:
         f"time ({run.generation_chunks} calls per rollout). At step 0, where the prefix cap is the whole "
         f"{run.response_tokens}-token budget and the teacher's cache is largest: *prefixes*: the HF teacher writes them "
         "beside the student engine's weights (woken by the weight sync); *sampling*: tropd empties torch's cache once "
-        "they are written (`Trainer._after_prefixes`), and the student engine wakes whole beside nothing of torch's "
+        "they are written (`EngineSamplers.after_prefixes`), and the student engine wakes whole beside nothing of torch's "
         "to continue them. The teacher's cache shrinks with the cap; at the last steps (cap 0: no prefixes, so "
         "nothing empties torch's cache after the weight sync) the sampling phase is the engine beside the sync's "
         "cached blocks (last rows of the phase table).",

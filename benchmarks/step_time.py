@@ -149,7 +149,8 @@ def run_tropd(setup: Setup, *, fp32: bool) -> dict[str, Any]:
     )
     from tropd_cli.data import load_examples
     from tropd_cli.models import default_cache_dir, load_pair
-    from tropd_cli.train.trainer import Trainer
+    from tropd_cli.train import step as step_module
+    from tropd_cli.train.setup import build_run
     from tropd_cli.validate import validate_train
 
     teacher_cfg, student_cfg = model_configs(setup, teacher_dtype="float32" if fp32 else "auto")
@@ -188,20 +189,20 @@ def run_tropd(setup: Setup, *, fp32: bool) -> dict[str, Any]:
         seed=d.seed,
         generator_kwargs=d.generator_kwargs,
     )
-    trainer = Trainer(cfg, teacher=teacher, student=student, examples=examples)
+    trainer = build_run(cfg, teacher=teacher, student=student, examples=examples)
 
     # Split the trainer's own timings further from outside (the engine is unchanged): its teacher and student
     # scoring times become the backbones' forwards plus "loss" (chunked lm_head scoring and the loss arithmetic).
     clock = PhaseClock()
     clock.hook(teacher.model.get_decoder(), "teacher")
     clock.hook(student.model.get_decoder(), "student_fwd")  # with an fp32 sampler, sampling runs it too
-    trainer.make_batch = clock.wrap(trainer.make_batch, "make_batch", generating=True)  # type: ignore[method-assign]
-    trainer._sync_sampler = clock.wrap(trainer._sync_sampler, "sync_sampler")  # type: ignore[method-assign]
+    step_module.make_batch = clock.wrap(step_module.make_batch, "make_batch", generating=True)  # type: ignore[assignment]
+    trainer.samplers.sync = clock.wrap(trainer.samplers.sync, "sync_sampler")  # type: ignore[method-assign]
 
     steps = []
     for step in range(cfg.steps):
         clock.reset()
-        m = trainer.step(step)
+        m = step_module.train_step(trainer, step)
         t = clock.times
         scored = m["time_teacher"] + m.get("time_old_logp", 0.0) + m["time_student_fwd"]
         steps.append(
@@ -220,7 +221,7 @@ def run_tropd(setup: Setup, *, fp32: bool) -> dict[str, Any]:
         )
     return {
         "teacher_dtype": str(next(teacher.model.parameters()).dtype),
-        "sampler_dtype": str(next(trainer.sampler.parameters()).dtype),
+        "sampler_dtype": str(next(trainer.samplers.student.parameters()).dtype),
         "student_dtype": str(next(student.model.parameters()).dtype),
         "steps": steps,
     }

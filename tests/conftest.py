@@ -27,7 +27,7 @@ from tropd_cli.config import (
 )
 from tropd_cli.data import Example, load_examples
 from tropd_cli.models import LoadedModel, load_pair
-from tropd_cli.train.trainer import TrainResult, train
+from tropd_cli.train.loop import TrainResult, train
 
 CPU = torch.device("cpu")
 

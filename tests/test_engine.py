@@ -21,8 +21,10 @@ from tropd_cli.data import format_prompt
 from tropd_cli.errors import UserError
 from tropd_cli.models import LoadedModel
 from tropd_cli.rollout.sampling import rollout, tokenize_prompts
+from tropd_cli.train.loop import train
 from tropd_cli.train.scoring import lm_head_weight, response_hidden, student_scores
-from tropd_cli.train.trainer import Trainer, train
+from tropd_cli.train.setup import Run, build_run
+from tropd_cli.train.step import train_step
 
 CPU = torch.device("cpu")
 LOGGED = (
@@ -267,11 +269,11 @@ def test_guidance_prefix_starts_the_response(rollout_models, prefix_max, samplin
 # Trainer.step(): micro-batching, every method, a student equal to its teacher
 
 
-def one_step(cfg: TrainConfig, load_models, examples, step: int = 1) -> tuple[dict[str, float], Trainer]:
-    """One optimizer step of a fresh Trainer; step 1 of 3 gets a guidance prefix of about half the budget."""
+def one_step(cfg: TrainConfig, load_models, examples, step: int = 1) -> tuple[dict[str, float], Run]:
+    """One optimizer step of a fresh Run; step 1 of 3 gets a guidance prefix of about half the budget."""
     teacher, student = load_models(cfg)
-    trainer = Trainer(cfg, teacher=teacher, student=student, examples=examples)
-    return trainer.step(step), trainer
+    trainer = build_run(cfg, teacher=teacher, student=student, examples=examples)
+    return train_step(trainer, step), trainer
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
@@ -335,7 +337,7 @@ def test_student_equal_to_teacher_has_zero_reward_and_full_trust(make_config, lo
 
 
 def test_gradient_checkpointing_gives_the_same_step(make_config, tmp_path):
-    from tropd_cli.train.trainer import train
+    from tropd_cli.train.loop import train
 
     plain = train(make_config(steps=2), output_dir=tmp_path / "plain")
     checkpointed = train(make_config(steps=2, student={"gradient_checkpointing": True}), output_dir=tmp_path / "ckpt")

@@ -17,7 +17,7 @@ from tropd_cli.evals.engine import (
     task_metrics,
 )
 from tropd_cli.models import tiny_random
-from tropd_cli.train.trainer import train
+from tropd_cli.train.loop import train
 
 # ---------------------------------------------------------------------------------------------
 # Stop strings

@@ -42,7 +42,7 @@ def test_teacher_is_bf16_and_student_fp32_on_cuda():
 @pytest.mark.gpu
 @needs_gpu
 def test_a_tropd_step_on_cuda_matches_the_cpu_step(make_config, tmp_path):
-    from tropd_cli.train.trainer import train
+    from tropd_cli.train.loop import train
 
     cpu = train(make_config(steps=1, device="cpu"), output_dir=tmp_path / "cpu").history[0]
     gpu = train(make_config(steps=1, device="cuda"), output_dir=tmp_path / "gpu").history[0]
@@ -54,7 +54,7 @@ def test_a_tropd_step_on_cuda_matches_the_cpu_step(make_config, tmp_path):
 @pytest.mark.gpu
 @needs_gpu
 def test_precision_auto_is_bf16_compute_on_a_bf16_gpu_and_stays_close_to_fp32(make_config, tmp_path):
-    from tropd_cli.train.trainer import train
+    from tropd_cli.train.loop import train
 
     if not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")

@@ -17,19 +17,20 @@ from tropd_cli.config import ModelConfig, TrainConfig
 from tropd_cli.data import examples_from_config
 from tropd_cli.errors import UserError
 from tropd_cli.train import heldout
+from tropd_cli.train.loop import train
 from tropd_cli.train.losses import outlier_probability, trust_region_mask
 from tropd_cli.train.scoring import full_vocab_kl
-from tropd_cli.train.trainer import Trainer, train
+from tropd_cli.train.setup import Run, build_run
 
 
-def held_out_set(cfg: TrainConfig, load_models) -> tuple[heldout.HeldOut, Trainer]:
+def held_out_set(cfg: TrainConfig, load_models) -> tuple[heldout.HeldOut, Run]:
     teacher, student = load_models(cfg)
     examples = examples_from_config(cfg.dataset)
-    trainer = Trainer(cfg, teacher=teacher, student=student, examples=examples)
+    trainer = build_run(cfg, teacher=teacher, student=student, examples=examples)
     return heldout.HeldOut(trainer, heldout.heldout_examples(cfg, examples)), trainer
 
 
-def direct_measurement(held: heldout.HeldOut, trainer: Trainer) -> dict[str, float]:
+def direct_measurement(held: heldout.HeldOut, trainer: Run) -> dict[str, float]:
     """The KLs and outlier share from a plain, unpadded full forward of each row, log-softmax over the whole
     vocabulary in float64: what ``HeldOut.measure`` must equal."""
     batch = held.teacher_batch
@@ -246,7 +247,7 @@ def test_the_cache_gives_the_same_set_and_start_measurement_and_keys_what_they_d
     cfg = make_config(heldout={"size": 4, "temperature": 1.0})
     teacher, student = load_models(cfg)
     examples = examples_from_config(cfg.dataset)
-    trainer = Trainer(cfg, teacher=teacher, student=student, examples=examples)
+    trainer = build_run(cfg, teacher=teacher, student=student, examples=examples)
     held_examples = heldout.heldout_examples(cfg, examples)
     fresh = heldout.HeldOut(trainer, held_examples)
     first = heldout.HeldOut(trainer, held_examples, cache_dir=cache)

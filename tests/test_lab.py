@@ -42,7 +42,7 @@ def test_the_shipped_teacher_knows_the_task_and_the_student_does_not():
 
 
 def test_experiment_lab_composes_and_trains(tmp_path):
-    from tropd_cli.train.trainer import train
+    from tropd_cli.train.loop import train
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("train", ["experiment=lab", "steps=2", f"cache_dir={tmp_path}"]))

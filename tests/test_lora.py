@@ -12,7 +12,7 @@ from test_resume import StopAt, weights, without_times
 from tropd_cli.config import LoraConfig, ModelConfig
 from tropd_cli.errors import UserError
 from tropd_cli.models import apply_lora, load_adapter_into, merge_lora, tiny_random
-from tropd_cli.train.trainer import StopRequest, train
+from tropd_cli.train.loop import StopRequest, train
 
 CPU = torch.device("cpu")
 

@@ -22,6 +22,7 @@ from torch import Tensor
 import tropd_cli.commands.common as common  # registers the structured-config schemas
 from tropd_cli.config import TrainConfig
 from tropd_cli.train import losses
+from tropd_cli.train import step as step_module
 from tropd_cli.train.losses import (
     DEFAULT_CLIP_FLOOR,
     entropy_opd_loss,
@@ -39,7 +40,8 @@ from tropd_cli.train.losses import (
 )
 from tropd_cli.train.methods import METHODS, TokenInputs, reopold_stage
 from tropd_cli.train.scoring import generalized_jsd_chunked, to_grid
-from tropd_cli.train.trainer import Trainer
+from tropd_cli.train.setup import Run, build_run
+from tropd_cli.train.step import train_step
 from tropd_cli.validate import validate_train
 
 F64 = torch.float64
@@ -767,31 +769,31 @@ def finite_metrics(metrics: dict[str, float]) -> None:
 
 
 @pytest.fixture
-def make_trainer(load_models, tiny_examples) -> Callable[[TrainConfig], Trainer]:
-    def make(cfg: TrainConfig) -> Trainer:
+def make_trainer(load_models, tiny_examples) -> Callable[[TrainConfig], Run]:
+    def make(cfg: TrainConfig) -> Run:
         teacher, student = load_models(cfg)
         torch.manual_seed(cfg.seed)
-        return Trainer(cfg, teacher=teacher, student=student, examples=tiny_examples)
+        return build_run(cfg, teacher=teacher, student=student, examples=tiny_examples)
 
     return make
 
 
-def record_gradients(trainer: Trainer) -> list[dict[str, Tensor]]:
+def record_gradients(monkeypatch) -> list[dict[str, Tensor]]:
     """Gradients seen by each optimizer step (before clipping), in order."""
     grads: list[dict[str, Tensor]] = []
-    inner = trainer._optimizer_step
+    inner = step_module.optimizer_step
 
-    def recording(loss: float) -> float:
+    def recording(run: Run, loss: float) -> float:
         grads.append(
-            {n: p.grad.detach().clone() for n, p in trainer.student.model.named_parameters() if p.grad is not None}
+            {n: p.grad.detach().clone() for n, p in run.student.model.named_parameters() if p.grad is not None}
         )
-        return inner(loss)
+        return inner(run, loss)
 
-    trainer._optimizer_step = recording  # type: ignore[method-assign]
+    monkeypatch.setattr(step_module, "optimizer_step", recording)
     return grads
 
 
-def record_inputs(trainer: Trainer) -> list[TokenInputs]:
+def record_inputs(trainer: Run) -> list[TokenInputs]:
     seen: list[TokenInputs] = []
     fn = trainer.method.fn
 
@@ -803,14 +805,14 @@ def record_inputs(trainer: Trainer) -> list[TokenInputs]:
     return seen
 
 
-def weights(trainer: Trainer) -> dict[str, Tensor]:
+def weights(trainer: Run) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in trainer.student.model.state_dict().items()}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_name_runs_one_finite_step(make_config, make_trainer, name):
     trainer = make_trainer(make_config(method={"name": name}, steps=1))
-    metrics = trainer.step(0)
+    metrics = train_step(trainer, 0)
     finite_metrics(metrics)
     assert metrics["optimizer_steps"] == 1.0 and metrics["tokens"] > 0
 
@@ -821,7 +823,7 @@ def test_every_method_preset_runs_one_finite_step(tmp_path, make_trainer, preset
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = common.to_object(compose("train", overrides=overrides), TrainConfig)
     validate_train(cfg)
-    metrics = make_trainer(cfg).step(0)
+    metrics = train_step(make_trainer(cfg), 0)
     finite_metrics(metrics)
     assert metrics["tokens"] > 0
 
@@ -831,11 +833,11 @@ def test_reopold_refinement_keeps_the_top_half_by_student_entropy(make_config, m
     trainer = make_trainer(cfg)
     seen = record_inputs(trainer)
 
-    explore = trainer.step(0)  # step 0 < 0.5 * 2: exploration, no entropy selection
+    explore = train_step(trainer, 0)  # step 0 < 0.5 * 2: exploration, no entropy selection
     assert "kept_fraction" not in explore
     assert seen[-1].keep_mask is None
 
-    refine = trainer.step(1)
+    refine = train_step(trainer, 1)
     finite_metrics(refine)
     x = seen[-1]
     assert x.keep_mask is not None
@@ -852,12 +854,12 @@ def test_reopold_refinement_keeps_the_top_half_by_student_entropy(make_config, m
 
 def test_single_stage_reopold_logs_no_kept_fraction(make_config, make_trainer):
     trainer = make_trainer(make_config(method={"name": "reopold"}, guidance={"enabled": False}, steps=2))
-    assert "kept_fraction" not in trainer.step(1)
+    assert "kept_fraction" not in train_step(trainer, 1)
 
 
 def test_entropy_opd_keeps_about_twenty_percent(make_config, make_trainer):
     trainer = make_trainer(make_config(method={"name": "entropy_opd"}, guidance={"enabled": False}))
-    metrics = trainer.step(0)
+    metrics = train_step(trainer, 0)
     n = metrics["tokens"]
     assert metrics["kept_fraction"] == pytest.approx(max(1, round(0.2 * n)) / n)
     assert abs(metrics["kept_fraction"] - 0.2) <= 0.5 / n + 1e-9
@@ -865,9 +867,9 @@ def test_entropy_opd_keeps_about_twenty_percent(make_config, make_trainer):
 
 def test_ppo_epochs_and_mini_batches_take_more_optimizer_steps(make_config, make_trainer):
     base = make_trainer(make_config(steps=1))
-    base_metrics = base.step(0)
+    base_metrics = train_step(base, 0)
     ppo = make_trainer(make_config(steps=1, method={"ppo_epochs": 2, "clip_eps": 0.2, "mini_batches": 2}))
-    ppo_metrics = ppo.step(0)
+    ppo_metrics = train_step(ppo, 0)
     finite_metrics(ppo_metrics)
     assert base_metrics["optimizer_steps"] == 1.0
     assert ppo_metrics["optimizer_steps"] == 4.0
@@ -878,9 +880,9 @@ def test_ppo_epochs_and_mini_batches_take_more_optimizer_steps(make_config, make
 @pytest.mark.parametrize("clip_eps", [None, 0.2])
 def test_one_epoch_one_mini_batch_equals_the_default_path_bitwise(make_config, make_trainer, clip_eps):
     default = make_trainer(make_config(steps=1))
-    default_metrics = default.step(0)
+    default_metrics = train_step(default, 0)
     explicit = make_trainer(make_config(steps=1, method={"ppo_epochs": 1, "mini_batches": 1, "clip_eps": clip_eps}))
-    explicit_metrics = explicit.step(0)
+    explicit_metrics = train_step(explicit, 0)
     assert explicit_metrics["loss"] == default_metrics["loss"]
     assert explicit_metrics["grad_norm"] == default_metrics["grad_norm"]
     a, b = weights(default), weights(explicit)
@@ -897,17 +899,18 @@ def test_one_epoch_one_mini_batch_equals_the_default_path_bitwise(make_config, m
     ],
     ids=["entropy_opd", "tropd-ppo2", "jsd_topk"],
 )
-def test_micro_batching_gives_the_same_gradient(make_config, make_trainer, method):
+def test_micro_batching_gives_the_same_gradient(make_config, make_trainer, method, monkeypatch):
     """Top-entropy selection and rollout-time log-probs are batch-level and the token mean is global,
     so splitting the rollouts into micro-batches changes nothing but summation order. (Only the first
     optimizer step is compared: later ones start from Adam updates that amplify rounding.)"""
     results = []
+    seen = record_gradients(monkeypatch)
     for micro in (1, 2):
         trainer = make_trainer(make_config(steps=1, method=method, optim={"micro_batches": micro}))
-        grads = record_gradients(trainer)
-        metrics = trainer.step(0)
+        metrics = train_step(trainer, 0)
         finite_metrics(metrics)
-        results.append((grads, metrics))
+        results.append((list(seen), metrics))
+        seen.clear()
     (g1, m1), (g2, m2) = results
     assert len(g1) == len(g2) == method.get("ppo_epochs", 1)
     assert g1[0].keys() == g2[0].keys() and len(g1[0]) > 0

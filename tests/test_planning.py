@@ -135,7 +135,7 @@ def test_persistent_components_equal_real_tensors(name: str) -> None:
     student(input_ids=ids, labels=ids).loss.backward()
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     optimizer.step()
-    sampler = copy.deepcopy(student).to(torch.bfloat16)  # what Trainer._make_sampler makes
+    sampler = copy.deepcopy(student).to(torch.bfloat16)  # what samplers.sampling_copy makes
     teacher = build(CONFIGS["qwen2-untied"], torch.bfloat16)
     plan = plan_memory(
         RunShape(
@@ -490,7 +490,7 @@ def test_vllm_engines_replace_the_sampler_copy_and_its_cache() -> None:
 
 
 def test_teacher_engine_follows_the_trainers_rules() -> None:
-    """Trainer._make_engines: a teacher engine with teacher_scoring, or with teacher_prefixes and guidance; by
+    """vllm.start_engines: a teacher engine with teacher_scoring, or with teacher_prefixes and guidance; by
     default (teacher_prefixes=false) none: the HF teacher writes the prefixes."""
     run = planning.preset_run("qwen3-1.7b<-qwen3-4b")
     assert not run.vllm_teacher_prefixes and not run.teacher_engine
@@ -503,7 +503,7 @@ def test_teacher_engine_follows_the_trainers_rules() -> None:
     scoring = plan_memory(replace(run, guidance=False, vllm_teacher_scoring=True, vllm_multiprocessing=True), H100)
     assert scoring.get("vllm_teacher_engine_scoring") == share and scoring.get("teacher_forward") == 0
     # Prefixes from the HF teacher (the default), beside the student engine's weights and the weight sync's blocks.
-    # tropd empties torch's cache once they are written (Trainer._after_prefixes), so the student engine wakes whole
+    # tropd empties torch's cache once they are written (EngineSamplers.after_prefixes), so the student engine wakes whole
     # beside nothing of torch's: neither the loop's blocks nor the sync's. The older code (release_torch_cache=False)
     # kept both reserved there, and the last step's high-water mark of scoring and training above them.
     rows = planning.PRESET_GENERATION_BATCH_SIZE["qwen3-1.7b<-qwen3-4b"]
@@ -709,7 +709,7 @@ def test_the_trainer_wakes_the_engines_one_at_a_time_as_planned(make_config, tmp
     vllm_student_engine_weights)."""
     import tropd_cli.rollout.vllm as backend
     from tropd_cli.errors import UserError
-    from tropd_cli.train.trainer import train
+    from tropd_cli.train.loop import train
     from tropd_cli.validate import validate_train
 
     TaggedEngine.built, TaggedEngine.moments = [], []
@@ -756,7 +756,7 @@ def test_the_trainer_runs_one_engine_by_default_as_planned(make_config, tmp_path
     them (vllm_student_engine_weights); the student engine then wakes whole to continue them (sampling)."""
     import tropd_cli.rollout.sampling as rollout_module
     import tropd_cli.rollout.vllm as backend
-    from tropd_cli.train.trainer import train
+    from tropd_cli.train.loop import train
     from tropd_cli.validate import validate_train
 
     TaggedEngine.built, TaggedEngine.moments = [], []

@@ -16,7 +16,7 @@ import torch
 from conftest import tropd_command
 from tropd_cli.errors import UserError
 from tropd_cli.train import checkpoint
-from tropd_cli.train.trainer import NoHooks, StopRequest, train
+from tropd_cli.train.loop import NoHooks, StopRequest, train
 
 
 class StopAt(NoHooks):

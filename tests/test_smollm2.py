@@ -17,7 +17,9 @@ from transformers import AutoModelForCausalLM
 
 from tropd_cli.config import DatasetConfig, GuidanceConfig, LoggerConfig, ModelConfig, RolloutConfig, TrainConfig
 from tropd_cli.models import default_cache_dir, load_pair
-from tropd_cli.train.trainer import Trainer, train
+from tropd_cli.train.loop import train
+from tropd_cli.train.setup import build_run
+from tropd_cli.train.step import train_step
 
 pytestmark = [
     pytest.mark.slow,
@@ -95,9 +97,9 @@ def test_one_tropd_step_on_the_default_pair(pair, tmp_path):
         generator_kwargs=d.generator_kwargs,
     )
     before = student.model.get_decoder().layers[0].mlp.up_proj.weight.detach().clone()
-    trainer = Trainer(cfg, teacher=teacher, student=student, examples=examples)
+    trainer = build_run(cfg, teacher=teacher, student=student, examples=examples)
     state = {k: v.clone() for k, v in student.model.state_dict().items()}
-    metrics = trainer.step(0)
+    metrics = train_step(trainer, 0)
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert metrics["prefix_len"] > 0  # guidance wrote a teacher prefix at step 0
     assert not torch.equal(before, student.model.get_decoder().layers[0].mlp.up_proj.weight)
@@ -105,7 +107,7 @@ def test_one_tropd_step_on_the_default_pair(pair, tmp_path):
     # at the start, and the K1 estimate says so. (With guidance at step 0 the prefix may fill it all.)
     student.model.load_state_dict(state)
     unguided = dataclasses.replace(cfg, guidance=GuidanceConfig(enabled=False))
-    metrics = Trainer(unguided, teacher=teacher, student=student, examples=examples).step(0)
+    metrics = train_step(build_run(unguided, teacher=teacher, student=student, examples=examples), 0)
     assert metrics["rkl_estimate"] > 0.1 and metrics["response_len"] > 0
     student.model.load_state_dict(state)
 
@@ -170,7 +172,7 @@ def test_every_method_preset_runs_a_step_on_the_default_pair(pair, preset, tmp_p
     teacher, student = pair
     state = {k: v.clone() for k, v in student.model.state_dict().items()}
     try:
-        metrics = Trainer(cfg, teacher=teacher, student=student, examples=examples).step(0)
+        metrics = train_step(build_run(cfg, teacher=teacher, student=student, examples=examples), 0)
         assert all(math.isfinite(v) for v in metrics.values()), metrics
         assert metrics["grad_norm"] > 0
     finally:

@@ -740,7 +740,7 @@ def test_training_with_the_vllm_backend_takes_the_loop_backends_steps(make_confi
     """Same samples as the loop backend at every step: the engine starts from the saved student and gets
     the updated weights before each rollout (without the sync, step 2 would sample from stale weights).
     Teacher prefixes stay on the HF teacher here (rollout.vllm.teacher_prefixes=false), as in the loop run."""
-    from tropd_cli.train.trainer import train
+    from tropd_cli.train.loop import train
 
     common = dict(steps=3, rollout={"batch_size": 2, "max_new_tokens": 8, "sampler_dtype": "float32"})
     loop = train(make_config(**common), output_dir=tmp_path / "loop")
@@ -762,7 +762,7 @@ def test_training_with_the_vllm_backend_takes_the_loop_backends_steps(make_confi
 def test_guidance_prefixes_come_from_a_teacher_engine(make_config, tmp_path, hf_engines, monkeypatch):
     """rollout.vllm.teacher_prefixes: a second engine, of the teacher, writes the prefixes (beside a sleeping
     student engine, which validate_train allows with VLLM_ENABLE_V1_MULTIPROCESSING=1)."""
-    from tropd_cli.train.trainer import train
+    from tropd_cli.train.loop import train
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     cfg = make_config(steps=3, rollout={"batch_size": 2, "max_new_tokens": 8})
@@ -780,7 +780,7 @@ def test_guidance_prefixes_come_from_a_teacher_engine(make_config, tmp_path, hf_
 def test_teacher_scoring_through_a_vllm_engine_matches_hf_scoring(make_config, tmp_path, hf_engines, monkeypatch):
     """rollout.vllm.teacher_scoring: with k = the whole vocabulary the engine's top-k log-probs carry the
     full distribution, so every logged statistic, the entropy included, equals HF scoring."""
-    from tropd_cli.train.trainer import train
+    from tropd_cli.train.loop import train
 
     vocab = 100  # the tiny models' character vocabulary
     common = dict(steps=2, method={"top_k": vocab}, rollout={"batch_size": 2, "max_new_tokens": 8})
@@ -798,6 +798,11 @@ def test_teacher_scoring_through_a_vllm_engine_matches_hf_scoring(make_config, t
     for a, b in zip(without_times(hf.history), without_times(via.history), strict=True):
         assert a.keys() == b.keys()
         for key in a:
+            if key.startswith("heldout/"):
+                # Held-out signals are measured on the HF run's bf16 sampling copy, on the vLLM run's fp32 student
+                # (an engine is no HF model): the same quantities, at two precisions.
+                assert a[key] == pytest.approx(b[key], rel=2e-2, abs=1e-3), key
+                continue
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
 
 

@@ -32,7 +32,7 @@ from tropd_cli.config import (
     TrustRegionConfig,
 )
 from tropd_cli.models import LAB_DIR
-from tropd_cli.train.trainer import train
+from tropd_cli.train.loop import train
 
 #: The task: chain_sum with two one-digit terms ("... 4 + 9 =" -> "13").
 TASK_KWARGS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}

@@ -553,3 +553,26 @@ def load_adapter_into(model: PreTrainedModel, path: Path) -> PreTrainedModel:
     model.peft_lora_config = peft_cfg  # type: ignore[assignment]
     merge_lora(model)
     return model
+
+
+def save_checkpoint(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    state_dict: dict[str, Tensor] | None = None,
+) -> Path:
+    """Write a Hugging Face checkpoint atomically: a temp dir beside ``path``, then one rename.
+
+    ``state_dict``: the weights to write instead of the model's own (the gathered weights of a sharded model).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -13,7 +13,7 @@ Everything here mirrors what the code does (docs/scaling.md explains each compon
 - ``rollout.backend=vllm`` has no HF sampler: a student engine takes ``gpu_memory_utilization`` of the
   GPU while awake and nothing while asleep (level 1: bf16 weights in host RAM). By default
   (``rollout.vllm.teacher_prefixes=false``) it is the only engine: the HF teacher writes the guidance
-  prefixes with the loop sampler, ``rollout.generation_batch_size`` rows at a time, and ``Trainer``
+  prefixes with the loop sampler, ``rollout.generation_batch_size`` rows at a time, and ``EngineSamplers``
   empties torch's cache once they are written, so the student engine wakes to continue them without the
   blocks torch cached for them (nor the weight sync's). A teacher engine (``teacher_prefixes`` or
   ``teacher_scoring``) takes ``teacher_gpu_memory_utilization``; beside a sleeping student engine it
@@ -22,7 +22,7 @@ Everything here mirrors what the code does (docs/scaling.md explains each compon
   engine's weights (not its KV cache), the teacher engine wakes to write the prefixes and sleeps once
   they are written, then the student engine wakes whole, continues them and sleeps; a teacher engine
   that scores (``teacher_scoring``) wakes again for that. vLLM maps an engine's memory outside torch's
-  caching allocator, so ``Trainer`` empties torch's cache before the engines wake (before the weight
+  caching allocator, so ``EngineSamplers`` empties torch's cache before the engines wake (before the weight
   sync, once the HF teacher's prefixes are written, and before a sleeping teacher engine scores), and
   vLLM empties it whenever an engine in tropd's process goes to sleep (not one in a process of its own:
   a teacher engine's sleep leaves the weight sync's blocks cached). Each request's ``max_tokens`` is
@@ -305,9 +305,9 @@ class RunShape:
     # needs it (validate.validate_train refuses the run otherwise; ``MemoryPlan.problems`` says so). The weight
     # sync then goes through ``collective_rpc``: the fp32 student copied to host RAM on every rank.
     vllm_multiprocessing: bool = False
-    # Whether torch.cuda.empty_cache() runs before an engine wakes. tropd calls it (Trainer.make_batch before
-    # the weight sync wakes the student engine, Trainer._after_prefixes once the HF teacher's prefixes are
-    # written and before the student engine wakes whole, Trainer._score_teacher before a sleeping teacher
+    # Whether torch.cuda.empty_cache() runs before an engine wakes. tropd calls it (generate.make_batch before
+    # the weight sync wakes the student engine, EngineSamplers.after_prefixes once the HF teacher's prefixes are
+    # written and before the student engine wakes whole, step.score_teacher before a sleeping teacher
     # engine wakes to score). False plans the code before those calls, for comparison: vLLM maps an engine's
     # memory outside torch's caching allocator, so without them the blocks torch cached during the previous
     # step's scoring, backward and optimizer step stay reserved beside the waking engines
@@ -351,7 +351,7 @@ class RunShape:
 
     @property
     def teacher_engine(self) -> bool:
-        """``Trainer._make_engines`` starts a teacher engine (it writes prefixes and/or scores)."""
+        """``vllm.start_engines`` starts a teacher engine (it writes prefixes and/or scores)."""
         return self.backend == "vllm" and (self.vllm_teacher_scoring or (self.vllm_teacher_prefixes and self.guidance))
 
     @property
@@ -551,9 +551,9 @@ def plan_memory(run: RunShape, gpu: GPU | None = None) -> MemoryPlan:
         gathered_teacher = (pt.embed + pt.lm_head + 2 * pt.per_layer) * teacher_bytes
 
     # -- vLLM engines: a share of the GPU each while awake, one engine at a time ------------------------
-    # With sleep mode (Trainer.make_batch / _score_teacher): torch's cache emptied, the weight sync wakes
+    # With sleep mode (generate.make_batch / _score_teacher): torch's cache emptied, the weight sync wakes
     # the student engine's weights; the teacher engine wakes, writes the prefixes and sleeps (or the HF
-    # teacher writes them and torch's cache is emptied: Trainer._after_prefixes); the student engine wakes
+    # teacher writes them and torch's cache is emptied: EngineSamplers.after_prefixes); the student engine wakes
     # its KV cache, continues them and sleeps; a scoring teacher engine wakes again to score.
     engine_prefixes = vllm and run.guidance and run.vllm_teacher_prefixes  # the teacher engine writes them
     hf_prefixes = run.guidance and run.prefix_tokens > 0 and not engine_prefixes  # the HF teacher writes them
@@ -646,7 +646,7 @@ def plan_memory(run: RunShape, gpu: GPU | None = None) -> MemoryPlan:
             "prefill: one layer over a call's rows; decode: logits, cache growth"
             + ("; the sharded teacher's root + 2 layers gathered" if gathered_teacher else ""),
         )
-        # tropd empties torch's cache once the HF teacher's prefixes are written (Trainer._after_prefixes); without
+        # tropd empties torch's cache once the HF teacher's prefixes are written (EngineSamplers.after_prefixes); without
         # that (release_torch_cache=False, the older code) their blocks stay reserved when the student engine wakes.
         if vllm and run.vllm_sleep and not run.release_torch_cache:
             plan.add(
@@ -657,7 +657,7 @@ def plan_memory(run: RunShape, gpu: GPU | None = None) -> MemoryPlan:
             )
     # The sync runs before the prefixes and torch keeps its blocks cached: through the prefixes, and beside the
     # student engine unless something empties torch's cache in between. With the HF teacher's prefixes under vLLM
-    # tropd does (Trainer._after_prefixes); a teacher engine's sleep does not (it runs in a process of its own).
+    # tropd does (EngineSamplers.after_prefixes); a teacher engine's sleep does not (it runs in a process of its own).
     if n > 1:
         largest = max(ps.embed, ps.lm_head, ps.per_layer)
         note = "one parameter gathered whole in fp32 to re-sync the sampler"

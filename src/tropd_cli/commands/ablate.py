@@ -122,7 +122,7 @@ def _score_references(
     from tropd_cli.device import resolve_device
     from tropd_cli.evals.engine import load_suites
     from tropd_cli.models import default_cache_dir, load_student, model_label
-    from tropd_cli.train.trainer import eval_metrics
+    from tropd_cli.train.loop import eval_metrics
 
     if ab.threads:
         torch.set_num_threads(ab.threads)
@@ -200,7 +200,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     from tropd_cli.evals.engine import load_suites
     from tropd_cli.loggers import build_hooks
     from tropd_cli.models import default_cache_dir, load_model
-    from tropd_cli.train.trainer import eval_metrics, train
+    from tropd_cli.train.loop import eval_metrics, train
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(train_cfg)))

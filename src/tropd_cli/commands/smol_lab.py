@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tropd_cli.commands.common import CONF_DIR  # importing it registers the config schemas
 from tropd_cli.config import TrainConfig
 from tropd_cli.models import ADAPTERS, LAYERS_FILE, SMOL_DIR
-from tropd_cli.train.trainer import train
+from tropd_cli.train.loop import train
 from tropd_cli.validate import validate_train
 
 

@@ -88,7 +88,7 @@ def _run(cfg: DictConfig, train_cfg: TrainConfig, output_dir: Path, info: Any, d
     resolved = {str(k): v for k, v in OmegaConf.to_container(cfg, resolve=True).items()}  # type: ignore[union-attr]
 
     from tropd_cli.loggers import ConfigFile, Hooks, build_hooks
-    from tropd_cli.train.trainer import StopRequest, train
+    from tropd_cli.train.loop import StopRequest, train
 
     console = Console(stderr=True, quiet=not info.is_main)  # one rank talks
     # Files of the run are written once the models and data have loaded (the hooks' on_start), so bad

@@ -29,12 +29,12 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import transformers
 from torch import Tensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from tropd_cli import __version__
 from tropd_cli.batch import RolloutBatch, completion_mask
@@ -42,31 +42,13 @@ from tropd_cli.config import TrainConfig
 from tropd_cli.data import Example, dataset_prompts, examples_from_config
 from tropd_cli.distributed import Dist
 from tropd_cli.errors import UserError
-from tropd_cli.models import LoadedModel
 from tropd_cli.rng import seeded
 from tropd_cli.rollout.sampling import rollout, sample, tokenize_prompts
 from tropd_cli.train import losses
 from tropd_cli.train.scoring import full_vocab_kl, lm_head_weight, response_hidden
+from tropd_cli.train.setup import Run
 
 log = logging.getLogger(__name__)
-
-
-class Run(Protocol):
-    """What the held-out set reads of the run (:class:`tropd_cli.train.trainer.Trainer` has it)."""
-
-    cfg: TrainConfig
-    tokenizer: PreTrainedTokenizerBase
-    device: torch.device
-    teacher_device: torch.device
-    teacher: LoadedModel
-    teacher_sampler: Any  # an HF model, or one behind a ForwardAdapter
-    sampler: Any  # the student's sampling copy (its dtype is part of the cache key)
-    vocab: int
-    scoring_temperature: float
-
-    @property
-    def uses_engine(self) -> bool: ...
-
 
 #: Added to ``dataset.seed`` to draw the held-out prompts (and to sample the teacher's responses).
 SEED_OFFSET = 1_000_003
@@ -159,11 +141,11 @@ def heldout_examples(cfg: TrainConfig, train: Sequence[Example]) -> list[Example
 CACHE_VERSION = 1
 
 
-def cache_key(trainer: Run, examples: Sequence[Example]) -> str:
+def cache_key(run: Run, examples: Sequence[Example]) -> str:
     """The cache entry of a held-out set and of the untrained student's measurement on it: a hash of everything
     either depends on (both models and their dtypes, the sampling copy's, the prompts, the sampling and scoring
     settings, the devices and thread count, the library versions), and of nothing a method or a seed sets."""
-    cfg = trainer.cfg
+    cfg = run.cfg
     fields: dict[str, Any] = {
         "version": CACHE_VERSION,
         "tropd": __version__,
@@ -171,15 +153,15 @@ def cache_key(trainer: Run, examples: Sequence[Example]) -> str:
         "transformers": transformers.__version__,
         "teacher": dataclasses.asdict(cfg.teacher),
         "student": dataclasses.asdict(cfg.student),
-        "sampler_dtype": str(getattr(trainer.sampler, "dtype", cfg.rollout.sampler_dtype)),
+        "sampler_dtype": str(getattr(run.samplers.hf_student, "dtype", cfg.rollout.sampler_dtype)),
         "dataset": dataclasses.asdict(cfg.dataset),
         "prompts": [ex.prompt for ex in examples],
         "heldout": {k: v for k, v in dataclasses.asdict(cfg.heldout).items() if k != "cache_dir"},
         "max_new_tokens": cfg.rollout.max_new_tokens,
         "generation_batch_size": cfg.rollout.generation_batch_size,
-        "scoring_temperature": trainer.scoring_temperature,
+        "scoring_temperature": run.scoring_temperature,
         "chunk_size": cfg.scoring.chunk_size,
-        "devices": [str(trainer.device), str(trainer.teacher_device)],
+        "devices": [str(run.device), str(run.teacher_device)],
         "threads": torch.get_num_threads(),
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -214,36 +196,36 @@ class HeldOut:
     :func:`cache_key` wrote them, else compute and write them there: an ablation's cells share both.
     """
 
-    def __init__(self, trainer: Run, examples: list[Example], cache_dir: str | Path | None = None) -> None:
+    def __init__(self, run: Run, examples: list[Example], cache_dir: str | Path | None = None) -> None:
         if not examples:
             raise ValueError("HeldOut needs at least one example")
-        cfg = self.cfg = trainer.cfg
-        self.trainer = trainer
+        cfg = self.cfg = run.cfg
+        self.run = run
         self.examples = examples
-        self.tokenizer = trainer.tokenizer
+        self.tokenizer = run.tokenizer
         self.max_new_tokens = cfg.heldout.max_new_tokens or cfg.rollout.max_new_tokens
         self.rows = cfg.rollout.generation_batch_size or len(examples)  # rows per model call
         texts = dataset_prompts(self.tokenizer, examples, cfg.dataset)
         self.prompt_ids, self.prompt_mask = tokenize_prompts(
-            self.tokenizer, texts, max_prompt_tokens=cfg.dataset.max_prompt_tokens, device=trainer.device
+            self.tokenizer, texts, max_prompt_tokens=cfg.dataset.max_prompt_tokens, device=run.device
         )
-        self.cache = Path(cache_dir) / cache_key(trainer, examples) if cache_dir else None
+        self.cache = Path(cache_dir) / cache_key(run, examples) if cache_dir else None
         t0 = time.perf_counter()
         stored = _read(self.cache / "teacher.pt") if self.cache else None
         self.cached = stored is not None
         if stored is not None:
             fields: dict[str, Any] = stored["batch"]
-            self.teacher_batch = _moved(RolloutBatch(**fields), trainer.device)
+            self.teacher_batch = _moved(RolloutBatch(**fields), run.device)
             self.teacher_hidden = list(stored["hidden"])
             self.build_seconds = time.perf_counter() - t0
             return
         self.teacher_batch = rollout(
-            trainer.teacher_sampler,
+            run.teacher_writer,
             None,
             self.tokenizer,
             self.prompt_ids,
             self.prompt_mask,
-            prompt_index=torch.arange(len(examples), device=trainer.device),
+            prompt_index=torch.arange(len(examples), device=run.device),
             max_new_tokens=self.max_new_tokens,
             min_new_tokens=0,
             temperature=cfg.heldout.temperature,
@@ -262,8 +244,7 @@ class HeldOut:
                 self.cache / "teacher.pt",
                 {"batch": {k: _cpu(v) for k, v in batch.items()}, "hidden": self.teacher_hidden},
             )
-        if self.trainer.uses_engine and trainer.device.type == "cuda":
-            torch.cuda.empty_cache()  # before the vLLM engine wakes (see Trainer.make_batch)
+        run.samplers.free_cached_memory()  # before a vLLM engine wakes
 
     @property
     def tokens(self) -> int:
@@ -297,8 +278,7 @@ class HeldOut:
             kl["lengths"], kl["empty"] = self._greedy_answers(student)
         finally:
             student.train(was_training)
-        if self.trainer.uses_engine and self.trainer.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.run.samplers.free_cached_memory()
         return kl
 
     def _metrics(self, kl: dict[str, Tensor], seconds: float) -> dict[str, float]:
@@ -322,7 +302,7 @@ class HeldOut:
     @torch.no_grad()
     def _teacher_hidden(self) -> list[Tensor]:
         """The teacher's final hidden states ``[N_chunk, H]`` at the response positions of each row chunk (CPU)."""
-        model, device = self.trainer.teacher.model, self.trainer.teacher_device
+        model, device = self.run.teacher.model, self.run.teacher_device
         was_training = model.training
         model.eval()
         try:
@@ -332,10 +312,10 @@ class HeldOut:
 
     def _divergences(self, student: PreTrainedModel) -> dict[str, Tensor]:
         """Per-token full-vocabulary KLs and both log-probs at the teacher's tokens, over all held-out rows."""
-        trainer = self.trainer
-        device = trainer.device
-        s_weight = lm_head_weight(student)[: trainer.vocab]
-        t_weight = lm_head_weight(trainer.teacher.model)[: trainer.vocab].to(device)
+        run = self.run
+        device = run.device
+        s_weight = lm_head_weight(student)[: run.vocab]
+        t_weight = lm_head_weight(run.teacher.model)[: run.vocab].to(device)
         parts: dict[str, list[Tensor]] = {}
         for mb, t_hidden in zip(self._row_chunks(), self.teacher_hidden, strict=True):
             s_hidden = response_hidden(student, mb)
@@ -346,7 +326,7 @@ class HeldOut:
                 t_weight,
                 mb.response_ids[mb.response_mask],
                 chunk_size=self.cfg.scoring.chunk_size,
-                temperature=trainer.scoring_temperature,
+                temperature=run.scoring_temperature,
             )
             for name, value in dataclasses.asdict(kl).items():
                 parts.setdefault(name, []).append(value)

@@ -1,0 +1,199 @@
+"""One training run, built from its config: models, samplers, scorers, optimizer, prompt order.
+
+:func:`build_run` is the one place that turns a :class:`TrainConfig` into the objects a step uses, and the
+only reader of ``rollout.backend``. The order of construction is part of the run's behaviour (the global RNG
+is seeded before it): method, vocabulary, prompts, sampler (before sharding: a whole copy), scorers,
+sharding, the teacher's writer, AdamW, the warmup schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tropd_cli import distributed as D
+from tropd_cli.config import TrainConfig
+from tropd_cli.data import Example, dataset_prompts
+from tropd_cli.device import fast_bf16
+from tropd_cli.distributed import SINGLE, Dist
+from tropd_cli.errors import UserError
+from tropd_cli.models import LoadedModel, shared_vocab
+from tropd_cli.rng import generator
+from tropd_cli.rollout import vllm
+from tropd_cli.rollout.samplers import HFSamplers, Samplers, sampling_copy
+from tropd_cli.train.methods import Method, get_method
+from tropd_cli.train.scoring import ForwardAdapter, StudentScorer, TeacherScorer
+
+log = logging.getLogger(__name__)
+
+
+class PromptOrder:
+    """Prompts in a fresh seeded permutation each epoch; batch ``s`` is a pure function of (seed, s)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+
+    def batch(self, step: int) -> list[int]:
+        out = []
+        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
+            epoch, offset = divmod(pos, self.n)
+            perm = torch.randperm(self.n, generator=generator(self.seed, epoch, 17))
+            out.append(int(perm[offset]))
+        return out
+
+
+@dataclass
+class Run:
+    """Everything one training run holds; :func:`tropd_cli.train.step.train_step` does one optimizer step of it."""
+
+    cfg: TrainConfig
+    dist: Dist
+    teacher: LoadedModel
+    student: LoadedModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    teacher_device: torch.device
+    method: Method
+    vocab: int  # the ids both models score (a teacher's padded lm_head rows beyond it are not)
+    examples: list[Example]
+    prompts: list[str]  # the examples' prompts, formatted (chat template)
+    order: PromptOrder
+    scoring_temperature: float
+    bf16: bool  # the student's forward and backward under bf16 autocast
+    n_params: tuple[int, int]  # teacher, student: counted before sharding
+    samplers: Samplers
+    teacher_writer: Any  # the HF teacher, or an adapter of it (sharded, on another device): held-out responses
+    scorer: StudentScorer
+    teacher_scorer: TeacherScorer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    def rank_keys(self) -> tuple[int, ...]:
+        """Extra seed keys that give each rank its own randomness (none in a single process)."""
+        return (1_000_003, self.dist.rank) if self.dist.enabled else ()
+
+    def close(self) -> None:
+        self.samplers.close()
+
+
+def build_run(
+    cfg: TrainConfig,
+    *,
+    teacher: LoadedModel,
+    student: LoadedModel,
+    examples: list[Example],
+    dist: Dist = SINGLE,
+    work_dir: Path | None = None,
+) -> Run:
+    """The run of ``cfg`` on loaded models. ``work_dir``: where vLLM engines read their starting weights (a temp
+    dir when None)."""
+    device = next(student.model.parameters()).device
+    teacher_device = next(teacher.model.parameters()).device
+    method = get_method(cfg)
+    vocab = shared_vocab(teacher, student)
+    if method.needs_topk and cfg.method.top_k > vocab:
+        # Top-k over more ids than exist is top-V: the full-vocabulary forward KL (e.g. a k=512 grid row on the
+        # 100-token char lab). Said once, loudly, since a typo in k lands here too.
+        log.warning(
+            "method.top_k=%d is larger than the vocabulary (%d tokens): scoring all %d tokens (full forward KL)",
+            cfg.method.top_k,
+            vocab,
+            vocab,
+        )
+    D.require_even_split(cfg.rollout.batch_size, dist)
+    tokenizer = student.tokenizer
+    scoring_temperature = cfg.rollout.scoring_temperature or cfg.rollout.temperature
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda" and fast_bf16("cuda"))
+    n_params = (
+        sum(p.numel() for p in teacher.model.parameters()),
+        sum(p.numel() for p in student.model.parameters()),
+    )
+    backend = cfg.rollout.backend
+    engines: Any = None
+    copy = None
+    if backend == "vllm":  # before sharding: saved from the full student
+        engines = vllm.start_engines(cfg, student, teacher, None, device=device, work_dir=work_dir, dist=dist)
+    else:  # before sharding: a full copy of the student
+        copy = sampling_copy(student.model, cfg.rollout.sampler_dtype, device, sharded=dist.enabled)
+    scorer = StudentScorer(
+        student.model,
+        chunk_size=cfg.scoring.chunk_size,
+        temperature=scoring_temperature,
+        bf16=bf16 and not dist.enabled,  # under FSDP, its mixed-precision policy does this
+    )
+    teacher_scorer = TeacherScorer(
+        teacher.model, chunk_size=cfg.scoring.chunk_size, temperature=scoring_temperature, vocab=vocab
+    )
+    shard_teacher = dist.enabled and cfg.distributed.shard_teacher
+    if dist.enabled:
+        reshard = cfg.distributed.reshard_after_forward
+        D.shard(scorer, student.model, bf16=bf16, reshard_after_forward=reshard, trainable=True)
+        if shard_teacher:
+            D.shard(teacher_scorer, teacher.model, bf16=False, reshard_after_forward=reshard, trainable=False)
+            D.register_forward_method(teacher_scorer, "lm_forward")
+    # What samples guidance prefixes (and SFT teacher responses): the teacher itself, or an adapter when it is
+    # sharded or lives on another device.
+    teacher_writer: Any = teacher.model
+    if shard_teacher or teacher_device != device:
+        if backend == "generate":
+            raise UserError(
+                "rollout.backend=generate needs the teacher whole on the student's device; use rollout.backend=loop "
+                "with distributed.shard_teacher or teacher_device"
+            )
+        teacher_writer = ForwardAdapter(
+            teacher_scorer.lm_forward if shard_teacher else teacher.model, teacher_device, device
+        )
+    samplers: Samplers
+    if engines is not None:
+        if engines.teacher_backend is None:  # the HF teacher writes the prefixes beside the student's engine
+            engines.teacher = teacher_writer
+        samplers = engines
+    else:
+        assert copy is not None
+        samplers = HFSamplers(backend, copy, teacher_writer)
+    params = [p for p in student.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    warmup = cfg.optim.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
+    )
+    if scoring_temperature != cfg.rollout.temperature:
+        log.warning(
+            "rollout.temperature=%s but scoring at %s: rewards are then not on-policy log-ratios",
+            cfg.rollout.temperature,
+            scoring_temperature,
+        )
+    return Run(
+        cfg=cfg,
+        dist=dist,
+        teacher=teacher,
+        student=student,
+        tokenizer=tokenizer,
+        device=device,
+        teacher_device=teacher_device,
+        method=method,
+        vocab=vocab,
+        examples=examples,
+        prompts=dataset_prompts(tokenizer, examples, cfg.dataset),
+        order=PromptOrder(len(examples), cfg.rollout.batch_size, cfg.seed),
+        scoring_temperature=scoring_temperature,
+        bf16=bf16,
+        n_params=n_params,
+        samplers=samplers,
+        teacher_writer=teacher_writer,
+        scorer=scorer,
+        teacher_scorer=teacher_scorer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+    )
