@@ -490,7 +490,7 @@ def test_vllm_engines_replace_the_sampler_copy_and_its_cache() -> None:
 
 
 def test_teacher_engine_follows_the_trainers_rules() -> None:
-    """vllm.start_engines: a teacher engine with teacher_scoring, or with teacher_prefixes and guidance; by
+    """engines.start_engines: a teacher engine with teacher_scoring, or with teacher_prefixes and guidance; by
     default (teacher_prefixes=false) none: the HF teacher writes the prefixes."""
     run = planning.preset_run("qwen3-1.7b<-qwen3-4b")
     assert not run.vllm_teacher_prefixes and not run.teacher_engine

@@ -351,7 +351,7 @@ class RunShape:
 
     @property
     def teacher_engine(self) -> bool:
-        """``vllm.start_engines`` starts a teacher engine (it writes prefixes and/or scores)."""
+        """``engines.start_engines`` starts a teacher engine (it writes prefixes and/or scores)."""
         return self.backend == "vllm" and (self.vllm_teacher_scoring or (self.vllm_teacher_prefixes and self.guidance))
 
     @property

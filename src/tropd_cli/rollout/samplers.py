@@ -1,7 +1,7 @@
 """Who writes a run's text: the student's rollouts, and the teacher's (guidance prefixes, SFT targets).
 
 :class:`Samplers` is what the training step asks of them; :func:`tropd_cli.train.setup.build_run` picks
-:class:`HFSamplers` (``rollout.backend=loop|generate``) or :class:`tropd_cli.rollout.vllm.EngineSamplers`
+:class:`HFSamplers` (``rollout.backend=loop|generate``) or :class:`tropd_cli.rollout.engines.EngineSamplers`
 (``rollout.backend=vllm``, where every decision about waking, sleeping and freeing memory lives). The step
 calls the hooks in this order: ``sync`` -> ``before_rollout`` -> rollout (``after_prefixes`` between the
 teacher's prefixes and the student's continuations) -> ``after_rollout`` -> teacher scoring ->

@@ -24,7 +24,7 @@ from tropd_cli.distributed import SINGLE, Dist
 from tropd_cli.errors import UserError
 from tropd_cli.models import LoadedModel, shared_vocab
 from tropd_cli.rng import generator
-from tropd_cli.rollout import vllm
+from tropd_cli.rollout import engines as rollout_engines
 from tropd_cli.rollout.samplers import HFSamplers, Samplers, sampling_copy
 from tropd_cli.train.methods import Method, get_method
 from tropd_cli.train.scoring import ForwardAdapter, StudentScorer, TeacherScorer
@@ -117,7 +117,9 @@ def build_run(
     engines: Any = None
     copy = None
     if backend == "vllm":  # before sharding: saved from the full student
-        engines = vllm.start_engines(cfg, student, teacher, None, device=device, work_dir=work_dir, dist=dist)
+        engines = rollout_engines.start_engines(
+            cfg, student, teacher, None, device=device, work_dir=work_dir, dist=dist
+        )
     else:  # before sharding: a full copy of the student
         copy = sampling_copy(student.model, cfg.rollout.sampler_dtype, device, sharded=dist.enabled)
     scorer = StudentScorer(
