@@ -13,6 +13,7 @@ import pickle
 import shlex
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -417,3 +418,24 @@ def test_score_livecodebench_runs_every_test_in_the_sandbox():
 def test_score_livecodebench_needs_one_completion_per_row():
     with pytest.raises(ValueError, match="one completion each"):
         score_livecodebench([STDIN_ROW], ["print(1)", "print(2)"])
+
+
+def test_lcb_harness_is_a_module_whose_source_is_the_program():
+    """The harness is linted, type-checked and importable; the program is its source plus one call."""
+    from tropd_cli.evals import lcb_harness
+
+    program = lcb_program("print(1)", [{"input": "", "output": "1"}], None)
+    source = Path(lcb_harness.__file__).read_text(encoding="utf-8")
+    assert program.startswith(source)
+    assert program.rstrip().endswith("main(CODE, TESTS_JSON, FUNC_NAME, PASS_LINE)")
+    compile(program, "<lcb>", "exec")
+
+
+def test_lcb_harness_compares_outputs_as_livecodebench_does():
+    from tropd_cli.evals.lcb_harness import same_output
+
+    assert same_output("1 2\n3\n", "1 2\n3")  # trailing newline and spaces do not matter
+    assert same_output("0.50 1\n", "0.5 1.0")  # equal as Decimal values
+    assert not same_output("1\n2\n", "1\n")  # line counts differ
+    assert not same_output("1 2", "1 3")
+    assert not same_output("abc", "abd")

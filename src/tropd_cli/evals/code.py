@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import json
 import math
@@ -22,6 +23,7 @@ import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
 from typing import Any
 
 from tropd_cli.data import Example, read_jsonl
@@ -325,20 +327,28 @@ def lcb_program(code: str, tests: Sequence[Mapping[str, str]], func_name: str | 
     Otherwise: functional tests. ``code`` runs once; ``Solution().func_name`` (or a module-level
     ``func_name``) gets each input line as a JSON value and must return the JSON-decoded output
     (tuples count as lists). As in LiveCodeBench, the code runs after its ``from typing import *``
-    etc. preamble. Code and tests enter the program as literals only.
+    etc. preamble. Code and tests enter the program as literals only, after the source of
+    :mod:`tropd_cli.evals.lcb_harness`.
     """
     if not tests:
         raise ValueError("a LiveCodeBench problem needs at least one test")
     if func_name is not None and not isinstance(func_name, str):
         raise ValueError(f"func_name must be a string or None, got {type(func_name).__name__}")
     cases = [{"input": t["input"], "output": t["output"]} for t in tests]
-    header = (
+    call = (
         f"CODE = {code!r}\n"
         f"TESTS_JSON = {json.dumps(cases)!r}\n"
         f"FUNC_NAME = {func_name!r}\n"
         f"PASS_LINE = {LCB_PASS_LINE!r}\n"
+        "main(CODE, TESTS_JSON, FUNC_NAME, PASS_LINE)\n"
     )
-    return header + _LCB_HARNESS
+    return _lcb_harness_source() + "\n\n" + call
+
+
+@functools.cache
+def _lcb_harness_source() -> str:
+    """The source of :mod:`tropd_cli.evals.lcb_harness`, the program :func:`lcb_program` completes."""
+    return resources.files("tropd_cli.evals").joinpath("lcb_harness.py").read_text(encoding="utf-8")
 
 
 def score_livecodebench(
@@ -390,202 +400,3 @@ def score_livecodebench(
         return [future.result() for future in futures]
     finally:  # after an error, do not start the programs still queued
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-# The harness after lcb_program's header (CODE, TESTS_JSON, FUNC_NAME, PASS_LINE). It runs inside the
-# sandbox as `python -I -S`: standard library only, and whatever the solution does to the process.
-_LCB_HARNESS = r'''
-import builtins
-import json
-import os
-import posix
-import sys
-import threading
-from decimal import Decimal
-
-# LiveCodeBench runs every solution after this preamble (testing_util.import_string).
-PREAMBLE = """\
-from string import *
-from re import *
-from datetime import *
-from collections import *
-from heapq import *
-from bisect import *
-from copy import *
-from math import *
-from random import *
-from statistics import *
-from itertools import *
-from functools import *
-from operator import *
-from io import *
-from sys import *
-from json import *
-from builtins import *
-from typing import *
-import string
-import re
-import datetime
-import collections
-import heapq
-import bisect
-import copy
-import math
-import random
-import statistics
-import itertools
-import functools
-import operator
-import io
-import sys
-import json
-sys.setrecursionlimit(50000)
-"""
-
-REAL_EXIT = os._exit
-OUT_FD = os.dup(1)  # the real stdout and stderr, kept where the solution's redirections do not reach
-ERR_FD = os.dup(2)
-IN_PATH = os.path.abspath("lcb_stdin.txt")
-OUT_PATH = os.path.abspath("lcb_stdout.txt")
-STD_STREAMS = (sys.stdin, sys.stdout, sys.__stdin__, sys.__stdout__)
-
-
-class EarlyExit(BaseException):
-    """os._exit called by the solution: the end of its run, not of the harness."""
-
-
-def early_exit(status=0):
-    raise EarlyExit(status)
-
-
-def finish(ok, message):
-    os.write(OUT_FD if ok else ERR_FD, (message + "\n").encode("utf-8", "replace"))
-    REAL_EXIT(0 if ok else 1)  # also ends threads the solution left running
-
-
-def place(fd, target):
-    """Make ``fd`` the file at ``target`` (0 or 1); a solution may have closed the target, so fd may be it."""
-    if fd != target:
-        os.dup2(fd, target)
-        os.close(fd)
-
-
-def run_captured(target, stdin_data):
-    """target() with fd 0 reading stdin_data and fd 1 going to a file; (error or None, captured stdout)."""
-    with open(IN_PATH, "wb") as fh:
-        fh.write(stdin_data.encode("utf-8"))
-    place(os.open(IN_PATH, os.O_RDONLY), 0)
-    place(os.open(OUT_PATH, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 1)
-    stdin = open(0, "r", encoding="utf-8", closefd=False)
-    stdout = open(1, "w", encoding="utf-8", closefd=False)
-    sys.stdin = sys.__stdin__ = stdin
-    sys.stdout = sys.__stdout__ = stdout
-    os._exit = posix._exit = early_exit
-    threads_before = set(threading.enumerate())
-    error = None
-    try:
-        target()
-        # A program's process waits for its non-daemon threads (e.g. main() in a thread for a bigger stack).
-        for thread in threading.enumerate():
-            if thread not in threads_before and not thread.daemon:
-                thread.join()
-    except (SystemExit, EarlyExit):
-        pass
-    except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"
-    finally:
-        os._exit = posix._exit = REAL_EXIT
-        for stream in {id(s): s for s in (sys.stdout, sys.__stdout__, stdout)}.values():
-            try:
-                stream.flush()
-            except BaseException:
-                pass
-        os.dup2(OUT_FD, 1)
-        sys.stdin, sys.stdout, sys.__stdin__, sys.__stdout__ = STD_STREAMS
-    with open(OUT_PATH, "rb") as fh:
-        return error, fh.read().decode("utf-8", "replace")
-
-
-def fresh_globals():
-    namespace = {"__name__": "__main__", "__builtins__": builtins}
-    exec(PREAMBLE, namespace)
-    return namespace
-
-
-def stripped_lines(text):
-    return [line.strip() for line in text.strip().split("\n")]
-
-
-def decimals(line):
-    try:
-        return [Decimal(part) for part in line.split()]
-    except Exception:
-        return None
-
-
-def same_output(got, expected):
-    """LiveCodeBench's stdio check: as many stripped lines, each equal as text or as Decimal values."""
-    got_lines, want_lines = stripped_lines(got), stripped_lines(expected)
-    if len(got_lines) != len(want_lines):
-        return False
-    for got_line, want_line in zip(got_lines, want_lines):
-        if got_line == want_line:
-            continue
-        got_values, want_values = decimals(got_line), decimals(want_line)
-        if got_values is None or want_values is None or got_values != want_values:
-            return False
-    return True
-
-
-def short(text, limit=200):
-    text = str(text)
-    return text if len(text) <= limit else text[: limit // 2] + " ... " + text[-limit // 2 :]
-
-
-def main():
-    tests = json.loads(TESTS_JSON)
-    try:
-        compiled = compile(CODE, "<solution>", "exec", dont_inherit=True)
-    except (SyntaxError, ValueError) as exc:
-        finish(False, f"compile error: {exc}")
-    if FUNC_NAME is None:
-        for i, test in enumerate(tests):
-            namespace = fresh_globals()
-            error, output = run_captured(lambda: exec(compiled, namespace), test["input"])
-            if error is not None:
-                finish(False, f"test {i}: runtime error: {short(error)}")
-            if not same_output(output, test["output"]):
-                finish(False, f"test {i}: wrong answer: got {short(output)!r}, expected {short(test['output'])!r}")
-        finish(True, PASS_LINE)
-
-    namespace = fresh_globals()
-    error, _ = run_captured(lambda: exec(compiled, namespace), "")
-    if error is not None:
-        finish(False, f"runtime error while defining the solution: {short(error)}")
-    solution = namespace.get("Solution")
-    method = None
-    if isinstance(solution, type):
-        holder = []
-        error, _ = run_captured(lambda: holder.append(solution()), "")
-        if error is not None or not holder:
-            finish(False, f"Solution() failed: {short(error)}")
-        method = getattr(holder[0], FUNC_NAME, None)
-    if method is None:
-        method = namespace.get(FUNC_NAME)
-    if not callable(method):
-        finish(False, f"no method or function named {FUNC_NAME!r}")
-    for i, test in enumerate(tests):
-        args = [json.loads(line) for line in test["input"].split("\n")]
-        expected = json.loads(test["output"])
-        result = []
-        error, _ = run_captured(lambda: result.append(method(*args)), "")
-        if error is not None or not result:
-            finish(False, f"test {i}: runtime error: {short(error)}")
-        got = list(result[0]) if isinstance(result[0], tuple) else result[0]
-        if got != expected:
-            finish(False, f"test {i}: wrong answer: got {short(got)!r}, expected {short(expected)!r}")
-    finish(True, PASS_LINE)
-
-
-main()
-'''
