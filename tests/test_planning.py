@@ -906,7 +906,7 @@ def test_step_estimate_chunks_budgets_and_waves() -> None:
     rows_at_once = planning.vllm_concurrent_rows(vllm, H100, "student")
     waves = -(-vllm.sequences_per_rank // rows_at_once)
     assert waves > 1 and planning.estimate_step(vllm, H100).decode_steps == waves * 8192
-    assert planning._sampling_groups(vllm, H100, "student", True) == (waves, -(-vllm.sequences_per_rank // waves))
+    assert planning.throughput._sampling_groups(vllm, H100, "student", True) == (waves, -(-vllm.sequences_per_rank // waves))
     # The preset's HF teacher writes the prefixes in calls of generation_batch_size rows, one after the other
     # (Qwen3: 2 calls of 32 rows, 3000 steps each), before the student engine's waves continue them.
     calls = -(-vllm.sequences_per_rank // planning.PRESET_GENERATION_BATCH_SIZE["qwen3-1.7b<-qwen3-4b"])
@@ -918,7 +918,7 @@ def test_step_estimate_chunks_budgets_and_waves() -> None:
     r1 = planning.preset_run("r1-1.5b<-skywork-7b")
     assert r1.generation_batch_size == planning.PRESET_GENERATION_BATCH_SIZE["r1-1.5b<-skywork-7b"]
     assert r1.generation_chunks == 1 and r1.generation_rows == r1.sequences_per_rank
-    r1_waves = planning._sampling_groups(r1, H100, "student", True)[0]
+    r1_waves = planning.throughput._sampling_groups(r1, H100, "student", True)[0]
     assert planning.estimate_step(replace(r1, prefix_tokens=3000), H100).decode_steps == (
         3000 + r1_waves * (8192 - 3000)
     )
