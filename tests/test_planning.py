@@ -906,7 +906,10 @@ def test_step_estimate_chunks_budgets_and_waves() -> None:
     rows_at_once = planning.vllm_concurrent_rows(vllm, H100, "student")
     waves = -(-vllm.sequences_per_rank // rows_at_once)
     assert waves > 1 and planning.estimate_step(vllm, H100).decode_steps == waves * 8192
-    assert planning.throughput._sampling_groups(vllm, H100, "student", True) == (waves, -(-vllm.sequences_per_rank // waves))
+    assert planning.throughput._sampling_groups(vllm, H100, "student", True) == (
+        waves,
+        -(-vllm.sequences_per_rank // waves),
+    )
     # The preset's HF teacher writes the prefixes in calls of generation_batch_size rows, one after the other
     # (Qwen3: 2 calls of 32 rows, 3000 steps each), before the student engine's waves continue them.
     calls = -(-vllm.sequences_per_rank // planning.PRESET_GENERATION_BATCH_SIZE["qwen3-1.7b<-qwen3-4b"])

@@ -1,4 +1,4 @@
-"""The ``tropd`` dispatcher: ``tropd train|eval|ablate [hydra overrides...]``.
+"""The ``tropd`` dispatcher: ``tropd train|eval|ablate|plan [hydra overrides...]``.
 
 Each subcommand is its own ``@hydra.main`` app, so ``-m``, ``--cfg job``, ``--help``, sweepers and
 launchers work unchanged. This module only picks the app and turns bad input into one line + exit 2.
@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "eval": ("tropd_cli.commands.evaluate", "score models on math and code suites"),
     "evaluate": ("tropd_cli.commands.evaluate", "alias of eval"),
     "ablate": ("tropd_cli.commands.ablate", "run an ablation grid with seeds and summarise it"),
+    "plan": ("tropd_cli.commands.plan", "per-GPU memory plan and step-time estimate of a train config"),
 }
 
 USAGE = """usage: tropd <command> [hydra overrides ...]
@@ -33,6 +34,7 @@ examples:
   tropd train -m trust_region.tau=-1,0,1   # a sweep over trust-region thresholds
   tropd eval                               # the last trained student next to its teacher
   tropd train --cfg job                    # print the composed config and exit
+  tropd plan experiment=paper/ds_r1_1p5b_from_skywork_math7b world_size=8 gpu=h100   # GPU memory plan
 
 options:
   -h, --help       show this message (`tropd <command> --help` shows the command's config groups)
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     command = args[0]
     if command not in SUBCOMMANDS:
-        sys.stderr.write(f"error: unknown command {command!r}; choose one of: train, eval, ablate\n")
+        sys.stderr.write(f"error: unknown command {command!r}; choose one of: train, eval, ablate, plan\n")
         sys.exit(2)
 
     # We report errors ourselves: one line and exit 2 for bad input, a full trace for bugs.

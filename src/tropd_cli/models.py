@@ -259,7 +259,7 @@ def _load_pretrained(
         if not os.path.exists(os.path.join(name, "config.json")):
             raise UserError(f"{name} is not a Hugging Face model directory (no config.json)")
     else:
-        _require_hub_or_cache(name, cfg.revision)
+        require_hub_or_cache(name, cfg.revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
@@ -276,7 +276,7 @@ def attention_implementation(cfg: ModelConfig) -> str:
     return "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
 
 
-def _require_hub_or_cache(name: str, revision: str | None) -> None:
+def require_hub_or_cache(name: str, revision: str | None) -> None:
     """Fail fast, in one line, for a hub id that is neither cached nor reachable (no retry storm)."""
     from huggingface_hub import try_to_load_from_cache
 

@@ -88,3 +88,26 @@ def preset_run(preset: str, **overrides: Any) -> RunShape:
         generation_batch_size=PRESET_GENERATION_BATCH_SIZE[preset],
     )
     return replace(base, **overrides)
+
+
+SMOLLM2_135M: dict[str, Any] = {  # HuggingFaceTB/SmolLM2-135M-Instruct (tropd's default teacher and student)
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "intermediate_size": 1536,
+    "tie_word_embeddings": True,
+}
+
+#: Hub ids whose shapes ``tropd plan`` knows without the hub (the paper's models and tropd's default pair).
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": R1_DISTILL_QWEN_1_5B,
+    "Skywork/Skywork-OR1-Math-7B": SKYWORK_OR1_MATH_7B,
+    "Qwen/Qwen3-1.7B": QWEN3_1_7B,
+    "Qwen/Qwen3-4B": QWEN3_4B,
+    "Qwen/Qwen3-4B-Base": QWEN3_4B,
+    "HuggingFaceTB/SmolLM2-135M-Instruct": SMOLLM2_135M,
+}
