@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from tropd_cli.evals import instructions
 from tropd_cli.evals.instructions import SUPPORTED, check_following, unsupported
+from tropd_cli.evals.instructions import common as instructions
 
 # Every kwargs key of the two datasets; a hub Parquet row carries all of them, None where unused.
 _KEYS = (
