@@ -208,7 +208,8 @@ def install_guard(
     An audit hook cannot be removed, but native code (a compiled extension the program writes and
     imports) is not bound by it; it stops ordinary code, not a determined attacker. ``os.mkfifo``
     raises no audit event and is not covered. The source of this function is copied into the
-    program, so it imports what it needs itself.
+    program, so it imports what it needs itself; that is also why it is one long function (over 100
+    lines): the hook and everything it closes over travel as one self-contained piece of source.
     """
     import os
     import sys

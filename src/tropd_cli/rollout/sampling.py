@@ -206,24 +206,36 @@ def sample(
             )
         if backend != "generate":
             raise ValueError(f"unknown sampling backend {backend!r}; choose loop, generate or vllm")
-        do_sample = temperature > 0
-        gen_cfg = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min(min_new_tokens, max_new_tokens),
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=top_p if do_sample else None,
-            top_k=0 if do_sample else None,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            use_cache=True,
-        )
+        gen_cfg = _generation_config(max_new_tokens, min_new_tokens, temperature, top_p, eos_token_id, pad_token_id)
         with torch.random.fork_rng(devices=[input_ids.device] if input_ids.device.type == "cuda" else []):
             torch.manual_seed(seed)
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)  # type: ignore[operator]
         return out[:, input_ids.shape[1] :]
     finally:
         model.train(was_training)
+
+
+def _generation_config(
+    max_new_tokens: int,
+    min_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_token_id: int | list[int] | None,
+    pad_token_id: int,
+) -> GenerationConfig:
+    """HF ``generate``'s settings for :func:`sample`: the full distribution at ``temperature`` (no top-k)."""
+    do_sample = temperature > 0
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min(min_new_tokens, max_new_tokens),
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_p=top_p if do_sample else None,
+        top_k=0 if do_sample else None,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+    )
 
 
 def _sample_in_chunks(
@@ -323,35 +335,26 @@ def rollout(
     """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    batch, prompt_len = prompt_ids.shape
+    batch = prompt_ids.shape[0]
     sampling = dict(temperature=temperature, top_p=top_p, eos_token_id=eos, pad_token_id=pad, backend=backend)
 
     prefixes = [prompt_ids.new_empty(0) for _ in range(batch)]
     if teacher is not None and prefix_max > 0 and guided_rows is not None and bool(guided_rows.any()):
-        rows = guided_rows.nonzero().squeeze(1)
         if teacher_backend is None:
             teacher_backend = "loop" if backend == "vllm" else backend
-        teacher_sampling = {**sampling, "backend": teacher_backend}
-        written = sample(
+        rows = guided_rows.nonzero().squeeze(1)
+        written = _teacher_prefixes(
             teacher,
             prompt_ids[rows],
             prompt_mask[rows],
-            max_new_tokens=prefix_max,
-            seed=seeded(seed, 1),
+            prefix_max=prefix_max,
+            prefix_sampling=prefix_sampling,
+            seed=seed,
             chunk_rows=chunk_rows,
-            **teacher_sampling,
+            **{**sampling, "backend": teacher_backend},
         )
-        # The prefix never includes the teacher's EOS: the student must be able to continue.
-        eos_ids = torch.tensor([eos] if not isinstance(eos, list) else eos, device=written.device)
-        body = completion_mask(written, eos) & ~torch.isin(written, eos_ids)
-        lengths = body.sum(-1)
-        if prefix_sampling == "uniform":
-            draw = torch.rand(len(rows), generator=generator(seed, 2))
-            lengths = torch.floor(draw * (lengths.cpu() + 1)).long().to(lengths.device)
-        elif prefix_sampling != "min":
-            raise ValueError(f"unknown prefix_sampling {prefix_sampling!r}; choose min or uniform")
-        for j, row in enumerate(rows.tolist()):
-            prefixes[row] = written[j, : int(lengths[j])]
+        for row, prefix in zip(rows.tolist(), written, strict=True):
+            prefixes[row] = prefix
         if after_prefixes is not None:
             after_prefixes()
 
@@ -379,20 +382,70 @@ def rollout(
         else prompt_ids.new_empty(batch, 0)
     )
 
+    return _assemble(prompt_ids, prompt_mask, prefixes, continuation, prompt_index, max_new_tokens, eos, pad)
+
+
+def _teacher_prefixes(
+    teacher: PreTrainedModel | VLLMEngine,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    *,
+    prefix_max: int,
+    prefix_sampling: str,
+    seed: int,
+    chunk_rows: int,
+    eos_token_id: Any,
+    **sampling: Any,
+) -> list[Tensor]:
+    """The teacher's guidance prefix for each of these rows: its response up to ``prefix_max`` tokens, without
+    its EOS (the student must be able to continue), cut to ``min`` or a ``uniform`` draw of that length."""
+    written = sample(
+        teacher,
+        prompt_ids,
+        prompt_mask,
+        max_new_tokens=prefix_max,
+        seed=seeded(seed, 1),
+        chunk_rows=chunk_rows,
+        eos_token_id=eos_token_id,
+        **sampling,
+    )
+    eos = eos_token_id
+    eos_ids = torch.tensor([eos] if not isinstance(eos, list) else eos, device=written.device)
+    body = completion_mask(written, eos) & ~torch.isin(written, eos_ids)
+    lengths = body.sum(-1)
+    if prefix_sampling == "uniform":
+        draw = torch.rand(len(prompt_ids), generator=generator(seed, 2))
+        lengths = torch.floor(draw * (lengths.cpu() + 1)).long().to(lengths.device)
+    elif prefix_sampling != "min":
+        raise ValueError(f"unknown prefix_sampling {prefix_sampling!r}; choose min or uniform")
+    return [written[j, : int(lengths[j])] for j in range(len(prompt_ids))]
+
+
+def _assemble(
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    prefixes: list[Tensor],
+    continuation: Tensor,
+    prompt_index: Tensor,
+    max_new_tokens: int,
+    eos: Any,
+    pad: int,
+) -> RolloutBatch:
+    """Prompt, then per row its prefix and continuation (cut at its own budget and first EOS), right-padded."""
     responses, prefix_masks, valid = [], [], []
-    for i in range(batch):
-        cont = continuation[i, : max_new_tokens - prefix_lens[i]]
+    for i, prefix in enumerate(prefixes):
+        cont = continuation[i, : max_new_tokens - len(prefix)]
         cont_valid = completion_mask(cont[None], eos)[0]
-        responses.append(torch.cat([prefixes[i], cont]))
-        prefix_masks.append(torch.cat([torch.ones_like(prefixes[i], dtype=torch.bool), torch.zeros_like(cont_valid)]))
-        valid.append(torch.cat([torch.ones_like(prefixes[i], dtype=torch.bool), cont_valid]))
+        responses.append(torch.cat([prefix, cont]))
+        prefix_masks.append(torch.cat([torch.ones_like(prefix, dtype=torch.bool), torch.zeros_like(cont_valid)]))
+        valid.append(torch.cat([torch.ones_like(prefix, dtype=torch.bool), cont_valid]))
     width = max(1, max(int(v.nonzero().max()) + 1 if v.any() else 0 for v in valid))
     response_mask = _right_pad(valid, False, width).bool()
     response_ids = torch.where(response_mask, _right_pad(responses, pad, width), pad)
     return RolloutBatch(
         input_ids=torch.cat([prompt_ids, response_ids], dim=1),
         attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
-        prompt_len=prompt_len,
+        prompt_len=prompt_ids.shape[1],
         response_mask=response_mask,
         prefix_mask=_right_pad(prefix_masks, False, width).bool() & response_mask,
         prompt_index=prompt_index,

@@ -96,15 +96,7 @@ def build_run(
     teacher_device = next(teacher.model.parameters()).device
     method = get_method(cfg)
     vocab = shared_vocab(teacher, student)
-    if method.needs_topk and cfg.method.top_k > vocab:
-        # Top-k over more ids than exist is top-V: the full-vocabulary forward KL (e.g. a k=512 grid row on the
-        # 100-token char lab). Said once, loudly, since a typo in k lands here too.
-        log.warning(
-            "method.top_k=%d is larger than the vocabulary (%d tokens): scoring all %d tokens (full forward KL)",
-            cfg.method.top_k,
-            vocab,
-            vocab,
-        )
+    _warn_about_settings(cfg, method, vocab)
     D.require_even_split(cfg.rollout.batch_size, dist)
     tokenizer = student.tokenizer
     scoring_temperature = cfg.rollout.scoring_temperature or cfg.rollout.temperature
@@ -138,18 +130,7 @@ def build_run(
         if shard_teacher:
             D.shard(teacher_scorer, teacher.model, bf16=False, reshard_after_forward=reshard, trainable=False)
             D.register_forward_method(teacher_scorer, "lm_forward")
-    # What samples guidance prefixes (and SFT teacher responses): the teacher itself, or an adapter when it is
-    # sharded or lives on another device.
-    teacher_writer: Any = teacher.model
-    if shard_teacher or teacher_device != device:
-        if backend == "generate":
-            raise UserError(
-                "rollout.backend=generate needs the teacher whole on the student's device; use rollout.backend=loop "
-                "with distributed.shard_teacher or teacher_device"
-            )
-        teacher_writer = ForwardAdapter(
-            teacher_scorer.lm_forward if shard_teacher else teacher.model, teacher_device, device
-        )
+    teacher_writer = _teacher_writer(backend, teacher, teacher_scorer, shard_teacher, teacher_device, device)
     samplers: Samplers
     if engines is not None:
         if engines.teacher_backend is None:  # the HF teacher writes the prefixes beside the student's engine
@@ -158,24 +139,7 @@ def build_run(
     else:
         assert copy is not None
         samplers = HFSamplers(backend, copy, teacher_writer)
-    params = [p for p in student.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=cfg.optim.lr,
-        betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
-        eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay,
-    )
-    warmup = cfg.optim.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
-    )
-    if scoring_temperature != cfg.rollout.temperature:
-        log.warning(
-            "rollout.temperature=%s but scoring at %s: rewards are then not on-policy log-ratios",
-            cfg.rollout.temperature,
-            scoring_temperature,
-        )
+    optimizer, scheduler = _optimizer(cfg, student.model)  # after sharding: over the sharded parameters
     return Run(
         cfg=cfg,
         dist=dist,
@@ -199,3 +163,62 @@ def build_run(
         optimizer=optimizer,
         scheduler=scheduler,
     )
+
+
+def _warn_about_settings(cfg: TrainConfig, method: Method, vocab: int) -> None:
+    """Settings that run but are likely not what was meant: said once, loudly."""
+    if method.needs_topk and cfg.method.top_k > vocab:
+        # Top-k over more ids than exist is top-V: the full-vocabulary forward KL (e.g. a k=512 grid row on the
+        # 100-token char lab); a typo in k lands here too.
+        log.warning(
+            "method.top_k=%d is larger than the vocabulary (%d tokens): scoring all %d tokens (full forward KL)",
+            cfg.method.top_k,
+            vocab,
+            vocab,
+        )
+    scoring_temperature = cfg.rollout.scoring_temperature or cfg.rollout.temperature
+    if scoring_temperature != cfg.rollout.temperature:
+        log.warning(
+            "rollout.temperature=%s but scoring at %s: rewards are then not on-policy log-ratios",
+            cfg.rollout.temperature,
+            scoring_temperature,
+        )
+
+
+def _teacher_writer(
+    backend: str,
+    teacher: LoadedModel,
+    teacher_scorer: TeacherScorer,
+    shard_teacher: bool,
+    teacher_device: torch.device,
+    device: torch.device,
+) -> Any:
+    """What samples guidance prefixes (and SFT teacher responses): the teacher itself, or an adapter when it is
+    sharded or lives on another device."""
+    if not (shard_teacher or teacher_device != device):
+        return teacher.model
+    if backend == "generate":
+        raise UserError(
+            "rollout.backend=generate needs the teacher whole on the student's device; use rollout.backend=loop "
+            "with distributed.shard_teacher or teacher_device"
+        )
+    return ForwardAdapter(teacher_scorer.lm_forward if shard_teacher else teacher.model, teacher_device, device)
+
+
+def _optimizer(
+    cfg: TrainConfig, model: torch.nn.Module
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over the trainable parameters, with a linear warmup of ``optim.warmup_steps`` steps."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    warmup = cfg.optim.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
+    )
+    return optimizer, scheduler
