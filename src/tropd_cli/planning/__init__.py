@@ -35,7 +35,7 @@ Everything here mirrors what the code does (docs/scaling.md explains each compon
 
 The activation model (:func:`layer_activation_bytes_per_token`) counts the tensors autograd saves in
 one Llama / Qwen2 / Qwen3 decoder layer of transformers 5 with SDPA attention and a padding mask, as
-measured on CPU with ``torch.autograd.graph.saved_tensors_hooks`` (tests/test_planning.py checks it
+measured on CPU with ``torch.autograd.graph.saved_tensors_hooks`` (tests/planning/test_planning.py checks it
 exactly). It assumes a memory-efficient SDPA kernel on GPU (saves q, k, v, output, log-sum-exp: no
 ``[S, S]`` probabilities) and counts the float copy of the padding mask SDPA makes in every layer.
 

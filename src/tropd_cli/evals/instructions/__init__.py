@@ -6,7 +6,7 @@ is allenai/IFBench ``instructions.py`` pinned at commit 1d62c1d6dc4f6608938d2242
 end included, for ``repeat:repeat_span``; word trigrams for ``ratio:overlap``; the all-different-words check of
 ``ratio:sentence_words``; curly quotes not normalised in ``format:quote_unquote``). Where that revision raises
 on an edge input (``sentence:increment``, ``custom:csv_quotes``), the instruction is not followed here.
-tests/test_instruction_parity.py holds the revision's verdicts on the IFBench sample outputs. Strict and loose
+tests/evals/test_instruction_parity.py holds the revision's verdicts on the IFBench sample outputs. Strict and loose
 scores follow the two harnesses' ``evaluation_lib``: an empty (all-whitespace) response follows nothing, and
 loose accepts an instruction when it holds on any of eight variants of the response (as is, without its first
 line, without its last line, without both, and each of those with every ``*`` removed).

@@ -12,7 +12,7 @@ import pytest
 
 from tropd_cli.evals.instructions import check_following, unsupported
 
-FIXTURE = Path(__file__).parent / "data" / "ifbench" / "upstream_verdicts.jsonl.gz"
+FIXTURE = Path(__file__).resolve().parents[1] / "data" / "ifbench" / "upstream_verdicts.jsonl.gz"
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 import tropd_cli.commands.common  # noqa: F401  (registers the schemas and the tropd_* resolvers)
 from conftest import tropd_command
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 PRESETS = sorted(p.stem for p in (CONF_DIR / "hydra" / "launcher").glob("*.yaml"))
 SLURM_PRESETS = [p for p in PRESETS if p.startswith("slurm_")]
 RAY_PRESETS = [p for p in PRESETS if p.startswith("ray_")]

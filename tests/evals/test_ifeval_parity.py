@@ -18,7 +18,7 @@ from tropd_cli.evals.benchmarks import load_task
 from tropd_cli.evals.engine import score_samples
 from tropd_cli.evals.instructions import check_following
 
-FIXTURE = Path(__file__).parent / "data" / "ifeval" / "gpt4_google_verdicts.jsonl.gz"
+FIXTURE = Path(__file__).resolve().parents[1] / "data" / "ifeval" / "gpt4_google_verdicts.jsonl.gz"
 # A reasoning block of the kind that broke every instruction when graded as the answer: commas, capitals,
 # asterisks, quotes, placeholders, a postscript marker and a repeat of the prompt.
 THINK = (

@@ -831,7 +831,7 @@ def test_preset_run_matches_the_paper_presets(monkeypatch) -> None:
             ["teacher.name=t", "student.name=s", "dataset.path=p.jsonl"],
         ),
     }
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    conf = Path(__file__).resolve().parents[2] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         for name, (experiment, required) in presets.items():
             cfg = OmegaConf.to_object(compose("train", [f"experiment={experiment}", *required]))
@@ -941,7 +941,7 @@ def test_memory_plan_script_rewrites_only_its_section(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_plan.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "memory_plan.py"
     doc = tmp_path / "scaling.md"
     doc.write_text(
         "# Scaling\n\nbefore\n\n<!-- memory-plan:start -->\nSTALE-SECTION\n<!-- memory-plan:end -->\n\nafter\n"
@@ -994,7 +994,7 @@ def test_the_recommended_settings_fit_both_gpus_with_headroom() -> None:
     import importlib.util
     import sys
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_plan.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "memory_plan.py"
     sys.path.insert(0, str(path.parent))
     try:
         spec = importlib.util.spec_from_file_location("memory_plan", path)

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from tropd_cli.config import EvalSuiteConfig
 from tropd_cli.evals.engine import load_suites, rescore
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data" / "graders"
 SUITE = ROOT / "conf" / "eval_suite" / "grader_parity.yaml"
 

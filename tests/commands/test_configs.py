@@ -19,7 +19,7 @@ from tropd_cli.config import AblateConfig, EvalConfig, TrainConfig
 from tropd_cli.errors import UserError
 from tropd_cli.validate import validate_suites, validate_train
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 PLACEHOLDER = "placeholder-value"
 
 Compose = Callable[..., DictConfig]
@@ -129,7 +129,7 @@ def test_every_config_group_is_covered():
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml"))}
     assert {"teacher", "student", "dataset", "method", "logger", "experiment"} <= set(TRAIN_GROUPS)
     assert "outlier" not in TRAIN_GROUPS  # so that `+outlier=...` appends it
-    # ablation/ is covered by tests/test_ablation.py (every grid, every variant as a train config)
+    # ablation/ is covered by tests/commands/test_ablation.py (every grid, every variant as a train config)
     covered = {*TRAIN_GROUPS, *EVAL_GROUPS, "outlier", "ablation"}
     assert groups <= covered, f"a config group has no composition test: {groups - covered}"
 

@@ -16,7 +16,7 @@ from tropd_cli.ablation import cell_record, final_metrics, markdown_table, summa
 from tropd_cli.config import AblateConfig, TrainConfig
 from tropd_cli.validate import validate_train
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GRIDS = sorted(p.stem for p in (CONF_DIR / "ablation").glob("*.yaml"))
 
 

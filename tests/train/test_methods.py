@@ -46,7 +46,7 @@ from tropd_cli.validate import validate_train
 
 F64 = torch.float64
 LN2 = math.log(2.0)
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 PRESETS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
 
 

@@ -17,7 +17,7 @@ from tropd_cli.config import TrainConfig
 from tropd_cli.errors import UserError
 from tropd_cli.planning.from_config import run_shape
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 R1 = "paper/ds_r1_1p5b_from_skywork_math7b"
 
 
