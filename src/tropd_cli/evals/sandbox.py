@@ -188,11 +188,16 @@ def run_many(
     max_processes: int = 32,
     file_size_mb: int = 64,
     isolation: Isolation | None = None,
+    stdins: Sequence[str | bytes | None] | None = None,
 ) -> list[ExecResult]:
-    """:func:`run_program` on each program, ``workers`` at a time (default: one per CPU); results in input order."""
+    """:func:`run_program` on each program (with ``stdins[i]`` as its stdin), ``workers`` at a time (default: one
+    per CPU); results in input order."""
     iso = isolation or detect_isolation()  # probe once, before the threads start
+    inputs = list(stdins) if stdins is not None else [None] * len(programs)
+    if len(inputs) != len(programs):
+        raise ValueError(f"{len(programs)} programs but {len(inputs)} stdins")
 
-    def one(code: str) -> ExecResult:
+    def one(code: str, stdin: str | bytes | None) -> ExecResult:
         return run_program(
             code,
             timeout_s=timeout_s,
@@ -200,11 +205,12 @@ def run_many(
             memory_mb=memory_mb,
             max_processes=max_processes,
             file_size_mb=file_size_mb,
+            stdin=stdin,
             isolation=iso,
         )
 
     with ThreadPoolExecutor(max_workers=max(1, workers or os.cpu_count() or 1)) as pool:
-        return list(pool.map(one, programs))
+        return list(pool.map(one, programs, inputs))
 
 
 @functools.lru_cache(maxsize=1)
