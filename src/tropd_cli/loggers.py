@@ -33,9 +33,9 @@ class ConfigFile:
 class MetricsFile:
     """One JSON object per step, flushed as it is written (nothing lost on interruption).
 
-    The file is opened when training starts, so a run that fails while loading leaves an existing file
-    alone; it is rewritten from the start: a resumed run replays the steps of its checkpoint first, so
-    the file ends up with exactly one line per step.
+    The file is opened at the first step line, so a run that fails before its first step (while loading,
+    or a resume that does not fit) leaves an existing file alone; it is rewritten from the start: a resumed
+    run replays the steps of its checkpoint first, so the file ends up with exactly one line per step.
     """
 
     def __init__(self, path: Path) -> None:
@@ -43,9 +43,11 @@ class MetricsFile:
         self._fh: Any = None
 
     def on_start(self, info: dict[str, Any]) -> None:
-        self._fh = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed in on_end
+        pass
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        if self._fh is None:
+            self._fh = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed in on_end
         self._fh.write(json.dumps(metrics) + "\n")
         self._fh.flush()
 

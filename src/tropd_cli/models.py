@@ -561,18 +561,33 @@ def save_checkpoint(
     path: Path,
     state_dict: dict[str, Tensor] | None = None,
 ) -> Path:
-    """Write a Hugging Face checkpoint atomically: a temp dir beside ``path``, then one rename.
+    """Write a Hugging Face checkpoint atomically: a temp dir beside ``path``, then renames. An existing
+    checkpoint is moved aside (``.<name>.old``), the new one renamed in, and only then the old one removed, so
+    a kill at any moment leaves a whole checkpoint under one of the two names (the next run puts the old one
+    back: ``train.checkpoint.recover_final``). A full disk is a :class:`UserError`; the old checkpoint stays.
 
     ``state_dict``: the weights to write instead of the model's own (the gathered weights of a sharded model).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    old = path.with_name(f".{path.name}.old")
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         if path.exists():
-            shutil.rmtree(path)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
         os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except (OSError, RuntimeError) as exc:  # safetensors and torch raise RuntimeError on a full disk
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        raise UserError(
+            f"could not write checkpoint {path}: {getattr(exc, 'strerror', None) or first_line(exc)}; "
+            "the previous one is kept (free disk space or point hydra.run.dir elsewhere)"
+        ) from exc
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return path

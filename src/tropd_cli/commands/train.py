@@ -106,6 +106,12 @@ def _run(cfg: DictConfig, train_cfg: TrainConfig, output_dir: Path, info: Any, d
     stop = StopRequest()
     with stop_on_signals(stop, console) as received:
         result = train(train_cfg, output_dir=output_dir, hooks=hooks, stop=stop, dist=info, device=device)
+    if result.already_finished:
+        console.print(
+            f"this run already finished: [green]{result.checkpoint}[/] (resume=auto found no step to continue); "
+            "nothing trained or written. Train more in another hydra.run.dir, from student.name=<that checkpoint>"
+        )
+        return {"checkpoint": str(result.checkpoint), "already_finished": True}
     if result.interrupted:
         console.print(
             f"stopped after step {len(result.history)} of {train_cfg.steps}; resumable checkpoint "

@@ -11,13 +11,17 @@ files is skipped with a warning.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,7 @@ import torch
 from tropd_cli import distributed as D
 from tropd_cli.config import TrainConfig
 from tropd_cli.distributed import SINGLE, Dist
-from tropd_cli.errors import UserError
+from tropd_cli.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +134,8 @@ def save(
                     shutil.rmtree(path)
                 os.replace(tmp, path)
                 _fsync(path.parent)
-        except OSError as exc:
-            error = f"{exc.strerror or exc}"
+        except (OSError, RuntimeError) as exc:  # torch.save raises RuntimeError on a full disk
+            error = f"{getattr(exc, 'strerror', None) or first_line(exc)}"
         finally:
             if dist.is_main and tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -150,6 +154,8 @@ def problem(path: Path) -> str | None:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
         return "no readable manifest (an interrupted or foreign write)"
+    if not _well_formed(manifest):
+        return "a malformed manifest (not a map of file -> bytes and sha256)"
     if STATE_FILE not in manifest:
         return f"no {STATE_FILE} in its manifest"
     for name, want in manifest.items():
@@ -157,6 +163,27 @@ def problem(path: Path) -> str | None:
         if not file.is_file() or file.stat().st_size != want["bytes"] or _sha256(file) != want["sha256"]:
             return f"{name} is missing or does not match its manifest (corrupted)"
     return None
+
+
+def _well_formed(manifest: Any) -> bool:
+    return isinstance(manifest, dict) and all(
+        isinstance(name, str)
+        and isinstance(want, dict)
+        and isinstance(want.get("bytes"), int)
+        and isinstance(want.get("sha256"), str)
+        for name, want in manifest.items()
+    )
+
+
+def _complete(path: Path) -> bool:
+    """A cheap check for pruning: a well-formed manifest whose files exist with their sizes (no hashing)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if not _well_formed(manifest) or STATE_FILE not in manifest:
+        return False
+    return all((path / n).is_file() and (path / n).stat().st_size == w["bytes"] for n, w in manifest.items())
 
 
 def step_dirs(root: Path) -> list[Path]:
@@ -177,10 +204,86 @@ def latest_valid(root: Path) -> Path | None:
 
 
 def prune(root: Path, keep_last: int) -> None:
-    """Keep the ``keep_last`` newest checkpoints under ``root`` (0 keeps all)."""
+    """Keep the ``keep_last`` newest complete checkpoints under ``root`` (0 keeps all); an incomplete or
+    corrupted one is not counted, so it never pushes a good one out (it is left for inspection)."""
     if keep_last > 0:
-        for path in step_dirs(root)[keep_last:]:
+        complete = [path for path in step_dirs(root) if _complete(path)]
+        for path in complete[keep_last:]:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def clean_temporaries(root: Path) -> list[Path]:
+    """Remove what a killed write leaves: ``checkpoints/.step_*`` and ``.checkpoint-*`` temp dirs; returns them."""
+    stale = [*root.glob(".checkpoint-*"), *(root / "checkpoints").glob(".step_*")]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def recover_final(root: Path) -> None:
+    """Finish a final-checkpoint swap a kill interrupted: ``checkpoint/`` missing, the old one beside it."""
+    final, old = root / "checkpoint", root / ".checkpoint.old"
+    if old.is_dir():
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+
+
+def finished(root: Path) -> Path | None:
+    """The final checkpoint of a run directory whose training finished, else None."""
+    final = root / "checkpoint"
+    return final if (final / "config.json").is_file() and (root / "summary.json").is_file() else None
+
+
+def check_fingerprint(path: Path, cfg: TrainConfig, *, force: bool) -> dict[str, Any]:
+    """The trainer state at ``path``, after checking that the run's config matches the one that saved it
+    (unless ``force``)."""
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        saved = state["fingerprint"]
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as exc:
+        raise UserError(
+            f"resume: {path / STATE_FILE} is unreadable ({first_line(exc)}); pass another checkpoint"
+        ) from exc
+    now = fingerprint(cfg)
+    changed = sorted(k for k in FINGERPRINT_KEYS if saved.get(k) != now.get(k))
+    if changed and not force:
+        raise UserError(
+            f"resume: {path} was saved with different {', '.join(changed)}; resuming would mix two runs "
+            "(restore those settings, or pass resume_force=true to resume anyway)"
+        )
+    return dict(state)
+
+
+def preflight(cfg: TrainConfig, output_dir: Path) -> Path | None:
+    """Everything about the run directory that can refuse the run, checked before anything in it is
+    written: stale temp dirs removed, an interrupted final swap finished, and the checkpoint ``resume``
+    names resolved and its config compared. Returns that checkpoint (None: a fresh start)."""
+    if output_dir.is_dir():
+        clean_temporaries(output_dir)
+        recover_final(output_dir)
+    if not cfg.resume:
+        return None
+    path = resolve(cfg.resume, output_dir)
+    if path is not None:
+        check_fingerprint(path, cfg, force=cfg.resume_force)
+    return path
+
+
+@contextlib.contextmanager
+def run_lock(output_dir: Path) -> Iterator[None]:
+    """One training run per run directory: an exclusive ``flock`` on ``.tropd.lock`` for the run's life."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / ".tropd.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"another tropd train is running in {output_dir} (it holds {output_dir}/.tropd.lock); "
+                "wait for it to end or choose another hydra.run.dir"
+            ) from None
+        yield
 
 
 def resolve(resume: str, output_dir: Path) -> Path | None:
@@ -217,14 +320,7 @@ def load_state(
     A sharded checkpoint (``sharded/``, from a multi-rank run) also restores ``optimizer`` and loads at
     any world size, a single process included; a single-process checkpoint resumes single-process runs.
     """
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    saved, now = state["fingerprint"], fingerprint(cfg)
-    changed = sorted(k for k in FINGERPRINT_KEYS if saved.get(k) != now.get(k))
-    if changed and not force:
-        raise UserError(
-            f"resume: {path} was saved with different {', '.join(changed)}; resuming would mix two runs "
-            "(restore those settings, or pass resume_force=true to resume anyway)"
-        )
+    state = check_fingerprint(path, cfg, force=force)
     if (path / SHARDED).is_dir():
         if optimizer is None:  # pragma: no cover - the trainer always passes it
             raise UserError(f"resume: {path} is sharded and needs the optimizer to load into")

@@ -7,6 +7,7 @@ progress and write logs. One step is :func:`tropd_cli.train.step.train_step`; th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class TrainResult:
     checkpoint: Path
     history: list[dict[str, float]] = field(default_factory=list)
     interrupted: bool = False  # stopped early on request; ``checkpoint`` is then the resumable one
+    already_finished: bool = False  # resume=auto on a finished run: nothing was trained or written
 
 
 def eval_metrics(
@@ -103,6 +105,27 @@ def train(
             "eval_every with rollout.backend=vllm on several ranks is not supported: the student is sharded and "
             "the engine is not an HF model; run `tropd eval` on the checkpoint (or eval_every=0)"
         )
+    # The run directory is checked before anything in it is written: a refused resume changes nothing.
+    resumed_from = checkpoint.preflight(cfg, output_dir) if dist.is_main else None
+    resumed_from = D.broadcast_object(resumed_from, dist)
+    done = (
+        dist.is_main and cfg.resume == "auto" and resumed_from is None and checkpoint.finished(output_dir) is not None
+    )
+    if D.broadcast_object(done, dist):
+        return TrainResult(checkpoint=output_dir / "checkpoint", already_finished=True)
+    with checkpoint.run_lock(output_dir) if dist.is_main else contextlib.nullcontext():
+        return _load_and_train(cfg, output_dir, hooks, stop, dist, device, resumed_from)
+
+
+def _load_and_train(
+    cfg: TrainConfig,
+    output_dir: Path,
+    hooks: TrainHooks,
+    stop: StopRequest | None,
+    dist: Dist,
+    device: torch.device | None,
+    resumed_from: Path | None,
+) -> TrainResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -129,7 +152,7 @@ def train(
                 "load_seconds": time.perf_counter() - t0,
             }
         )
-        return _train_loop(run, output_dir, hooks, stop, eval_suites)
+        return _train_loop(run, output_dir, hooks, stop, eval_suites, resumed_from)
     finally:
         run.close()
 
@@ -155,11 +178,16 @@ def _heldout_set(run: Run) -> heldout.HeldOut | None:
 
 
 def _train_loop(
-    run: Run, output_dir: Path, hooks: TrainHooks, stop: StopRequest | None, eval_suites: list[SuiteTasks]
+    run: Run,
+    output_dir: Path,
+    hooks: TrainHooks,
+    stop: StopRequest | None,
+    eval_suites: list[SuiteTasks],
+    resumed_from: Path | None,
 ) -> TrainResult:
     cfg, dist = run.cfg, run.dist
     held = _heldout_set(run)  # rank 0; the teacher writes its held-out responses here
-    start, history = _resume(run, output_dir, hooks)
+    start, history = _resume(run, resumed_from, hooks)
     nonfinite = 0  # steps in a row in which every update was skipped
     # Held-out signals and eval_every are measured on the sampling copy when there is one (synced first): the
     # numerics the rollouts and `tropd eval` of the checkpoint use (bf16 where fast), at twice the speed of the
@@ -207,12 +235,11 @@ def _train_loop(
     return TrainResult(checkpoint=final, history=history)
 
 
-def _resume(run: Run, output_dir: Path, hooks: TrainHooks) -> tuple[int, list[dict[str, float]]]:
-    """The step to start from and the history so far: ``(0, [])``, or a checkpoint's (``cfg.resume``), with the
-    optimizer, scheduler and RNG states restored and the history replayed to the hooks."""
+def _resume(run: Run, resumed_from: Path | None, hooks: TrainHooks) -> tuple[int, list[dict[str, float]]]:
+    """The step to start from and the history so far: ``(0, [])``, or the checkpoint's that
+    :func:`checkpoint.preflight` resolved, with the optimizer, scheduler and RNG states restored and the history
+    replayed to the hooks."""
     cfg, dist = run.cfg, run.dist
-    resumed_from = checkpoint.resolve(cfg.resume, output_dir) if cfg.resume and dist.is_main else None
-    resumed_from = D.broadcast_object(resumed_from, dist)
     if resumed_from is None:
         return 0, []
     state: dict[str, Any] = checkpoint.load_state(
