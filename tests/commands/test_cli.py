@@ -333,3 +333,14 @@ def test_bad_input_leaves_an_existing_run_directory_alone(tropd, tmp_path):
     assert_one_line_error(proc, "/no/such/model")
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'
     assert (run_dir / "config.yaml").read_text() == "steps: 99\n"
+
+
+def test_library_chatter_stays_out_of_the_output():
+    """A first run that plots builds matplotlib's font cache and logs it at INFO (issue 15, item 11)."""
+    import logging
+
+    from tropd_cli.commands.common import quiet_libraries
+
+    logging.getLogger().setLevel(logging.INFO)  # as Hydra's job logging sets it
+    quiet_libraries()
+    assert logging.getLogger("matplotlib.font_manager").getEffectiveLevel() >= logging.ERROR

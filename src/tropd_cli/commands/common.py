@@ -103,7 +103,8 @@ def quiet_libraries() -> None:
         pass
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock"):
+    # matplotlib logs "generated new fontManager" at INFO the first time it builds its font cache (a summary plot).
+    for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
