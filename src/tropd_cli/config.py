@@ -173,6 +173,10 @@ class OptimConfig:
     micro_batches: int = 1  # gradient accumulation: rollouts are split into this many micro-batches
     warmup_steps: int = 0
     max_nonfinite_steps: int = 3  # stop after this many steps in a row whose every update was non-finite
+    # Copy the weights before each update and put them back when the update made any non-finite (a float16
+    # student overflowing, an lr far too large): one copy of the trainable weights in memory. false: no copy,
+    # and a non-finite update stops the run before it can be saved.
+    guard_updates: bool = True
 
 
 @dataclass

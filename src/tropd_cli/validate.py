@@ -6,6 +6,8 @@ names against (methods, losses, benchmarks, reasoning modes).
 
 from __future__ import annotations
 
+import math
+
 from tropd_cli.config import EvalSuiteConfig, ModelConfig, TrainConfig
 from tropd_cli.errors import UserError
 from tropd_cli.evals.benchmarks import BENCHMARKS
@@ -35,7 +37,19 @@ def validate_train(cfg: TrainConfig) -> None:
     _choice(cfg.dataset.source, ("reasoning_gym", "file", "hub"), "dataset.source")
     _choice(cfg.logger.name, ("rich", "wandb", "none"), "logger.name")
     _check(cfg.steps > 0, f"steps={cfg.steps} must be a positive number of optimizer steps")
-    _check(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive")
+    o = cfg.optim
+    _check(0 < o.lr < 3.4e38, f"optim.lr={o.lr} must be a positive finite number (at most 3.4e38, float32's largest)")
+    _check(math.isfinite(o.eps) and o.eps > 0, f"optim.eps={o.eps} must be a positive finite number (e.g. 1e-8)")
+    _check(
+        math.isfinite(o.weight_decay) and o.weight_decay >= 0,
+        f"optim.weight_decay={o.weight_decay} must be a finite number >= 0",
+    )
+    _check(
+        len(o.betas) == 2 and all(math.isfinite(b) and 0 <= b < 1 for b in o.betas),
+        f"optim.betas={list(o.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.999]",
+    )
+    _check(math.isfinite(o.max_grad_norm), f"optim.max_grad_norm={o.max_grad_norm} must be finite (0 = no clipping)")
+    _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     _check(cfg.optim.micro_batches >= 1, "optim.micro_batches must be at least 1")
     _check(cfg.optim.max_nonfinite_steps >= 1, "optim.max_nonfinite_steps must be at least 1")
     _check(cfg.rollout.max_new_tokens > 0, f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} must be positive")

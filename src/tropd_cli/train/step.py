@@ -9,7 +9,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -19,6 +19,7 @@ from torch import Tensor
 from tropd_cli import distributed as D
 from tropd_cli.batch import RolloutBatch, TeacherScores
 from tropd_cli.distributed import SINGLE, Dist
+from tropd_cli.errors import UserError
 from tropd_cli.rng import generator
 from tropd_cli.rollout import vllm
 from tropd_cli.train import losses
@@ -268,7 +269,8 @@ def aggregate(per_token: Tensor, mask: Tensor, total_tokens: float, n_seqs: floa
 
 def optimizer_step(run: Run, loss: float) -> float:
     """Clip and apply the accumulated gradients; returns the gradient norm. A non-finite loss or gradient norm
-    skips the update (gradients dropped, weights untouched) and returns NaN."""
+    skips the update (gradients dropped, weights untouched) and returns NaN; so does an update that made a
+    weight non-finite (``optim.guard_updates``: the weights from before it are put back)."""
     params = [p for p in run.student.model.parameters() if p.requires_grad]
     max_norm = run.cfg.optim.max_grad_norm if run.cfg.optim.max_grad_norm > 0 else math.inf
     grad_norm = float(D.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))  # global under FSDP
@@ -276,8 +278,32 @@ def optimizer_step(run: Run, loss: float) -> float:
         run.optimizer.zero_grad(set_to_none=True)
         log.warning("non-finite loss (%s) or gradient norm (%s): update skipped", loss, grad_norm)
         return math.nan
+    before = [local(p).detach().clone() for p in params] if run.cfg.optim.guard_updates else None
     run.optimizer.step()
+    if D.any_rank(not all_finite(params), run.dist):
+        if before is None:
+            raise UserError(
+                "an update made the student's weights non-finite (optim.guard_updates=false, so they cannot be put "
+                "back); nothing was saved from this step: lower optim.lr or use a float32 student, then resume"
+            )
+        with torch.no_grad():
+            for p, saved in zip(params, before, strict=True):
+                local(p).copy_(saved)
+        log.warning("the update made weights non-finite (gradient norm %s): rolled back", grad_norm)
+        return math.nan
     return grad_norm
+
+
+def local(p: Tensor) -> Tensor:
+    """A parameter's tensor on this rank (its shard under FSDP)."""
+    to_local = getattr(p, "to_local", None)
+    return p if to_local is None else to_local()
+
+
+def all_finite(params: Sequence[Tensor]) -> bool:
+    """Whether every element of every parameter (this rank's shards) is finite."""
+    with torch.no_grad():
+        return bool(torch.stack([torch.isfinite(local(p)).all() for p in params]).all()) if params else True
 
 
 # ---------------------------------------------------------------------------------------------
