@@ -105,6 +105,15 @@ def main(argv: list[str] | None = None) -> None:
     os.environ[TRACE_ENV] = "1" if user_wants_trace else "0"
     module = importlib.import_module(SUBCOMMANDS[command][0])
     rest = args[1:]
+    if command == "ablate" and any(
+        a.replace(" ", "") in ("ablation.variants={}", "ablation.variants=null") for a in rest
+    ):
+        # Hydra merges a dict override into the grid's variants, so `{}` would silently run the whole grid.
+        sys.stderr.write(
+            "error: ablation.variants={} does not empty the grid (Hydra merges dicts); to run some variants, pass "
+            "hydra.sweeper.params.variant=NAME[,NAME...]\n"
+        )
+        sys.exit(2)
     if command in ("ablate", "eval", "evaluate"):
         # `experiment` names a config group, so Hydra would read `experiment=lab` as selecting one for the
         # ablate or eval config itself; there it means a train preset (every cell's; the models' and suite's).

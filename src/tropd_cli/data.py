@@ -62,6 +62,15 @@ def read_jsonl(path: str, *, required: Sequence[str] = (), what: str = "row") ->
     A malformed line, a line that is not an object, or one without a ``required`` field is a
     UserError naming ``path:line`` (``what`` names the kind of line in that message).
     """
+    try:
+        return _read_jsonl(path, required, what)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); pass a .jsonl file of UTF-8 JSON lines") from exc
+    except (gzip.BadGzipFile, EOFError) as exc:
+        raise UserError(f"{path}: not a readable gzip file ({first_line(exc)})") from exc
+
+
+def _read_jsonl(path: str, required: Sequence[str], what: str) -> list[dict[str, Any]]:
     rows = []
     with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -138,9 +147,15 @@ def records_to_examples(
     out = []
     for i, row in enumerate(rows[:limit] if limit else rows):
         answer = row.get(answer_field) if answer_field else None
+        prompt = row.get(prompt_field)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserError(
+                f"{origin}: row {i} has {'no text' if isinstance(prompt, str) else type(prompt).__name__} in its "
+                f"{prompt_field!r} field; every prompt must be a non-empty string (fix or remove that row)"
+            )
         out.append(
             Example(
-                prompt=str(row[prompt_field]),
+                prompt=prompt,
                 answer=None if answer is None else str(answer),
                 metadata=row,
                 uid=str(row.get("id", row.get("problem_id", f"{origin}/{i}"))),

@@ -37,6 +37,25 @@ def validate_train(cfg: TrainConfig) -> None:
     _choice(cfg.dataset.source, ("reasoning_gym", "file", "hub"), "dataset.source")
     _choice(cfg.logger.name, ("rich", "wandb", "none"), "logger.name")
     _check(cfg.steps > 0, f"steps={cfg.steps} must be a positive number of optimizer steps")
+    _check(0 <= cfg.seed < 2**63, f"seed={cfg.seed} must be in [0, 2**63)")
+    _check(
+        cfg.threads is None or cfg.threads >= 1, f"threads={cfg.threads} must be at least 1 (or null: torch's default)"
+    )
+    _check(
+        cfg.dataset.max_prompt_tokens >= 1, f"dataset.max_prompt_tokens={cfg.dataset.max_prompt_tokens} must be >= 1"
+    )
+    t = cfg.rollout.scoring_temperature
+    _check(
+        t is None or (math.isfinite(t) and t > 0),
+        f"rollout.scoring_temperature={t} must be > 0 (or null: the rollout's)",
+    )
+    for key, device in (("device", cfg.device), ("teacher_device", cfg.teacher_device)):
+        _check(
+            device is None
+            or device in ("auto", "cpu", "cuda")
+            or (device.startswith("cuda:") and device[5:].isdigit()),
+            f"{key}={device!r}: tropd runs on auto, cpu, cuda or cuda:N",
+        )
     o = cfg.optim
     _check(0 < o.lr < 3.4e38, f"optim.lr={o.lr} must be a positive finite number (at most 3.4e38, float32's largest)")
     _check(math.isfinite(o.eps) and o.eps > 0, f"optim.eps={o.eps} must be a positive finite number (e.g. 1e-8)")

@@ -196,6 +196,18 @@ def read_generations(path: str) -> list[dict[str, Any]]:
     lines = read_jsonl(str(file), required=("suite", "task", "problem_id", "completion"), what="generations line")
     if not lines:
         raise UserError(f"{path} has no generations to score")
+    seen: dict[tuple[str, ...], int] = {}
+    for lineno, line in enumerate(lines, start=1):
+        idx = line.get("sample_idx", 0)
+        if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
+            raise UserError(f"{path}: generation {lineno} has sample_idx={idx!r}; it must be an integer >= 0")
+        key = (str(line["suite"]), str(line["task"]), str(line["problem_id"]), str(idx))
+        if key in seen:
+            raise UserError(
+                f"{path}: generations {seen[key]} and {lineno} are both sample {idx} of problem {line['problem_id']!r} "
+                f"({line['suite']}/{line['task']}); remove one"
+            )
+        seen[key] = lineno
     return lines
 
 
@@ -204,7 +216,13 @@ def suites_for_rescoring(path: str, composed: dict[str, EvalSuiteConfig]) -> dic
     results = Path(path).expanduser().parent / "results.json"
     if not results.is_file():
         return composed
-    recorded = json.loads(results.read_text(encoding="utf-8")).get("config", {}).get("eval_suite")
+    try:
+        recorded = json.loads(results.read_text(encoding="utf-8")).get("config", {}).get("eval_suite")
+    except (ValueError, AttributeError) as exc:
+        raise UserError(
+            f"{results} (beside generations=) is not a results file of `tropd eval` ({first_line(exc)}); "
+            "remove or fix it to re-score with this command's eval_suite"
+        ) from exc
     if not recorded:
         return composed
     schema = OmegaConf.structured(EvalConfig)

@@ -96,7 +96,7 @@ def build_run(
     teacher_device = next(teacher.model.parameters()).device
     method = get_method(cfg)
     vocab = shared_vocab(teacher, student)
-    _warn_about_settings(cfg, method, vocab)
+    _warn_about_settings(cfg, method, vocab, student.model)
     D.require_even_split(cfg.rollout.batch_size, dist)
     tokenizer = student.tokenizer
     scoring_temperature = cfg.rollout.scoring_temperature or cfg.rollout.temperature
@@ -165,8 +165,17 @@ def build_run(
     )
 
 
-def _warn_about_settings(cfg: TrainConfig, method: Method, vocab: int) -> None:
+def _warn_about_settings(cfg: TrainConfig, method: Method, vocab: int, model: torch.nn.Module) -> None:
     """Settings that run but are likely not what was meant: said once, loudly."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = cfg.dataset.max_prompt_tokens + cfg.rollout.max_new_tokens
+    if isinstance(positions, int) and longest > positions:
+        log.warning(
+            "dataset.max_prompt_tokens + rollout.max_new_tokens = %d is beyond the student's %d positions: "
+            "sequences that long leave what the model was trained on (and take memory for nothing)",
+            longest,
+            positions,
+        )
     if method.needs_topk and cfg.method.top_k > vocab:
         # Top-k over more ids than exist is top-V: the full-vocabulary forward KL (e.g. a k=512 grid row on the
         # 100-token char lab); a typo in k lands here too.
