@@ -142,3 +142,19 @@ def test_a_verdict_without_this_runs_nonce_is_no_pass():
 
     result = run_program(harness_program(), stdin=json.dumps(problem) + "\n" + "ab" * 16, timeout_s=5.0)
     assert result.passed and result.stdout_tail.splitlines()[-1] == "tropd-verdict: " + "ab" * 16
+
+
+def test_the_harness_judges_the_same_in_the_sandboxs_guard_mode():
+    """Without root or namespaces the sandbox prepends its Python guard to the program (the harness must still
+    compile, and its one fork is allowed); correct code passes, wrong and exiting code fails."""
+    from tropd_cli.evals.code import lcb_problem
+    from tropd_cli.evals.sandbox import Isolation
+
+    guard = Isolation(own_uid=False, namespaces=False)
+    problem = {"prompt": "def f(x):\n", "test": "def check(c):\n    assert c(2) == 4\n", "entry_point": "f"}
+    assert check_one(humaneval_problem(problem, "    return x * 2\n"), timeout_s=10.0, isolation=guard)
+    assert not check_one(humaneval_problem(problem, "    return 0\n"), timeout_s=10.0, isolation=guard)
+    exits = humaneval_problem(problem, "    return 0\n" + EXITS["os._exit(0)"])
+    assert not check_one(exits, timeout_s=10.0, isolation=guard)
+    stdin = lcb_problem("print(int(input()) * 2)\n", [{"input": "3\n", "output": "6\n"}], None)
+    assert check_one(stdin, timeout_s=10.0, isolation=guard)

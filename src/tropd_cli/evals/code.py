@@ -14,6 +14,7 @@ import binascii
 import functools
 import io
 import json
+import logging
 import math
 import os
 import pickle
@@ -31,6 +32,8 @@ from tropd_cli.data import Example, read_jsonl
 from tropd_cli.errors import UserError
 from tropd_cli.evals.code_harness import VERDICT_PREFIX
 from tropd_cli.evals.sandbox import ExecResult, Isolation, detect_isolation, run_many, run_program
+
+log = logging.getLogger(__name__)
 
 FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 #: Where a base model's continuation of the function body ends (the Codex paper's stop sequences).
@@ -366,14 +369,27 @@ def earned(result: ExecResult, nonce: str) -> bool:
     return result.passed and (VERDICT_PREFIX + nonce) in result.stdout_tail.splitlines()
 
 
+@functools.cache
+def announce_isolation(isolation: Isolation) -> None:
+    """Once per process: one line when the sandbox cannot confine samples with the kernel (no root or namespaces)."""
+    if isolation.guarded:
+        log.warning(
+            "code eval without root (own uid) or namespaces: samples are confined by a Python guard that native code "
+            "a sample builds can get past; run as root in a container for kernel isolation "
+            "(docs/evaluation.md#threat-model)"
+        )
+
+
 def check_one(problem: Mapping[str, Any], *, timeout_s: float, isolation: Isolation | None = None) -> bool:
     """Whether ``problem`` passes: the harness run in the sandbox, the verdict checked (:func:`earned`)."""
+    announce_isolation(isolation or detect_isolation())
     nonce, stdin = harness_stdin(problem)
     return earned(run_program(harness_program(), stdin=stdin, timeout_s=timeout_s, isolation=isolation), nonce)
 
 
 def check_all(problems: Sequence[Mapping[str, Any]], *, workers: int | None, timeout_s: float) -> list[bool]:
     """:func:`check_one` for each problem, ``workers`` at a time; results in input order."""
+    announce_isolation(detect_isolation())
     pairs = [harness_stdin(problem) for problem in problems]
     results = run_many(
         [harness_program()] * len(problems), stdins=[stdin for _, stdin in pairs], workers=workers, timeout_s=timeout_s

@@ -482,7 +482,7 @@ class _UidPool:
                 except BlockingIOError:
                     os.close(fd)
                     continue
-                if any(_belongs(pid, b"", uid) for pid in _pids()):  # left over: keep away from it
+                if not _reclaim(uid):  # left over and unkillable: keep away from it
                     os.close(fd)
                     continue
                 self._busy.add(uid)
@@ -493,6 +493,29 @@ class _UidPool:
         with self._lock:
             self._busy.discard(uid)
             os.close(fd)
+
+
+def _reclaim(uid: int) -> bool:
+    """Clear a sandbox uid whose lock is free: no evaluator holds it, so any process still running as it (one a
+    sample double-forked before its evaluator was killed with SIGKILL) is a leftover: killed; so are the work
+    dirs it owns. Whether the uid is clear now."""
+    leftovers = [pid for pid in _pids() if _belongs(pid, b"", uid)]
+    for pid in leftovers:
+        with suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 2.0
+    while leftovers and time.monotonic() < deadline:
+        leftovers = [pid for pid in leftovers if _belongs(pid, b"", uid) and not _is_zombie(pid)]
+        if leftovers:
+            time.sleep(0.01)
+    if leftovers:
+        return False
+    for name in os.listdir(tempfile.gettempdir()):
+        path = os.path.join(tempfile.gettempdir(), name)
+        with suppress(OSError):
+            if name.startswith("tropd-sandbox-") and os.lstat(path).st_uid == uid and not os.path.islink(path):
+                _remove_tree(path)
+    return True
 
 
 @functools.cache
@@ -553,11 +576,11 @@ def _remove_tree(path: str) -> None:
     """``shutil.rmtree`` that also removes what a sample made read-only or unsearchable."""
 
     def force(func: Callable[[str], object], failed: str, _exc: object) -> None:
-        try:
-            os.chmod(os.path.dirname(failed), 0o700)
-            os.chmod(failed, 0o700)
-        except OSError:
-            pass
+        # Never through a symlink: a sample may plant one to a host file (chmod follows links).
+        for target in (os.path.dirname(failed), failed):
+            with suppress(OSError):
+                if not os.path.islink(target):
+                    os.chmod(target, 0o700)
         with suppress(FileNotFoundError):
             func(failed)
 

@@ -198,12 +198,17 @@ def install_guard(
     """Python-level fallback for missing kernel layers: an audit hook that refuses, with PermissionError,
 
     * ``network``: sockets other than AF_UNIX pairs, connect/bind/sendto, name lookups;
-    * ``files``: writing, creating, deleting, renaming, linking or changing metadata outside ``workdir``,
-      and opening directories outside it (whose fd could serve as a ``dir_fd`` for the above);
+    * ``files``: writing, creating, deleting, renaming, linking or changing metadata outside ``workdir``
+      (``sqlite3.connect`` included; ``os.mknod`` and ``os.mkfifo``, which raise no audit event, are
+      replaced by functions that refuse), opening directories outside it (whose fd could serve as a
+      ``dir_fd`` for the above), and reading another process's ``/proc/<pid>`` entries (the evaluator's
+      environment and memory);
     * ``signals``: signals to processes outside the sandbox (those without ``marker`` in their
       environment) and to ``-1``;
-    * ``fork``: ``os.fork`` (used where RLIMIT_NPROC cannot bind, i.e. for root);
-    * always: starting new programs (they would run without this hook) and ``ctypes``.
+    * ``fork``: ``os.fork`` beyond the first (used where RLIMIT_NPROC cannot bind, i.e. for root; one fork is
+      no bomb, and the code-eval harness needs it to keep the model's code out of its judge's process);
+    * always: starting new programs (they would run without this hook; importing ``_posixsubprocess``,
+      whose ``fork_exec`` raises no audit event, included) and ``ctypes``.
 
     An audit hook cannot be removed, but native code (a compiled extension the program writes and
     imports) is not bound by it; it stops ordinary code, not a determined attacker. ``os.mkfifo``
@@ -273,11 +278,38 @@ def install_guard(
     def refuse(what):
         raise PermissionError(f"sandbox: {what} is not allowed here")
 
+    import _thread
+
+    busy = set()  # threads inside the hook: its own /proc reads (in_sandbox) are not checked again
+    forks_left = [1]
+
     def hook(event, args):
+        me = _thread.get_ident()
+        if me in busy:
+            return
+        busy.add(me)
+        try:
+            check(event, args)
+        finally:
+            busy.discard(me)
+
+    def foreign_proc(path):
+        try:
+            real = resolve(path)
+        except (OSError, TypeError, ValueError):
+            return False
+        parts = real.split(os.sep)
+        return len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and int(parts[2]) != os.getpid()
+
+    def check(event, args):
         if event in spawn_events or event.startswith("ctypes."):
             refuse(event)
+        if event == "import" and args[0] in ("_posixsubprocess", "posix"):
+            refuse(f"importing {args[0]}")
         if fork and event in ("os.fork", "os.forkpty"):
-            refuse(event)
+            if forks_left[0] <= 0:
+                refuse(event)
+            forks_left[0] -= 1
         if network:
             if event == "socket.__new__" and args[1] != 1:  # only AF_UNIX (socketpair) sockets
                 refuse("a network socket")
@@ -290,10 +322,15 @@ def install_guard(
             if target is None or (target != 0 and not in_sandbox(target)):
                 refuse(f"{event}({args[0]})")
         if files:
+            memory = (":memory:", "", b":memory:", b"")
+            if event == "sqlite3.connect" and args[0] not in memory and not inside(args[0]):
+                refuse(f"sqlite3.connect({args[0]!r}) (outside the work dir)")
             if event == "open":
                 path, mode, flags = args
                 if isinstance(path, int) or inside(path):
                     return
+                if foreign_proc(path):
+                    refuse(f"reading {path!r} (another process)")
                 writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
                     isinstance(flags, int) and flags & write_flags
                 )
@@ -307,6 +344,15 @@ def install_guard(
                     if at < len(args) and not inside(args[at], dir_fd):
                         refuse(f"{event} on {args[at]!r} (outside the work dir)")
 
+    if files:
+
+        def no_special_files(*args, **kwargs):
+            refuse("creating device nodes and FIFOs")
+
+        import posix
+
+        os.mknod = posix.mknod = no_special_files
+        os.mkfifo = posix.mkfifo = no_special_files
     sys.addaudithook(hook)
 
 
