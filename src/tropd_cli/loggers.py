@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tropd_cli.config import LoggerConfig
+from tropd_cli.errors import UserError
 
 
 class ConfigFile:
@@ -21,7 +22,12 @@ class ConfigFile:
         self.path, self.text = path, text
 
     def on_start(self, info: dict[str, Any]) -> None:
-        self.path.write_text(self.text)
+        try:
+            self.path.write_text(self.text)
+        except OSError as exc:
+            raise UserError(
+                f"could not write {self.path}: {exc.strerror or exc} (free disk space or point hydra.run.dir elsewhere)"
+            ) from exc
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         pass
@@ -46,10 +52,16 @@ class MetricsFile:
         pass
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        if self._fh is None:
-            self._fh = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed in on_end
-        self._fh.write(json.dumps(metrics) + "\n")
-        self._fh.flush()
+        try:
+            if self._fh is None:
+                self._fh = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed in on_end
+            self._fh.write(json.dumps(metrics) + "\n")
+            self._fh.flush()
+        except OSError as exc:
+            raise UserError(
+                f"could not write {self.path}: {exc.strerror or exc}; the lines before are kept "
+                "(free disk space, then resume)"
+            ) from exc
 
     def on_end(self, summary: dict[str, Any]) -> None:
         if self._fh is not None:

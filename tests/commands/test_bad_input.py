@@ -114,3 +114,23 @@ def test_sequences_beyond_the_models_positions_are_warned_about(make_config, tmp
     with caplog.at_level(logging.WARNING):
         train(cfg, output_dir=tmp_path)
     assert "beyond the student's 2048 positions" in caplog.text
+
+
+def test_eval_that_cannot_write_its_outputs_still_shows_its_scores(tropd, tmp_path):
+    """A full disk (here: results.json taken by a directory) is one line and a non-zero exit, after the table."""
+    run = tmp_path / "evalrun"
+    (run / "results.json").mkdir(parents=True)
+    proc = tropd("eval", "experiment=tiny", "models=[teacher]", f"hydra.run.dir={run}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith("error: could not write the results to") and "(results.json: Is a directory)" in last
+    assert "not saved" in last and "average" in proc.stdout
+
+
+def test_run_files_that_cannot_be_written_are_one_line(tmp_path):
+    from tropd_cli.loggers import ConfigFile, MetricsFile
+
+    with pytest.raises(UserError, match="could not write .*config.yaml"):
+        ConfigFile(tmp_path / "missing" / "config.yaml", "x: 1\n").on_start({})
+    with pytest.raises(UserError, match="could not write .*metrics.jsonl.*the lines before are kept"):
+        MetricsFile(tmp_path / "missing" / "metrics.jsonl").on_step(0, {"loss": 1.0})

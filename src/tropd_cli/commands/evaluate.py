@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 from dataclasses import dataclass
 from functools import partial
@@ -278,9 +279,16 @@ def run(cfg: DictConfig) -> dict:
     config = {str(key): value for key, value in resolved.items()}
     # The teacher and student that `teacher`/`student_init` stood for (with experiment=..., the preset's).
     config["teacher"], config["student"] = dataclasses.asdict(teacher), dataclasses.asdict(student)
-    report = write_outputs(
-        output_dir, results, suites_cfg, models, config, specs=specs, rescored_from=eval_cfg.generations
-    )
+    try:
+        report = write_outputs(
+            output_dir, results, suites_cfg, models, config, specs=specs, rescored_from=eval_cfg.generations
+        )
+    except UnwrittenReport as unwritten:
+        print_table(unwritten.report)  # the grading is not lost: at least on the screen
+        raise UserError(
+            f"could not write the results to {output_dir} ({unwritten.reason}); the scores above are not saved "
+            "(free disk space or point hydra.run.dir elsewhere, then run again)"
+        ) from unwritten
     print_table(report)
     console.print(f"results: {output_dir / 'results.json'}  generations: {output_dir / 'generations.jsonl'}")
     return report
@@ -353,15 +361,13 @@ def write_outputs(
     columns = columns_of(results)
     scores: dict[str, dict[str, float]] = {}
     metrics: dict[str, dict[str, dict[str, float]]] = {}
-    with open(output_dir / "generations.jsonl", "w", encoding="utf-8") as fh:
-        for name, per_task in results.items():
-            by_key = {(r.suite, r.task): r for r in per_task}
-            scores[name] = {label: by_key[(s, t)].score for s, t, label in columns if (s, t) in by_key}
-            scores[name]["average"] = sum(scores[name].values()) / max(1, len(scores[name]))
-            metrics[name] = {label: by_key[(s, t)].metrics for s, t, label in columns if (s, t) in by_key}
-            for r in per_task:
-                for sample in r.samples:
-                    fh.write(json.dumps({"model": name, **sample}) + "\n")
+    generations: list[str] = []
+    for name, per_task in results.items():
+        by_key = {(r.suite, r.task): r for r in per_task}
+        scores[name] = {label: by_key[(s, t)].score for s, t, label in columns if (s, t) in by_key}
+        scores[name]["average"] = sum(scores[name].values()) / max(1, len(scores[name]))
+        metrics[name] = {label: by_key[(s, t)].metrics for s, t, label in columns if (s, t) in by_key}
+        generations.extend(json.dumps({"model": name, **sample}) + "\n" for r in per_task for sample in r.samples)
     first = next(iter(results.values()), [])
     problems = {(r.suite, r.task): (r.n_problems, r.skipped) for r in first}
     suites: dict[str, Any] = {}
@@ -406,8 +412,33 @@ def write_outputs(
         "rescored_from": rescored_from,
         "config": config,
     }
-    (output_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    for name, text in (
+        ("generations.jsonl", "".join(generations)),
+        ("results.json", json.dumps(report, indent=2) + "\n"),
+    ):
+        try:
+            _write_atomically(output_dir / name, text)
+        except OSError as exc:
+            raise UnwrittenReport(report, f"{name}: {exc.strerror or exc}") from exc
     return report
+
+
+class UnwrittenReport(Exception):
+    """The outputs could not be written (a full disk); the report, to print before saying so."""
+
+    def __init__(self, report: dict[str, Any], reason: str) -> None:
+        super().__init__(reason)
+        self.report, self.reason = report, reason
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """``text`` to a temp file beside ``path``, then renamed over it: a failed write leaves no half file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _sampling(settings: dict[str, Any]) -> str:
