@@ -92,6 +92,7 @@ def test_only_rank_0_writes_the_run_directory(sft_runs):
     ranked = sft_runs / "ranked"
     assert sorted(p.name for p in ranked.iterdir()) == [
         ".hydra",
+        ".tropd.lock",  # rank 0's lock: one run per run directory
         "checkpoint",
         "checkpoints",
         "config.yaml",
