@@ -100,6 +100,9 @@ class OutlierConfig:
     strategy: str = "fkl"  # fkl | mask | clip
     clip_floor: float = -1.3862943611198906  # log(0.2 / 0.8)
     renormalize: bool = False
+    # Beyond the paper: the top-k FKL (tropd's fkl outliers, fkl_topk, eopd) with the mass the top-k leaves out
+    # as one more outcome on both sides (train/losses.py::topk_forward_kl).
+    tail: bool = False
 
 
 @dataclass

@@ -121,22 +121,40 @@ def policy_gradient_loss(logp: Tensor, old_logp: Tensor, advantage: Tensor, *, c
     return -torch.minimum(unclipped, clipped)
 
 
-def topk_forward_kl(student_topk_logp: Tensor, teacher_topk_logp: Tensor, *, renormalize: bool = False) -> Tensor:
+def topk_forward_kl(
+    student_topk_logp: Tensor, teacher_topk_logp: Tensor, *, renormalize: bool = False, tail: bool = False
+) -> Tensor:
     """Top-k forward KL ``sum_k pT * (log pT - log pS)`` over the teacher's top-k ids (``[B, T, k] -> [B, T]``).
 
     Teacher probabilities are the raw full-vocabulary ones by default (their sum is the teacher's top-k
     mass, below 1); ``renormalize=True`` renormalises them over the k ids (EOPD style). Student
     log-probs are always full-vocabulary. The gradient on the student logits is ``pS * mass - pT`` on
     the top-k ids: bounded by 1 whatever the teacher assigns to the sampled token.
+
+    ``tail=True`` (beyond the paper; verl's tail class): the mass the top-k leaves out is one more outcome on
+    both sides, ``+ pT_tail * (log pT_tail - log pS_tail)`` with ``p_tail = 1 - sum_k p``, on the raw teacher
+    probabilities (``renormalize`` is then ignored): the KL between the two (k + 1)-outcome distributions, which
+    with ``k = V - 1`` is the full-vocabulary forward KL. It also pulls the student's tail toward the teacher's,
+    which the top-k terms alone never do.
     """
     teacher_topk_logp = _finite(teacher_topk_logp.detach())
-    if renormalize:
+    student_topk_logp = _finite(student_topk_logp)
+    if renormalize and not tail:
         teacher_topk_logp = torch.log_softmax(teacher_topk_logp, dim=-1)
     teacher_p = torch.exp(teacher_topk_logp)
-    terms = teacher_p * (teacher_topk_logp - _finite(student_topk_logp))
+    terms = teacher_p * (teacher_topk_logp - student_topk_logp)
     # 0 * log 0 = 0: ids the teacher gives no mass contribute nothing (and no NaN).
     terms = torch.where(teacher_p > 0, terms, torch.zeros_like(terms))
-    return terms.sum(dim=-1)
+    kl = terms.sum(dim=-1)
+    if not tail:
+        return kl
+    teacher_tail = torch.clamp(1.0 - teacher_p.sum(dim=-1), min=0.0)
+    tiny = torch.finfo(student_topk_logp.dtype).tiny
+    # log(1 - sum_k pS) as log(-expm1(logsumexp)): exact where the student's top-k mass is near 0 or near 1.
+    student_tail_log = torch.log(torch.clamp(-torch.expm1(torch.logsumexp(student_topk_logp, dim=-1)), min=tiny))
+    teacher_tail_log = torch.log(torch.clamp(teacher_tail, min=tiny))
+    tail_term = teacher_tail * (teacher_tail_log - student_tail_log)
+    return kl + torch.where(teacher_tail > 0, tail_term, torch.zeros_like(tail_term))
 
 
 def tropd_loss(
@@ -153,6 +171,7 @@ def tropd_loss(
     beta: float = 1e-3,
     renormalize: bool = False,
     clip_eps: float | None = None,
+    tail: bool = False,
 ) -> Tensor:
     """Per-token TrOPD loss.
 
@@ -171,7 +190,7 @@ def tropd_loss(
     if outlier == "fkl":
         if student_topk_logp is None or teacher_topk_logp is None:
             raise ValueError("outlier='fkl' needs student_topk_logp and teacher_topk_logp")
-        outlier_term = topk_forward_kl(student_topk_logp, teacher_topk_logp, renormalize=renormalize)
+        outlier_term = topk_forward_kl(student_topk_logp, teacher_topk_logp, renormalize=renormalize, tail=tail)
     elif outlier == "clip":
         outlier_term = policy_gradient_loss(logp, old_logp, torch.clamp(reward, min=clip_floor), clip_eps=clip_eps)
     else:
@@ -213,11 +232,13 @@ def eopd_loss(
     *,
     entropy_threshold: float = 0.8,
     clip_eps: float | None = None,
+    tail: bool = False,
 ) -> Tensor:
     """EOPD: OPD everywhere plus, where the **teacher's** entropy exceeds the threshold (nats), the
-    top-k forward KL with teacher probabilities renormalised over the top-k."""
+    top-k forward KL with teacher probabilities renormalised over the top-k (``tail=True``: raw probabilities
+    and the tail class instead, see :func:`topk_forward_kl`)."""
     gate = (teacher_entropy.detach() > entropy_threshold).to(logp.dtype)
-    fkl = topk_forward_kl(student_topk_logp, teacher_topk_logp, renormalize=True)
+    fkl = topk_forward_kl(student_topk_logp, teacher_topk_logp, renormalize=True, tail=tail)
     return opd_loss(logp, old_logp, teacher_logp, clip_eps=clip_eps) + gate * fkl
 
 

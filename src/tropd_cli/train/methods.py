@@ -78,6 +78,7 @@ def _tropd(x: TokenInputs, cfg: TrainConfig, step: int) -> MethodOutput:
         beta=cfg.guidance.beta,
         renormalize=cfg.outlier.renormalize,
         clip_eps=cfg.method.clip_eps,
+        tail=cfg.outlier.tail,
     )
     outlier = torch.where(x.trust_mask | x.prefix_mask, torch.zeros_like(loss), loss).detach()
     return MethodOutput(loss=loss, outlier_loss=outlier)
@@ -106,6 +107,7 @@ def _eopd(x: TokenInputs, cfg: TrainConfig, step: int) -> MethodOutput:
         x.teacher_entropy,
         entropy_threshold=cfg.method.entropy_threshold,
         clip_eps=cfg.method.clip_eps,
+        tail=cfg.outlier.tail,
     )
     return _no_outlier(_with_prefix(x, cfg, loss))
 
@@ -139,7 +141,9 @@ def _entropy_opd(x: TokenInputs, cfg: TrainConfig, step: int) -> MethodOutput:
 
 def _fkl_topk(x: TokenInputs, cfg: TrainConfig, step: int) -> MethodOutput:
     assert x.student_topk_logp is not None and x.teacher_topk_logp is not None
-    loss = losses.topk_forward_kl(x.student_topk_logp, x.teacher_topk_logp, renormalize=cfg.outlier.renormalize)
+    loss = losses.topk_forward_kl(
+        x.student_topk_logp, x.teacher_topk_logp, renormalize=cfg.outlier.renormalize, tail=cfg.outlier.tail
+    )
     return _no_outlier(_with_prefix(x, cfg, loss))
 
 
