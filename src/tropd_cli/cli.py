@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         # Hydra merges a dict override into the grid's variants, so `{}` would silently run the whole grid.
         sys.stderr.write(
             "error: ablation.variants={} does not empty the grid (Hydra merges dicts); to run some variants, pass "
-            "hydra.sweeper.params.variant=NAME[,NAME...]\n"
+            "\"hydra.sweeper.params.variant='NAME,NAME'\" (quoted: a comma would start a sweep)\n"
         )
         sys.exit(2)
     if command in ("ablate", "eval", "evaluate"):
