@@ -148,8 +148,9 @@ def save(
     return path
 
 
-def problem(path: Path) -> str | None:
-    """Why ``path`` is not a usable checkpoint, or None when every file matches its manifest."""
+def problem(path: Path, *, hashes: bool = True) -> str | None:
+    """Why ``path`` is not a usable checkpoint, or None when every file matches its manifest.
+    ``hashes=False``: sizes only, no hashing (the cheap check pruning uses)."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -160,7 +161,7 @@ def problem(path: Path) -> str | None:
         return f"no {STATE_FILE} in its manifest"
     for name, want in manifest.items():
         file = path / name
-        if not file.is_file() or file.stat().st_size != want["bytes"] or _sha256(file) != want["sha256"]:
+        if not file.is_file() or file.stat().st_size != want["bytes"] or (hashes and _sha256(file) != want["sha256"]):
             return f"{name} is missing or does not match its manifest (corrupted)"
     return None
 
@@ -173,17 +174,6 @@ def _well_formed(manifest: Any) -> bool:
         and isinstance(want.get("sha256"), str)
         for name, want in manifest.items()
     )
-
-
-def _complete(path: Path) -> bool:
-    """A cheap check for pruning: a well-formed manifest whose files exist with their sizes (no hashing)."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    if not _well_formed(manifest) or STATE_FILE not in manifest:
-        return False
-    return all((path / n).is_file() and (path / n).stat().st_size == w["bytes"] for n, w in manifest.items())
 
 
 def step_dirs(root: Path) -> list[Path]:
@@ -207,7 +197,7 @@ def prune(root: Path, keep_last: int) -> None:
     """Keep the ``keep_last`` newest complete checkpoints under ``root`` (0 keeps all); an incomplete or
     corrupted one is not counted, so it never pushes a good one out (it is left for inspection)."""
     if keep_last > 0:
-        complete = [path for path in step_dirs(root) if _complete(path)]
+        complete = [path for path in step_dirs(root) if problem(path, hashes=False) is None]
         for path in complete[keep_last:]:
             shutil.rmtree(path, ignore_errors=True)
 
