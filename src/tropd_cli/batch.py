@@ -22,6 +22,9 @@ class RolloutBatch:
     response_mask: Tensor  # [B, T] bool: generated tokens, up to and including the first EOS
     prefix_mask: Tensor  # [B, T] bool: tokens written by the teacher (guidance prefix)
     prompt_index: Tensor  # [B] index of each row's prompt in the step's prompt list
+    # [B, T] the sampler's own log-probs of the student's tokens (0 elsewhere), when the sampler is not the trained
+    # module (a bf16 copy, vLLM): rollout.is_correction weighs the loss by the trainer/sampler ratio.
+    sampler_logp: Tensor | None = None
 
     @property
     def response_ids(self) -> Tensor:
@@ -35,6 +38,7 @@ class RolloutBatch:
             response_mask=self.response_mask[index],
             prefix_mask=self.prefix_mask[index],
             prompt_index=self.prompt_index[index],
+            sampler_logp=None if self.sampler_logp is None else self.sampler_logp[index],
         )
 
 

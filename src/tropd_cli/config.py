@@ -24,6 +24,19 @@ class LoraConfig:
 
 
 @dataclass
+class ServerConfig:
+    """``teacher.backend=server``: the teacher served by an OpenAI-compatible vLLM server (docs/teacher-server.md)."""
+
+    url: str = "http://127.0.0.1:8000"
+    model: str | None = None  # the served model's name; None = the one model the server serves
+    api_key_env: str = "TROPD_TEACHER_API_KEY"  # an environment variable with a bearer token, when the server wants one
+    timeout_s: float = 120.0  # per request
+    retries: int = 3  # more tries of a request that timed out, could not connect or got a 5xx
+    concurrency: int = 8  # requests in flight at once (per rank)
+    sequences_per_request: int = 8  # sequences scored per request
+
+
+@dataclass
 class ModelConfig:
     """A teacher or a student.
 
@@ -44,6 +57,10 @@ class ModelConfig:
     tiny_hidden: int = 64
     tiny_seed: int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)  # student only: train a LoRA adapter, not every weight
+    # Teacher only. local: loaded here (name, dtype, ...); server: scored and written by a served teacher at
+    # server.url (top-k prompt log-probs; the weights never load here).
+    backend: str = "local"
+    server: ServerConfig = field(default_factory=ServerConfig)
 
 
 @dataclass
@@ -154,6 +171,12 @@ class RolloutConfig:
     generation_batch_size: int = (
         0  # loop/generate: sample at most this many sequences at once (bounds the KV cache); 0 = all
     )
+    # Sampler/trainer mismatch correction, whenever the sampler is not the trained module itself (a bf16 sampling
+    # copy, a vLLM engine): each student token's loss is weighed by w = pi_trainer / pi_sampler of the sampled
+    # token. tis: min(w, is_cap) (truncated importance sampling); mis: w where w <= is_cap, else 0 (masked);
+    # none: unweighted. The trained module's own samples are on-policy: no weight (train/losses.py).
+    is_correction: str = "tis"
+    is_cap: float = 2.0
     vllm: VLLMConfig = field(default_factory=VLLMConfig)  # rollout.backend=vllm only
 
 

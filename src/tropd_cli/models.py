@@ -428,10 +428,14 @@ def load_pair(
     device: torch.device,
     cache_dir: Path,
     teacher_device: torch.device | None = None,
-) -> tuple[LoadedModel, LoadedModel]:
+) -> tuple[LoadedModel | None, LoadedModel]:
     """Teacher (frozen, on ``teacher_device`` when given) and student (trainable), with their vocabularies
-    checked against each other."""
-    teacher = load_model(teacher_cfg, device=teacher_device or device, cache_dir=cache_dir, frozen=True)
+    checked against each other. A served teacher (``teacher.backend=server``) is not loaded: None, checked
+    against the student when the run starts (:meth:`tropd_cli.serving.client.TeacherServer.check`)."""
+    served = teacher_cfg.backend == "server"
+    teacher = (
+        None if served else load_model(teacher_cfg, device=teacher_device or device, cache_dir=cache_dir, frozen=True)
+    )
     student = load_student(teacher_cfg, student_cfg, device=device, cache_dir=cache_dir)
     if student_cfg.lora.r > 0:
         apply_lora(student.model, student_cfg.lora)
@@ -442,8 +446,9 @@ def load_pair(
             enable(activation_checkpointing_kwargs=kwargs)
         else:
             student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    check_tokenizers(teacher.tokenizer, student.tokenizer)
-    shared_vocab(teacher, student)
+    if teacher is not None:
+        check_tokenizers(teacher.tokenizer, student.tokenizer)
+        shared_vocab(teacher, student)
     return teacher, student
 
 

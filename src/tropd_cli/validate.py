@@ -106,9 +106,22 @@ def validate_train(cfg: TrainConfig) -> None:
             "sleep mode allows one engine per process): export VLLM_ENABLE_V1_MULTIPROCESSING=1, or set "
             "rollout.vllm.enable_sleep_mode=false (docs/vllm.md)",
         )
+    _validate_served_teacher(cfg)
     _check(cfg.distributed.timeout_minutes > 0, "distributed.timeout_minutes must be positive")
     _check(cfg.rollout.generation_batch_size >= 0, "rollout.generation_batch_size must be >= 0 (0 = all at once)")
     _choice(cfg.rollout.sampler_dtype, ("auto", "float32", "bfloat16", "float16"), "rollout.sampler_dtype")
+    _choice(cfg.rollout.is_correction, ("none", "tis", "mis"), "rollout.is_correction")
+    _check(
+        cfg.rollout.backend != "vllm"
+        or cfg.rollout.is_correction == "none"
+        or (cfg.rollout.scoring_temperature or cfg.rollout.temperature) == 1.0,
+        "rollout.is_correction with rollout.backend=vllm works at temperature 1 only (vLLM returns raw log-probs); "
+        "set rollout.is_correction=none or the temperature to 1",
+    )
+    _check(
+        isinstance(cfg.rollout.is_cap, int | float) and math.isfinite(cfg.rollout.is_cap) and cfg.rollout.is_cap >= 1,
+        f"rollout.is_cap={cfg.rollout.is_cap} must be a number >= 1 (the largest importance weight kept)",
+    )
     _check(cfg.method.top_k > 0, f"method.top_k={cfg.method.top_k} must be positive")
     _check(cfg.method.ppo_epochs >= 1, "method.ppo_epochs must be at least 1")
     _check(cfg.method.mini_batches >= 1, "method.mini_batches must be at least 1")
@@ -196,3 +209,43 @@ def validate_suites(suites: dict[str, EvalSuiteConfig]) -> None:
         for i, task in enumerate(suite.tasks):
             _choice(task.benchmark, tuple(BENCHMARKS), f"{key}.tasks.{i}.benchmark")
             _check(task.size >= 0, f"{key}.tasks.{i}.size={task.size} must be >= 0 (0 = all problems)")
+
+
+def _validate_served_teacher(cfg: TrainConfig) -> None:
+    """``teacher.backend=server``: what a teacher known only by its top-k prompt log-probs and its text can do."""
+    _choice(cfg.teacher.backend, ("local", "server"), "teacher.backend")
+    _check(cfg.student.backend == "local", "student.backend must be local (only the teacher can be served)")
+    if cfg.teacher.backend != "server":
+        return
+    srv = cfg.teacher.server
+    _check(
+        isinstance(srv.url, str) and srv.url.startswith(("http://", "https://")),
+        f"teacher.server.url={srv.url!r} must be an http:// or https:// address (e.g. http://127.0.0.1:8000)",
+    )
+    _check(srv.timeout_s > 0, f"teacher.server.timeout_s={srv.timeout_s} must be positive")
+    _check(srv.retries >= 0, f"teacher.server.retries={srv.retries} must be >= 0")
+    _check(srv.concurrency >= 1, f"teacher.server.concurrency={srv.concurrency} must be >= 1")
+    _check(
+        srv.sequences_per_request >= 1, f"teacher.server.sequences_per_request={srv.sequences_per_request} must be >= 1"
+    )
+    _check(
+        not cfg.student.from_teacher,
+        "student.from_teacher needs the teacher's weights here; with teacher.backend=server name the student (student.name)",
+    )
+    _check(
+        cfg.method.name not in ("gkd", "eopd"),
+        f"method={cfg.method.name} needs the teacher's full distribution (entropy or every logit); a served teacher "
+        "returns its top-k log-probs only: use teacher.backend=local",
+    )
+    _check(
+        (cfg.rollout.scoring_temperature or cfg.rollout.temperature) == 1.0,
+        "teacher.backend=server scores at temperature 1 only (vLLM's prompt log-probs are raw); set rollout.temperature=1",
+    )
+    _check(
+        not (cfg.rollout.vllm.teacher_prefixes or cfg.rollout.vllm.teacher_scoring),
+        "teacher.backend=server already writes and scores; set rollout.vllm.teacher_prefixes=false and teacher_scoring=false",
+    )
+    _check(
+        not cfg.distributed.shard_teacher and cfg.teacher_device is None,
+        "teacher.backend=server has no local teacher to shard or place; drop distributed.shard_teacher / teacher_device",
+    )

@@ -160,7 +160,16 @@ class LoopEngine:
         self.model, self.pad_id, self.calls = model, pad_id, 0
 
     def generate(
-        self, prompt_token_ids, *, max_new_tokens, min_new_tokens, temperature, top_p, seed, stop_token_ids
+        self,
+        prompt_token_ids,
+        *,
+        max_new_tokens,
+        min_new_tokens,
+        temperature,
+        top_p,
+        seed,
+        stop_token_ids,
+        logprobs_out=None,
     ) -> list[list[int]]:
         self.calls += 1
         self.budgets = max_new_tokens  # one per row from rollout(): what each request would ask vLLM for
@@ -168,6 +177,7 @@ class LoopEngine:
             [max_new_tokens] * len(prompt_token_ids) if isinstance(max_new_tokens, int) else max_new_tokens
         )
         ids, mask = _left_pad([torch.tensor(row) for row in prompt_token_ids], self.pad_id)
+        sink = [] if logprobs_out is not None else None
         out = _sample_loop(
             self.model,
             ids,
@@ -180,8 +190,12 @@ class LoopEngine:
             eos_ids=torch.tensor(list(stop_token_ids), dtype=torch.long),
             pad_token_id=self.pad_id,
             generator=generator(seed),
+            logp_out=sink,
         )
-        return unpad_completions(out, list(stop_token_ids))
+        completions = unpad_completions(out, list(stop_token_ids))
+        if logprobs_out is not None:  # vLLM's sampled-token log-probs (raw: temperature 1)
+            logprobs_out.extend(lp[: len(c)].tolist() for lp, c in zip(sink[0], completions, strict=True))
+        return completions
 
 
 @pytest.mark.parametrize("prefix_max", [0, 5], ids=["on-policy", "guided"])
@@ -746,8 +760,13 @@ def test_training_with_the_vllm_backend_takes_the_loop_backends_steps(make_confi
     loop = train(make_config(**common), output_dir=tmp_path / "loop")
     cfg = make_config(**common)
     cfg.rollout.backend, cfg.rollout.vllm.teacher_prefixes = "vllm", False
+    cfg.rollout.is_correction = "none"  # an engine is not the trained module: its log-probs are measured, not used
     engine_run = train(cfg, output_dir=tmp_path / "vllm")
-    assert without_times(engine_run.history) == without_times(loop.history)
+    sampler_keys = ("sampler_kl", "is_capped", "is_weight")
+    for h in engine_run.history:  # the engine's own sampled-token log-probs: the fp32 student's, so KL ~ 0
+        assert h["sampler_kl"] < 1e-9 and h["is_capped"] == 0 and h["is_weight"] == 1.0
+    engine_history = [{k: v for k, v in h.items() if k not in sampler_keys} for h in engine_run.history]
+    assert without_times(engine_history) == without_times(loop.history)
     assert engine_run.history[0]["prefix_len"] > 0
     (engine,) = hf_engines
     assert engine.model_dir == tmp_path / "vllm" / ".vllm" / "student"
@@ -783,7 +802,9 @@ def test_teacher_scoring_through_a_vllm_engine_matches_hf_scoring(make_config, t
     from tropd_cli.train.loop import train
 
     vocab = 100  # the tiny models' character vocabulary
-    common = dict(steps=2, method={"top_k": vocab}, rollout={"batch_size": 2, "max_new_tokens": 8})
+    # is_correction=none: the HF run samples from a bf16 copy, the engine in fp32 (their weights would differ)
+    rollout = {"batch_size": 2, "max_new_tokens": 8, "is_correction": "none"}
+    common = dict(steps=2, method={"top_k": vocab}, rollout=rollout)
     hf = train(make_config(**common), output_dir=tmp_path / "hf")
     cfg = make_config(**common)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # a teacher engine beside the student's
@@ -798,6 +819,8 @@ def test_teacher_scoring_through_a_vllm_engine_matches_hf_scoring(make_config, t
     for a, b in zip(without_times(hf.history), without_times(via.history), strict=True):
         assert a.keys() == b.keys()
         for key in a:
+            if key in ("sampler_kl", "is_weight", "is_capped"):
+                continue  # the bf16 copy's and the fp32 engine's own log-probs: measured, not used
             if key.startswith("heldout/"):
                 # Held-out signals are measured on the HF run's bf16 sampling copy, on the vLLM run's fp32 student
                 # (an engine is no HF model): the same quantities, at two precisions.

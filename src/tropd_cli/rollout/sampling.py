@@ -56,6 +56,8 @@ def _sample_loop(
     stop_check: Callable[[Tensor], Tensor] | None = None,
     check_every: int = 8,
     row_limits: Tensor | None = None,
+    logp_out: list[Tensor] | None = None,
+    logp_temperature: float = 1.0,
 ) -> Tensor:
     """Autoregressive sampling with a KV cache and nothing else: one model call per token.
 
@@ -84,9 +86,10 @@ def _sample_loop(
         logits_to_keep=torch.tensor([input_ids.shape[1] - 1], device=input_ids.device),
     )
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    tokens = []
+    tokens, logps = [], []
     for t in range(max_new_tokens):
         logits = out.logits[:, -1].float()
+        raw = logits.clone() if logp_out is not None else None
         if t < min_new_tokens:
             logits[:, eos_ids] = -math.inf
         if temperature > 0:
@@ -96,6 +99,9 @@ def _sample_loop(
             next_token = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(input_ids.device)
         else:
             next_token = logits.argmax(-1)
+        if raw is not None:
+            lp = torch.log_softmax(raw / logp_temperature, dim=-1).gather(-1, next_token[:, None]).squeeze(1)
+            logps.append(torch.where(finished, 0.0, lp))
         next_token = torch.where(finished, pad_token_id, next_token)
         tokens.append(next_token)
         finished |= torch.isin(next_token, eos_ids)
@@ -114,6 +120,8 @@ def _sample_loop(
             past_key_values=cache,
             use_cache=True,
         )
+    if logp_out is not None:
+        logp_out.append(torch.stack(logps, dim=1) if logps else torch.zeros(batch, 0, device=input_ids.device))
     if not tokens:
         return input_ids.new_empty(batch, 0)
     return torch.stack(tokens, dim=1)
@@ -136,6 +144,8 @@ def sample(
     stop_check: Callable[[Tensor], Tensor] | None = None,
     row_limits: Tensor | None = None,
     chunk_rows: int = 0,
+    logp_out: list[Tensor] | None = None,
+    logp_temperature: float = 1.0,
 ) -> Tensor:
     """Sample continuations ``[B, T']`` (padded with ``pad_token_id`` after EOS) from ``model``.
 
@@ -150,8 +160,11 @@ def sample(
     similar length together, each chunk without the padding columns it does not need; this bounds the
     KV cache at ``chunk_rows x (longest context + max_new_tokens)``. Chunk ``c`` draws its noise from
     ``seeded(seed, 7, c)``, so the samples differ from the unchunked ones (same distribution).
+
+    ``logp_out``: when given, receives the sampler's own log-probs of the tokens it wrote (``[B, T']``, at
+    ``logp_temperature``, 0 on padding; see :func:`_sample_loop`): what ``rollout.is_correction`` weighs by.
     """
-    if chunk_rows > 0 and input_ids.shape[0] > chunk_rows and backend != "vllm":
+    if chunk_rows > 0 and input_ids.shape[0] > chunk_rows and backend not in ("vllm", "server"):
         return _sample_in_chunks(
             model,
             input_ids,
@@ -167,8 +180,10 @@ def sample(
             seed=seed,
             backend=backend,
             stop_check=stop_check,
+            logp_out=logp_out,
+            logp_temperature=logp_temperature,
         )
-    if backend == "vllm":
+    if backend in ("vllm", "server"):  # an engine: a vLLM engine, or a served teacher (same interface)
         if isinstance(model, torch.nn.Module):
             raise TypeError("backend='vllm' samples from a VLLMEngine, not a torch module; use loop or generate")
         return sample_with_engine(
@@ -183,6 +198,8 @@ def sample(
             pad_token_id=pad_token_id,
             seed=seed,
             row_limits=row_limits,
+            logp_out=logp_out,
+            logp_temperature=logp_temperature,
         )
     model = cast(PreTrainedModel, model)
     was_training = model.training
@@ -203,14 +220,32 @@ def sample(
                 generator=generator(seed),
                 stop_check=stop_check,
                 row_limits=row_limits,
+                logp_out=logp_out,
+                logp_temperature=logp_temperature,
             )
         if backend != "generate":
             raise ValueError(f"unknown sampling backend {backend!r}; choose loop, generate or vllm")
         gen_cfg = _generation_config(max_new_tokens, min_new_tokens, temperature, top_p, eos_token_id, pad_token_id)
         with torch.random.fork_rng(devices=[input_ids.device] if input_ids.device.type == "cuda" else []):
             torch.manual_seed(seed)
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)  # type: ignore[operator]
-        return out[:, input_ids.shape[1] :]
+            out = model.generate(  # type: ignore[operator]
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=gen_cfg,
+                output_logits=logp_out is not None,
+                return_dict_in_generate=logp_out is not None,
+            )
+        if logp_out is None:
+            return out[:, input_ids.shape[1] :]
+        tokens = out.sequences[:, input_ids.shape[1] :]
+        if not out.logits:
+            logp_out.append(torch.zeros(tokens.shape, device=tokens.device))
+            return tokens
+        raw = torch.stack(out.logits, dim=1).float()  # [B, T', V]: before any processor
+        logp = torch.log_softmax(raw / logp_temperature, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+        eos = [] if eos_token_id is None else eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
+        logp_out.append(torch.where(completion_mask(tokens, eos or None), logp, 0.0))
+        return tokens
     finally:
         model.train(was_training)
 
@@ -247,15 +282,17 @@ def _sample_in_chunks(
     row_limits: Tensor | None,
     seed: int,
     pad_token_id: int,
+    logp_out: list[Tensor] | None = None,
     **kwargs: Any,
 ) -> Tensor:
     """:func:`sample` over chunks of ``chunk_rows`` rows, longest contexts first, reassembled in row order."""
     order = torch.argsort(attention_mask.sum(-1), descending=True, stable=True)
-    pieces: list[tuple[Tensor, Tensor]] = []
+    pieces: list[tuple[Tensor, Tensor, Tensor | None]] = []
     for c, start in enumerate(range(0, len(order), chunk_rows)):
         rows = order[start : start + chunk_rows]
         ids, mask = input_ids[rows], attention_mask[rows]
         first = int(mask.any(0).long().argmax())  # left padding no row of this chunk needs
+        sink: list[Tensor] | None = None if logp_out is None else []
         out = sample(
             model,
             ids[:, first:],
@@ -263,13 +300,19 @@ def _sample_in_chunks(
             seed=seeded(seed, 7, c),
             pad_token_id=pad_token_id,
             row_limits=None if row_limits is None else row_limits[rows],
+            logp_out=sink,
             **kwargs,
         )
-        pieces.append((rows, out))
-    width = max(out.shape[1] for _, out in pieces)
+        pieces.append((rows, out, sink[0] if sink else None))
+    width = max(out.shape[1] for _, out, _ in pieces)
     result = input_ids.new_full((input_ids.shape[0], width), pad_token_id)
-    for rows, out in pieces:
+    logp = torch.zeros(result.shape, device=result.device)
+    for rows, out, lp in pieces:
         result[rows, : out.shape[1]] = out
+        if lp is not None:
+            logp[rows, : lp.shape[1]] = lp
+    if logp_out is not None:
+        logp_out.append(logp)
     return result
 
 
@@ -292,7 +335,7 @@ def _left_pad(seqs: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
-def _right_pad(seqs: list[Tensor], pad_id: int, width: int | None = None) -> Tensor:
+def _right_pad(seqs: list[Tensor], pad_id: float, width: int | None = None) -> Tensor:
     width = width if width is not None else max(1, max(len(s) for s in seqs))
     out = seqs[0].new_full((len(seqs), width), pad_id)
     for i, s in enumerate(seqs):
@@ -321,6 +364,7 @@ def rollout(
     teacher_backend: str | None = None,
     chunk_rows: int = 0,
     after_prefixes: Callable[[], None] | None = None,
+    sampler_logp_temperature: float | None = None,
 ) -> RolloutBatch:
     """One batch of rollouts: optionally a teacher prefix per row, then the student continues.
 
@@ -332,6 +376,8 @@ def rollout(
     when ``teacher`` is an engine too). Each row's continuation stops at its own budget,
     ``max_new_tokens - len(prefix)``; ``chunk_rows``: see :func:`sample`. ``after_prefixes`` is called
     once the teacher has written its prefixes (e.g. to put a teacher engine to sleep before the student's).
+    ``sampler_logp_temperature``: when given, the batch carries the sampler's own log-probs of the student's
+    tokens at that temperature (``RolloutBatch.sampler_logp``; teacher-prefix positions hold 0).
     """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -341,7 +387,7 @@ def rollout(
     prefixes = [prompt_ids.new_empty(0) for _ in range(batch)]
     if teacher is not None and prefix_max > 0 and guided_rows is not None and bool(guided_rows.any()):
         if teacher_backend is None:
-            teacher_backend = "loop" if backend == "vllm" else backend
+            teacher_backend = "loop" if backend in ("vllm", "server") else backend
         rows = guided_rows.nonzero().squeeze(1)
         written = _teacher_prefixes(
             teacher,
@@ -366,6 +412,7 @@ def rollout(
             [torch.cat([prompt_ids[i][prompt_mask[i].bool()], prefixes[i]]) for i in range(batch)], pad
         )
     budget = max_new_tokens - min(prefix_lens)
+    sink: list[Tensor] | None = None if sampler_logp_temperature is None else []
     continuation = (
         sample(
             student,
@@ -376,13 +423,17 @@ def rollout(
             seed=seeded(seed, 0),
             row_limits=torch.tensor([max_new_tokens - n for n in prefix_lens], device=cont_ids.device),
             chunk_rows=chunk_rows,
+            logp_out=sink,
+            logp_temperature=sampler_logp_temperature or 1.0,
             **sampling,
         )
         if budget > 0
         else prompt_ids.new_empty(batch, 0)
     )
-
-    return _assemble(prompt_ids, prompt_mask, prefixes, continuation, prompt_index, max_new_tokens, eos, pad)
+    cont_logp = None
+    if sink is not None:
+        cont_logp = sink[0] if sink else torch.zeros(continuation.shape, device=continuation.device)
+    return _assemble(prompt_ids, prompt_mask, prefixes, continuation, prompt_index, max_new_tokens, eos, pad, cont_logp)
 
 
 def _teacher_prefixes(
@@ -430,12 +481,17 @@ def _assemble(
     max_new_tokens: int,
     eos: Any,
     pad: int,
+    cont_logp: Tensor | None = None,
 ) -> RolloutBatch:
-    """Prompt, then per row its prefix and continuation (cut at its own budget and first EOS), right-padded."""
-    responses, prefix_masks, valid = [], [], []
+    """Prompt, then per row its prefix and continuation (cut at its own budget and first EOS), right-padded;
+    ``cont_logp`` (the sampler's log-probs of ``continuation``) laid out the same way, 0 on prefixes."""
+    responses, prefix_masks, valid, logps = [], [], [], []
     for i, prefix in enumerate(prefixes):
         cont = continuation[i, : max_new_tokens - len(prefix)]
         cont_valid = completion_mask(cont[None], eos)[0]
+        if cont_logp is not None:
+            lp = torch.where(cont_valid, cont_logp[i, : len(cont)].float(), 0.0)
+            logps.append(torch.cat([torch.zeros(len(prefix), device=lp.device), lp]))
         responses.append(torch.cat([prefix, cont]))
         prefix_masks.append(torch.cat([torch.ones_like(prefix, dtype=torch.bool), torch.zeros_like(cont_valid)]))
         valid.append(torch.cat([torch.ones_like(prefix, dtype=torch.bool), cont_valid]))
@@ -449,4 +505,5 @@ def _assemble(
         response_mask=response_mask,
         prefix_mask=_right_pad(prefix_masks, False, width).bool() & response_mask,
         prompt_index=prompt_index,
+        sampler_logp=None if cont_logp is None else _right_pad(logps, 0.0, width).float(),
     )

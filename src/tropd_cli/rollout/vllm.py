@@ -657,15 +657,20 @@ class VLLMEngine:
         top_p: float = 1.0,
         seed: int,
         stop_token_ids: Sequence[int] = (),
+        logprobs_out: list[list[float]] | None = None,
     ) -> list[list[int]]:
         """One completion per prompt (token ids, the stop token included when one ended the row).
 
         Sampling settings: :func:`request_sampling_kwargs` (``max_new_tokens``: one budget, or one per
-        row; rows with no budget get no request). Wakes the engine if it is asleep.
+        row; rows with no budget get no request). Wakes the engine if it is asleep. ``logprobs_out``: when
+        given, receives each completion's sampled-token log-probs (vLLM ``logprobs=0``: raw log-probs, the
+        full vocabulary at temperature 1), one list per prompt.
         """
         n = len(prompt_token_ids)
         budgets = row_budgets(max_new_tokens, n)
         rows = [i for i in range(n) if budgets[i] > 0]
+        if logprobs_out is not None:
+            logprobs_out.extend([] for _ in prompt_token_ids)
         if not rows:
             return [[] for _ in prompt_token_ids]
         self.wake_up()
@@ -678,6 +683,9 @@ class VLLMEngine:
             seed=seed,
             stop_token_ids=stop_token_ids,
         )
+        if logprobs_out is not None:
+            for k in kwargs:
+                k["logprobs"] = 0  # the sampled token's own log-prob only
         outputs = self._generate(
             [{"prompt_token_ids": list(map(int, prompt_token_ids[i]))} for i in rows],
             [self._sampling_params(**kwargs[i]) for i in rows],
@@ -685,6 +693,9 @@ class VLLMEngine:
         result: list[list[int]] = [[] for _ in prompt_token_ids]
         for i, out in zip(rows, outputs, strict=True):
             result[i] = [int(t) for t in out.outputs[0].token_ids]
+            if logprobs_out is not None:
+                entries = out.outputs[0].logprobs or []
+                logprobs_out[i] = [_logprob_value(e[t]) for t, e in zip(result[i], entries, strict=True)]
         return result
 
     # -- scoring ------------------------------------------------------------------------------
@@ -769,17 +780,28 @@ def sample_with_engine(
     pad_token_id: int,
     seed: int,
     row_limits: Tensor | None = None,
+    logp_out: list[Tensor] | None = None,
+    logp_temperature: float = 1.0,
 ) -> Tensor:
     """:func:`tropd_cli.rollout.sampling.sample` for ``backend="vllm"``: unpad, generate, pad back to ``[B, T']``.
 
     ``row_limits``: each row's own budget (at most ``max_new_tokens``), sent as that request's ``max_tokens``.
+    ``logp_out``: receives the sampled tokens' log-probs ``[B, T']`` (vLLM's raw log-probs: temperature 1 only).
     """
+    if logp_out is not None and logp_temperature != 1.0:
+        raise UserError(
+            f"the vLLM sampler's own log-probs are at temperature 1 (vLLM raw log-probs), not {logp_temperature}; "
+            "set rollout.is_correction=none or score at temperature 1"
+        )
     eos = _eos_list(eos_token_id)
     if max_new_tokens <= 0:
+        if logp_out is not None:
+            logp_out.append(torch.zeros(input_ids.shape[0], 0, device=input_ids.device))
         return input_ids.new_empty(input_ids.shape[0], 0)
     budgets: int | list[int] = max_new_tokens
     if row_limits is not None:
         budgets = [min(int(b), max_new_tokens) for b in row_limits.tolist()]
+    lists: list[list[float]] | None = None if logp_out is None else []
     completions = engine.generate(
         unpad_prompts(input_ids, attention_mask),
         max_new_tokens=budgets,
@@ -788,5 +810,13 @@ def sample_with_engine(
         top_p=top_p,
         seed=seed,
         stop_token_ids=eos,
+        logprobs_out=lists,
     )
-    return pad_completions(completions, pad_token_id, eos, max_new_tokens, device=input_ids.device)
+    tokens = pad_completions(completions, pad_token_id, eos, max_new_tokens, device=input_ids.device)
+    if logp_out is not None:
+        logp = torch.zeros(tokens.shape, device=tokens.device)
+        for i, row in enumerate(lists or []):
+            width = min(len(row), tokens.shape[1])
+            logp[i, :width] = torch.tensor(row[:width], dtype=torch.float32)
+        logp_out.append(logp)
+    return tokens

@@ -58,6 +58,7 @@ def make_batch(run: Run, step: int) -> RolloutBatch:
         teacher_backend=samplers.teacher_backend,
         chunk_rows=cfg.rollout.generation_batch_size,
         after_prefixes=samplers.after_prefixes(),
+        sampler_logp_temperature=run.scoring_temperature if run.sampler_logp else None,
     )
     samplers.after_rollout()
     return batch

@@ -82,6 +82,12 @@ def enabled(cfg: TrainConfig, dist: Dist) -> bool:
     """
     if cfg.heldout.size == 0:
         return False
+    if cfg.teacher.backend == "server":
+        log.warning(
+            "held-out signals are off: they need the teacher's whole distribution, and a served teacher returns its "
+            "top-k (teacher.backend=server); compare checkpoints with `tropd eval`, and set heldout.size=0 to silence"
+        )
+        return False
     if dist.enabled and (cfg.distributed.shard_teacher or cfg.rollout.backend == "vllm"):
         log.warning(
             "held-out signals are off: on several ranks they need a whole teacher and an HF sampling copy of the "
@@ -302,6 +308,7 @@ class HeldOut:
     @torch.no_grad()
     def _teacher_hidden(self) -> list[Tensor]:
         """The teacher's final hidden states ``[N_chunk, H]`` at the response positions of each row chunk (CPU)."""
+        assert self.run.teacher is not None  # held-out signals are off with a served teacher
         model, device = self.run.teacher.model, self.run.teacher_device
         was_training = model.training
         model.eval()
@@ -315,6 +322,7 @@ class HeldOut:
         run = self.run
         device = run.device
         s_weight = lm_head_weight(student)[: run.vocab]
+        assert run.teacher is not None
         t_weight = lm_head_weight(run.teacher.model)[: run.vocab].to(device)
         parts: dict[str, list[Tensor]] = {}
         for mb, t_hidden in zip(self._row_chunks(), self.teacher_hidden, strict=True):

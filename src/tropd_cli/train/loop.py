@@ -135,7 +135,7 @@ def _load_and_train(
     t0 = time.perf_counter()
     teacher, student = load_pair(
         cfg.teacher, cfg.student, device=device, cache_dir=cache, teacher_device=teacher_device
-    )
+    )  # teacher None: teacher.backend=server
     examples = examples_from_config(cfg.dataset)
     # Eval data is loaded before training starts; during training only rank 0 evaluates (the sampler copy).
     eval_suites = load_suites(cfg.eval_suite) if cfg.eval_every and dist.is_main else []
@@ -143,7 +143,7 @@ def _load_and_train(
     try:
         hooks.on_start(
             {
-                "teacher": teacher.source,
+                "teacher": teacher.source if teacher else f"{cfg.teacher.server.url} (served)",
                 "student": student.source,
                 "teacher_params": run.n_params[0],
                 "student_params": run.n_params[1],

@@ -361,3 +361,40 @@ def generalized_jsd(student_logprobs: Tensor, teacher_logprobs: Tensor, *, beta:
     kl_teacher = (teacher_logprobs.exp() * (teacher_logprobs - mix)).sum(-1)
     kl_student = (student_logprobs.exp() * (student_logprobs - mix)).sum(-1)
     return beta * kl_teacher + (1.0 - beta) * kl_student
+
+
+IS_CORRECTIONS = ("none", "tis", "mis")
+
+
+def importance_weights(
+    trainer_logp: Tensor, sampler_logp: Tensor, valid: Tensor, *, mode: str = "tis", cap: float = 2.0
+) -> tuple[Tensor, Tensor]:
+    """Per-token weights that correct for sampling from another module than the one trained (``rollout.is_correction``).
+
+    ``w = exp(trainer_logp - sampler_logp)``, the ratio ``pi_trainer(y) / pi_sampler(y)`` of the sampled token
+    (detached: a weight, never a gradient path). ``tis`` (truncated importance sampling, TRL/verl):
+    ``min(w, cap)``; ``mis`` (masked, as NeMo-RL's ICE-POP upper bound): ``w`` where ``w <= cap``, else 0;
+    ``none``: 1. Tokens outside ``valid`` (teacher prefixes, padding) weigh 1. Returns the weights and the
+    mask of tokens whose ratio was above the cap (truncated or masked).
+
+    With ``sampler_logp == trainer_logp`` every weight is exactly 1 and the loss is the uncorrected one.
+    """
+    if mode not in IS_CORRECTIONS:
+        raise ValueError(f"unknown is_correction {mode!r}; choose one of {IS_CORRECTIONS}")
+    log_ratio = (_finite(trainer_logp.detach()) - _finite(sampler_logp.detach())).float()
+    ratio = torch.exp(log_ratio.clamp(max=80.0))  # exp(80) is finite in fp32; any ratio that large is capped
+    above = valid & (ratio > cap)
+    if mode == "none":
+        weights = torch.ones_like(ratio)
+    elif mode == "tis":
+        weights = torch.clamp(ratio, max=cap)
+    else:
+        weights = torch.where(ratio > cap, 0.0, ratio)
+    return torch.where(valid, weights, 1.0), above
+
+
+def sampler_kl(trainer_logp: Tensor, sampler_logp: Tensor) -> Tensor:
+    """Per-token estimate of ``KL(pi_sampler || pi_trainer)`` on tokens drawn from the sampler: k3 =
+    ``r - 1 - log r`` with ``r = pi_trainer / pi_sampler`` (unbiased, never negative)."""
+    log_ratio = (_finite(trainer_logp.detach()) - _finite(sampler_logp.detach())).float().clamp(max=80.0)
+    return torch.expm1(log_ratio) - log_ratio

@@ -53,7 +53,7 @@ class Run:
 
     cfg: TrainConfig
     dist: Dist
-    teacher: LoadedModel
+    teacher: LoadedModel | None  # None: teacher.backend=server (the served teacher is samplers.scoring_engine)
     student: LoadedModel
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
@@ -64,12 +64,16 @@ class Run:
     prompts: list[str]  # the examples' prompts, formatted (chat template)
     order: PromptOrder
     scoring_temperature: float
+    # The sampler is not the trained module (a bf16 copy, an engine): rollouts carry the sampler's own log-probs
+    # (sampler/trainer KL logged each step) and rollout.is_correction weighs the loss; else "none", no log-probs.
+    sampler_logp: bool
+    is_correction: str
     bf16: bool  # the student's forward and backward under bf16 autocast
     n_params: tuple[int, int]  # teacher, student: counted before sharding
     samplers: Samplers
     teacher_writer: Any  # the HF teacher, or an adapter of it (sharded, on another device): held-out responses
     scorer: StudentScorer
-    teacher_scorer: TeacherScorer
+    teacher_scorer: TeacherScorer | None  # None: a served teacher
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
@@ -79,30 +83,45 @@ class Run:
 
     def close(self) -> None:
         self.samplers.close()
+        if self.teacher is None:
+            self.samplers.scoring_engine.close()
 
 
 def build_run(
     cfg: TrainConfig,
     *,
-    teacher: LoadedModel,
+    teacher: LoadedModel | None,
     student: LoadedModel,
     examples: list[Example],
     dist: Dist = SINGLE,
     work_dir: Path | None = None,
 ) -> Run:
     """The run of ``cfg`` on loaded models. ``work_dir``: where vLLM engines read their starting weights (a temp
-    dir when None)."""
+    dir when None). ``teacher`` None: ``teacher.backend=server``, checked here before anything else is built."""
     device = next(student.model.parameters()).device
-    teacher_device = next(teacher.model.parameters()).device
     method = get_method(cfg)
-    vocab = shared_vocab(teacher, student)
+    server = None
+    if teacher is None:
+        from tropd_cli.serving.client import TeacherServer
+
+        vocab = student.model.get_output_embeddings().weight.shape[0]
+        server = TeacherServer(cfg.teacher.server, vocab=vocab)
+        try:
+            server.check(student.tokenizer, top_k=min(cfg.method.top_k, vocab) if method.needs_topk else 0)
+        except BaseException:
+            server.close()
+            raise
+        teacher_device = device
+    else:
+        teacher_device = next(teacher.model.parameters()).device
+        vocab = shared_vocab(teacher, student)
     _warn_about_settings(cfg, method, vocab, student.model)
     D.require_even_split(cfg.rollout.batch_size, dist)
     tokenizer = student.tokenizer
     scoring_temperature = cfg.rollout.scoring_temperature or cfg.rollout.temperature
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda" and fast_bf16("cuda"))
     n_params = (
-        sum(p.numel() for p in teacher.model.parameters()),
+        0 if teacher is None else sum(p.numel() for p in teacher.model.parameters()),
         sum(p.numel() for p in student.model.parameters()),
     )
     backend = cfg.rollout.backend
@@ -120,17 +139,23 @@ def build_run(
         temperature=scoring_temperature,
         bf16=bf16 and not dist.enabled,  # under FSDP, its mixed-precision policy does this
     )
-    teacher_scorer = TeacherScorer(
-        teacher.model, chunk_size=cfg.scoring.chunk_size, temperature=scoring_temperature, vocab=vocab
-    )
-    shard_teacher = dist.enabled and cfg.distributed.shard_teacher
+    teacher_scorer = None
+    if teacher is not None:
+        teacher_scorer = TeacherScorer(
+            teacher.model, chunk_size=cfg.scoring.chunk_size, temperature=scoring_temperature, vocab=vocab
+        )
+    shard_teacher = dist.enabled and cfg.distributed.shard_teacher and teacher_scorer is not None
     if dist.enabled:
         reshard = cfg.distributed.reshard_after_forward
         D.shard(scorer, student.model, bf16=bf16, reshard_after_forward=reshard, trainable=True)
         if shard_teacher:
+            assert teacher is not None and teacher_scorer is not None
             D.shard(teacher_scorer, teacher.model, bf16=False, reshard_after_forward=reshard, trainable=False)
             D.register_forward_method(teacher_scorer, "lm_forward")
-    teacher_writer = _teacher_writer(backend, teacher, teacher_scorer, shard_teacher, teacher_device, device)
+    if teacher is None or teacher_scorer is None:  # the served teacher writes (prefixes, SFT targets) and scores
+        teacher_writer: Any = server
+    else:
+        teacher_writer = _teacher_writer(backend, teacher, teacher_scorer, shard_teacher, teacher_device, device)
     samplers: Samplers
     if engines is not None:
         if engines.teacher_backend is None:  # the HF teacher writes the prefixes beside the student's engine
@@ -139,6 +164,11 @@ def build_run(
     else:
         assert copy is not None
         samplers = HFSamplers(backend, copy, teacher_writer)
+    if server is not None:
+        samplers.teacher, samplers.teacher_backend, samplers.scoring_engine = server, "server", server
+    # vLLM's sampled-token log-probs are raw (temperature 1): at another temperature there is nothing to compare
+    # (validate_train refuses a correction there).
+    sampler_logp = (copy is not student.model) and (backend != "vllm" or scoring_temperature == 1.0)
     optimizer, scheduler = _optimizer(cfg, student.model)  # after sharding: over the sharded parameters
     return Run(
         cfg=cfg,
@@ -154,6 +184,8 @@ def build_run(
         prompts=dataset_prompts(tokenizer, examples, cfg.dataset),
         order=PromptOrder(len(examples), cfg.rollout.batch_size, cfg.seed),
         scoring_temperature=scoring_temperature,
+        sampler_logp=sampler_logp,
+        is_correction=cfg.rollout.is_correction if sampler_logp else "none",
         bf16=bf16,
         n_params=n_params,
         samplers=samplers,

@@ -132,6 +132,7 @@ def score_teacher(run: Run, mb: RolloutBatch) -> Teacher:
         )
         return scores, None, None
     dev = run.teacher_device
+    assert run.teacher_scorer is not None  # a served teacher is the scoring engine above
     scores, hidden, weight = run.teacher_scorer(
         mb.input_ids.to(dev),
         mb.attention_mask.to(dev),
@@ -238,7 +239,14 @@ def micro_loss(
         full_vocab_loss=full_vocab,
     )
     out = run.method.fn(inputs, cfg, step)
-    loss = aggregate(out.loss, mask, total_tokens, total_seqs, cfg.method.aggregation)
+    per_token = out.loss
+    if mb.sampler_logp is not None:  # the sampler is not the trained module: weigh by pi_trainer / pi_sampler
+        sampler_logp = mb.sampler_logp.to(old_logp.device)
+        weights, capped = losses.importance_weights(
+            old_logp, sampler_logp, student_mask, mode=run.is_correction, cap=cfg.rollout.is_cap
+        )
+        per_token = per_token * weights
+    loss = aggregate(per_token, mask, total_tokens, total_seqs, cfg.method.aggregation)
     # The losses map non-finite log-probs to finite values (padding holds -inf); a non-finite value at a real
     # token means a broken model or overflow, so the whole update must be skipped, not masked.
     if not bool(torch.isfinite(tscores.logp).all() & torch.isfinite(logp_flat.detach()).all()):
@@ -255,6 +263,10 @@ def micro_loss(
         metrics.add("student_entropy", inputs.student_entropy, mask)
         metrics.add("teacher_entropy", inputs.teacher_entropy, mask)
         metrics.add("teacher_nll", -teacher_logp, mask)
+        if mb.sampler_logp is not None:
+            metrics.add("sampler_kl", losses.sampler_kl(old_logp, sampler_logp), student_mask)
+            metrics.add("is_capped", capped.float(), student_mask)
+            metrics.add("is_weight", weights, student_mask)
     return loss
 
 
