@@ -116,8 +116,9 @@ class RichProgress:
         self.task = self.progress.add_task(description, total=total, stats="loading models")
 
     def on_start(self, info: dict[str, Any]) -> None:
+        size = f"{info['teacher_params'] / 1e6:.1f}M" if info["teacher_params"] else "weights not here"
         self.console.print(
-            f"teacher [cyan]{escape(info['teacher'])}[/] ({info['teacher_params'] / 1e6:.1f}M) -> "
+            f"teacher [cyan]{escape(info['teacher'])}[/] ({size}) -> "
             f"student [cyan]{escape(info['student'])}[/] ({info['student_params'] / 1e6:.1f}M), "
             f"{info['prompts']} prompts on {info['device']} (loaded in {info['load_seconds']:.1f}s)"
         )

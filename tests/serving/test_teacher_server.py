@@ -162,41 +162,37 @@ def saved_tokenizer(tmp_path: Path, swap: tuple[str, str]) -> Path:
     return out
 
 
-def test_start_up_refusals_are_one_line_each(make_config, tmp_path, serve):
+REFUSALS = {
+    # name: (server arguments, config change, what the one line says)
+    "nothing listening": (None, None, "did not answer /v1/models after 2 tries"),
+    "another model": (
+        (),
+        lambda c: setattr(c.teacher.server, "model", "someone-else"),
+        "does not serve 'someone-else'",
+    ),
+    # vLLM's default --max-logprobs is 20; the run's top_k 64
+    "too few log-probs": (("--max-logprobs", "20"), lambda c: setattr(c.method, "top_k", 64), "--max-logprobs 64"),
+    "another tokenizer": (("--tokenizer", ("a", "e")), None, "tokenizer differs"),  # the probe texts hold both
+    "another vocabulary": (("--tokenizer", ("|", "~")), None, "vocabulary differs"),  # no probe text holds them
+    "processed log-probs": (("--logprobs-mode", "processed"), None, "processed log-probs"),
+    "not deterministic": (("--noise", "1e-5"), None, "scored one fixed sequence twice"),
+    "too slow": (("--delay", "3"), lambda c: setattr(c.teacher.server, "timeout_s", 1), "after 2 tries (timed out)"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_start_up_refusals_are_one_line_each(make_config, tmp_path, serve, case):
     """Each way a server is wrong for the run is refused before the first step, in one line that names the fix."""
-    small = dict(steps=1, rollout={"batch_size": 2, "max_new_tokens": 4})
-    good = serve()
-
-    # nothing listening
-    cfg = served_config(make_config, f"http://127.0.0.1:{free_port()}", **small)
-    assert "did not answer /v1/models after 2 tries" in refusal(cfg, tmp_path / "gone")
-
-    # a model the server does not serve
-    cfg = served_config(make_config, good.url, **small)
-    cfg.teacher.server.model = "someone-else"
-    assert "does not serve 'someone-else'" in refusal(cfg, tmp_path / "model")
-
-    # top-k beyond the server's --max-logprobs (vLLM's default is 20; the run's top_k 64)
-    few = serve("--max-logprobs", "20")
-    cfg = served_config(make_config, few.url, **small)
-    cfg.method.top_k = 64
-    assert "--max-logprobs 64" in refusal(cfg, tmp_path / "topk")
-
-    # another tokenizer: 'a' and 'e' swapped (the probe texts hold both)
-    other = serve("--tokenizer", str(saved_tokenizer(tmp_path, ("a", "e"))))
-    assert "tokenizer differs" in refusal(served_config(make_config, other.url, **small), tmp_path / "tok")
-
-    # another vocabulary where no probe text looks: '|' and '~' swapped
-    vocab = serve("--tokenizer", str(saved_tokenizer(tmp_path, ("|", "~"))))
-    assert "vocabulary differs" in refusal(served_config(make_config, vocab.url, **small), tmp_path / "vocab")
-
-    # processed log-probs (the request's temperature applied)
-    processed = serve("--logprobs-mode", "processed")
-    assert "processed log-probs" in refusal(served_config(make_config, processed.url, **small), tmp_path / "proc")
-
-    # scores that differ from call to call
-    noisy = serve("--noise", "1e-5")
-    assert "scored one fixed sequence twice" in refusal(served_config(make_config, noisy.url, **small), tmp_path / "n")
+    args, change, message = REFUSALS[case]
+    if args is None:
+        url = f"http://127.0.0.1:{free_port()}"
+    else:
+        args = tuple(str(saved_tokenizer(tmp_path, a)) if isinstance(a, tuple) else a for a in args)
+        url = serve(*args).url
+    cfg = served_config(make_config, url, steps=1, rollout={"batch_size": 2, "max_new_tokens": 4})
+    if change is not None:
+        change(cfg)
+    assert message in refusal(cfg, tmp_path / "run")
 
 
 def test_a_server_that_goes_away_mid_run_is_one_line_and_the_run_resumes(make_config, tmp_path, serve):
@@ -275,3 +271,16 @@ def test_a_real_vllm_server_passes_the_checks_and_scores_like_hf(tmp_path, make_
         assert len(train(cfg, output_dir=tmp_path / "run").history) == 1
     finally:
         proc.kill()
+
+
+def test_a_run_resumes_against_its_teacher_at_another_address(make_config):
+    """The fingerprint a resume compares holds the served model, not its address or the transport settings."""
+    from tropd_cli.train.checkpoint import fingerprint
+
+    a = served_config(make_config, "http://10.0.0.1:8000")
+    b = served_config(make_config, "http://10.0.0.2:9000")
+    b.teacher.server.concurrency, b.teacher.server.timeout_s = 2, 30
+    assert fingerprint(a) == fingerprint(b)
+    b.teacher.server.model = "another-teacher"
+    assert fingerprint(a) != fingerprint(b)
+    assert fingerprint(a) != fingerprint(local_config(make_config))

@@ -45,6 +45,9 @@ FINGERPRINT_KEYS = ("teacher", "student", "dataset", "method", "outlier", "trust
 def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     """The parts of the config a resumed run must share with the run that saved the checkpoint."""
     full = asdict(cfg)
+    # Where a served teacher lives and how it is asked (url, timeouts, concurrency) is transport, not the run: a
+    # run resumes against the same model at another address.
+    full["teacher"]["server"] = {"model": full["teacher"]["server"]["model"]}
     return {key: full[key] for key in FINGERPRINT_KEYS}
 
 
