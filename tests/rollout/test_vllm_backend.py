@@ -840,3 +840,35 @@ def test_vllm_teacher_scoring_refuses_what_it_cannot_score(make_config):
     cfg.rollout.backend, cfg.rollout.vllm.teacher_scoring, cfg.rollout.vllm.max_logprobs = "vllm", True, 20
     with pytest.raises(UserError, match="method.top_k=64 is above rollout.vllm.max_logprobs=20"):
         validate_train(cfg)
+
+
+def test_a_served_teacher_beside_the_student_engine(make_config, tmp_path, hf_engines):
+    """rollout.backend=vllm with teacher.backend=server (the production pair: student rollouts from a colocated
+    engine, a teacher served elsewhere): the server writes the prefixes and scores, and only the student's engine
+    sleeps and wakes (the served teacher has no sleep)."""
+    import json
+    import subprocess
+    import sys
+
+    from tropd_cli.train.loop import train
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tropd_cli.serving.hf_server", "--model", "tiny-random", "--model-config",
+         json.dumps({"tiny_layers": 4}), "--port", "0", "--threads", "1", "--max-logprobs", "100"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        url = server.stdout.readline().split()[-1]
+        cfg = make_config(steps=2, rollout={"batch_size": 2, "max_new_tokens": 8})
+        cfg.student = ModelConfig(name="tiny-random", tiny_layers=2, tiny_seed=1, dtype="float32")
+        cfg.teacher.backend, cfg.teacher.server.url, cfg.heldout.size = "server", url, 0
+        cfg.rollout.backend = "vllm"
+        history = train(cfg, output_dir=tmp_path).history
+    finally:
+        server.kill()
+    (engine,) = hf_engines  # no teacher engine
+    # Step 1: the served teacher's prefixes fill the 8-token budget (cap 8), so the student's engine writes nothing;
+    # step 2 (cap 0): the student's engine writes everything.
+    assert engine.events == ["sleep", "load", "sleep", "load", "generate", "sleep", "close"]
+    assert history[0]["prefix_len"] > 0 and "sampler_kl" in history[0]

@@ -284,3 +284,15 @@ def test_a_run_resumes_against_its_teacher_at_another_address(make_config):
     b.teacher.server.model = "another-teacher"
     assert fingerprint(a) != fingerprint(b)
     assert fingerprint(a) != fingerprint(local_config(make_config))
+
+
+def test_sft_targets_from_a_served_teacher(make_config, tmp_path, serve):
+    """method=sft method.sft_source=teacher: the server writes the targets (greedy here, so they are the served
+    model's argmax continuations) and the student trains on them."""
+    server = serve()
+    cfg = served_config(
+        make_config, server.url, steps=2, method={"name": "sft", "sft_source": "teacher"},
+        rollout={"batch_size": 2, "max_new_tokens": 6, "temperature": 1.0},
+    )  # fmt: skip
+    history = train(cfg, output_dir=tmp_path).history
+    assert len(history) == 2 and history[0]["tokens"] > 0

@@ -201,3 +201,76 @@ def test_bad_correction_settings_are_one_line_errors(make_config, change, messag
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")) as err:
         validate_train(cfg)
     assert "\n" not in str(err.value)
+
+
+class ShiftedSampler:
+    """A run whose sampler is an fp32 copy of the student (so it is not the trained module, and its own log-probs
+    equal the trainer's to fp32 rounding), with its log-probs moved by ``shift`` nats: a sampler/trainer ratio of
+    exp(-shift) by construction."""
+
+    def __init__(self, monkeypatch, shift: float) -> None:
+        import copy
+
+        import tropd_cli.train.generate as generate_module
+        import tropd_cli.train.setup as setup_module
+
+        def separate_copy(model, dtype_name, device, *, sharded):
+            return copy.deepcopy(model).requires_grad_(False).eval()
+
+        def shifted_rollout(*args, **kwargs):
+            batch = rollout(*args, **kwargs)
+            if batch.sampler_logp is not None:
+                student = batch.response_mask & ~batch.prefix_mask
+                batch.sampler_logp = torch.where(student, batch.sampler_logp + shift, batch.sampler_logp)
+            return batch
+
+        rollout = generate_module.rollout
+        monkeypatch.setattr(setup_module, "sampling_copy", separate_copy)
+        monkeypatch.setattr(generate_module, "rollout", shifted_rollout)
+
+
+@pytest.mark.parametrize(
+    ("mode", "shift", "weight"),
+    [
+        ("tis", math.log(2.0), 0.5),
+        ("tis", -math.log(3.0), 2.0),
+        ("mis", -math.log(3.0), 0.0),
+        ("none", math.log(2.0), 1.0),
+    ],
+)
+def test_the_weight_is_trainer_over_sampler_and_scales_the_loss(
+    make_config, tmp_path, monkeypatch, mode, shift, weight
+):
+    """A sampler twice as sure of its tokens as the trainer (ratio 1/2) halves every student token's loss under tis;
+    one three times less sure (ratio 3) is capped at 2 (tis) or dropped (mis). No guidance: every token is the
+    student's, so the step's loss is exactly the weight times the unweighted one (first step, same rollouts)."""
+    common = dict(steps=1, guidance={"enabled": False}, rollout={"batch_size": 2, "max_new_tokens": 8})
+    ShiftedSampler(monkeypatch, 0.0)
+    cfg = make_config(**common)
+    cfg.rollout.is_correction = "none"
+    plain = train(cfg, output_dir=tmp_path / "plain").history[0]
+    ShiftedSampler(monkeypatch, shift)
+    cfg = make_config(**common)
+    cfg.rollout.is_correction = mode
+    weighted = train(cfg, output_dir=tmp_path / mode).history[0]
+    assert plain["sampler_kl"] < 1e-9  # the fp32 copy's own log-probs are the trainer's
+    assert weighted["is_weight"] == pytest.approx(weight, rel=1e-4, abs=1e-6)
+    assert weighted["is_capped"] == (1.0 if shift < 0 else 0.0)
+    assert weighted["loss"] == pytest.approx(weight * plain["loss"], rel=1e-4, abs=1e-7)
+
+
+def test_a_checkpoint_from_before_the_correction_resumes_as_none(make_config):
+    """A fingerprint saved before rollout.is_correction (and teacher.backend) existed reads as what that version did:
+    it matches a run with is_correction=none and is refused against the new default tis."""
+    from tropd_cli.train.checkpoint import fingerprint, with_missing_keys
+
+    old = fingerprint(make_config())
+    for key in ("is_correction", "is_cap"):
+        del old["rollout"][key]
+    for key in ("backend", "server"):
+        del old["teacher"][key]
+    as_none = make_config()
+    as_none.rollout.is_correction = "none"
+    assert with_missing_keys(old) == fingerprint(as_none)
+    assert with_missing_keys(old)["rollout"] != fingerprint(make_config())["rollout"]
+    assert with_missing_keys(old)["teacher"] == fingerprint(make_config())["teacher"]

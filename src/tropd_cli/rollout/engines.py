@@ -83,7 +83,12 @@ class EngineSamplers:
             self.free_cached_memory()  # before the engine wakes
 
     def after_teacher_scoring(self) -> None:
-        if self.scoring_engine is not None and self.cfg.enable_sleep_mode:
+        # Only the teacher engine this object started sleeps; a served teacher (teacher.backend=server) is not ours.
+        if (
+            self.scoring_engine is not None
+            and self.scoring_engine is self.teacher_engine
+            and self.cfg.enable_sleep_mode
+        ):
             self.scoring_engine.sleep()
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ vocabulary differs from the student's, that cannot return ``top_k`` log-probs, t
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -57,11 +58,14 @@ class TeacherServer:
         key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
         self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
         self.pool = ThreadPoolExecutor(max_workers=max(1, cfg.concurrency), thread_name_prefix="teacher-server")
+        # Direct connections: an http_proxy set for the internet must not carry loopback or cluster traffic.
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     # -- transport ----------------------------------------------------------------------------
     def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        """One JSON request with ``retries`` more tries (timeouts, refused connections, 5xx; backoff 0.5 s, 1 s,
-        2 s, ...); a 4xx is the server's answer and fails at once."""
+        """One JSON request with ``retries`` more tries (timeouts, refused or broken connections, 408, 429, 5xx,
+        an answer that is not JSON; backoff 0.5 s, 1 s, 2 s, ...); any other 4xx is the server's answer and fails
+        at once."""
         data = None if body is None else json.dumps(body).encode()
         last = ""
         for attempt in range(self.cfg.retries + 1):
@@ -69,15 +73,18 @@ class TeacherServer:
                 time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0) * (1 + 0.1 * random.random()))
             req = urllib.request.Request(self.url + path, data=data, headers=self.headers)
             try:
-                with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
+                with self.opener.open(req, timeout=self.cfg.timeout_s) as resp:
                     return json.loads(resp.read())
             except urllib.error.HTTPError as err:
                 message = _error_message(err)
-                if err.code < 500:
+                err.close()
+                if err.code < 500 and err.code not in (408, 429):
                     raise ServerError(
                         f"the teacher server at {self.url} refused {path} ({err.code}): {message}"
                     ) from None
                 last = f"{err.code}: {message}"
+            except (http.client.HTTPException, ValueError) as err:  # a broken response, or one that is not JSON
+                last = f"a broken answer ({type(err).__name__})"
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
                 reason = getattr(err, "reason", err)
                 last = "timed out" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else str(reason)
@@ -93,8 +100,11 @@ class TeacherServer:
         return choices
 
     # -- start-up -----------------------------------------------------------------------------
-    def check(self, tokenizer: Any, *, top_k: int) -> None:
-        """Refuse (one line each) a server this run cannot train against: see the module docstring."""
+    def check(self, tokenizer: Any, *, top_k: int, self_test: bool = True) -> None:
+        """Refuse (one line each) a server this run cannot train against: see the module docstring.
+
+        ``self_test``: also score the probe a second time and require the same answer. Under ``torchrun`` only
+        rank 0 does (every rank's probes at once would share vLLM batches, whose numbers depend on the batch)."""
         models = [m.get("id") for m in (self._request("/v1/models").get("data") or [])]
         if self.model is None:
             if len(models) != 1:
@@ -117,8 +127,10 @@ class TeacherServer:
                     f"{len(theirs.get('tokens') or [])} tokens there, {len(ours)} here); serve a teacher of the "
                     "student's tokenizer"
                 )
-        # The vocabulary: 64 ids spread over it (the last included), one /detokenize each.
-        ids = sorted({round(i * (self.vocab - 1) / 63) for i in range(64)})
+        # The vocabulary: 64 ids spread over the tokenizer's (the last included), one /detokenize each; lm_head rows
+        # beyond the tokenizer (padding) are no token either side can name.
+        known = min(self.vocab, len(tokenizer))
+        ids = sorted({round(i * (known - 1) / 63) for i in range(64)})
         answers = self.pool.map(lambda t: self._request("/detokenize", {"model": self.model, "tokens": [t]}), ids)
         for token, answer in zip(ids, answers, strict=True):
             if answer.get("prompt") != tokenizer.decode([token]):
@@ -141,7 +153,7 @@ class TeacherServer:
                 "the teacher server returns processed log-probs (the request's temperature changes them); tropd needs "
                 "raw log-probs: start vLLM with --logprobs-mode raw_logprobs (its default)"
             )
-        again = self._probe_logprobs(probe, top_k, temperature=1.0)
+        again = self._probe_logprobs(probe, top_k, temperature=1.0) if self_test else first
         if again != first:
             worst = _largest_difference(first, again)
             raise UserError(

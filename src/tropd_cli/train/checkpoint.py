@@ -51,6 +51,26 @@ def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     return {key: full[key] for key in FINGERPRINT_KEYS}
 
 
+#: Options added after checkpoints were already being written, and what a checkpoint without them did: a run
+#: from before the served teacher had a local one; before the mismatch correction, none was applied.
+_BEFORE_THEY_EXISTED: dict[tuple[str, str], Any] = {
+    ("teacher", "backend"): "local",
+    ("teacher", "server"): {"model": None},
+    ("rollout", "is_correction"): "none",
+    ("rollout", "is_cap"): 2.0,
+}
+
+
+def with_missing_keys(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved fingerprint with the options it predates filled in as that version behaved (so a checkpoint of an
+    older tropd resumes when the run is the same, and is refused when the new default would change it)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    for (section, key), value in _BEFORE_THEY_EXISTED.items():
+        if isinstance(out.get(section), dict) and key not in out[section]:
+            out[section][key] = value
+    return out
+
+
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -240,6 +260,7 @@ def check_fingerprint(path: Path, cfg: TrainConfig, *, force: bool) -> dict[str,
             f"resume: {path / STATE_FILE} is unreadable ({first_line(exc)}); pass another checkpoint"
         ) from exc
     now = fingerprint(cfg)
+    saved = with_missing_keys(saved)
     changed = sorted(k for k in FINGERPRINT_KEYS if saved.get(k) != now.get(k))
     if changed and not force:
         raise UserError(

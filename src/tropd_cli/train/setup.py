@@ -106,11 +106,15 @@ def build_run(
 
         vocab = student.model.get_output_embeddings().weight.shape[0]
         server = TeacherServer(cfg.teacher.server, vocab=vocab)
+        problem: UserError | None = None
         try:
-            server.check(student.tokenizer, top_k=min(cfg.method.top_k, vocab) if method.needs_topk else 0)
-        except BaseException:
+            top_k = min(cfg.method.top_k, vocab) if method.needs_topk else 0
+            server.check(student.tokenizer, top_k=top_k, self_test=dist.is_main)
+        except UserError as err:
+            problem = err
+        if D.any_rank(problem is not None, dist):  # every rank stops, not only those whose check failed
             server.close()
-            raise
+            raise problem or UserError("the teacher server was refused on another rank; its line is in that rank's log")
         teacher_device = device
     else:
         teacher_device = next(teacher.model.parameters()).device
