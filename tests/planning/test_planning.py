@@ -416,6 +416,21 @@ def test_guidance_prefix_sampling_can_set_the_peak() -> None:
     assert first.peak_phase == "sampling"
 
 
+def test_a_served_teacher_leaves_the_trainers_gpus() -> None:
+    """teacher.backend=server: no teacher weights, forward or guidance KV cache on the trainer's GPUs; the top-k it
+    returns still lands there. Everything of the student is as with a local teacher."""
+    run = planning.paper_run("r1-1.5b<-skywork-7b", world_size=8)
+    for prefix in (0, run.response_tokens):  # a late step, and step 0 with the guidance prefixes
+        local = plan_memory(replace(run, prefix_tokens=prefix))
+        served = plan_memory(replace(run, prefix_tokens=prefix, served_teacher=True))
+        names = {c.name for c in served.components}
+        assert {"teacher_weights", "teacher_forward", "teacher_scoring_chunks"}.isdisjoint(names)
+        assert served.get("teacher_topk") == local.get("teacher_topk")
+        assert served.get("student_weights") == local.get("student_weights")
+        assert served.peak < local.peak
+        assert local.get("models_loaded") - served.get("models_loaded") == param_counts(run.teacher).total * 2  # bf16
+
+
 def test_smallest_micro_batches_fits_and_one_fewer_does_not() -> None:
     run = planning.paper_run("r1-1.5b<-skywork-7b", world_size=8, micro_batches=1)
     m = planning.smallest_micro_batches(run, H100)

@@ -148,6 +148,9 @@ def model_shapes(cfg: TrainConfig, cache_dir: Path) -> tuple[ModelShape, ModelSh
         except ValueError as exc:
             raise UserError(f"{role} {model.name!r}: {exc}") from exc
 
+    if cfg.teacher.backend == "server" and not cfg.teacher.name:  # served elsewhere: its shape only sizes the top-k
+        student = keep_layers(shape(cfg.student, "student"), cfg.student)
+        return student, student
     teacher = shape(cfg.teacher, "teacher")
     base = teacher if cfg.student.from_teacher else shape(cfg.student, "student")
     return keep_layers(base, cfg.student), keep_layers(teacher, cfg.teacher)

@@ -50,4 +50,5 @@ def run_shape(cfg: TrainConfig, student: ModelShape, teacher: ModelShape, world_
         vllm_teacher_prefixes=vllm.teacher_prefixes,
         vllm_teacher_scoring=vllm.teacher_scoring,
         vllm_sleep=vllm.enable_sleep_mode,
+        served_teacher=cfg.teacher.backend == "server",
     )

@@ -55,6 +55,7 @@ class RunShape:
     vllm_teacher_prefixes: bool = False  # rollout.vllm.teacher_prefixes: a teacher engine writes the prefixes
     vllm_teacher_scoring: bool = False  # rollout.vllm.teacher_scoring: ... and scores the rollouts
     vllm_sleep: bool = True  # rollout.vllm.enable_sleep_mode: engines asleep (level 1) outside their use
+    served_teacher: bool = False  # teacher.backend=server: the teacher is on its own server, not on these GPUs
     # VLLM_ENABLE_V1_MULTIPROCESSING=1: every engine core in its own process (tropd sets 0 unless the user did).
     # vLLM's sleep mode allows one engine per process, so a teacher engine beside a sleeping student engine
     # needs it (validate.validate_train refuses the run otherwise; ``MemoryPlan.problems`` says so). The weight
@@ -307,7 +308,7 @@ def _sizes(run: RunShape) -> _Sizes:
         # the root (embeddings, lm_head) for the whole forward, plus two layers in flight
         gathered_teacher=(pt.embed + pt.lm_head + 2 * pt.per_layer) * teacher_bytes if teacher_div > 1 else 0,
         engine_prefixes=engine_prefixes,
-        hf_prefixes=run.guidance and run.prefix_tokens > 0 and not engine_prefixes,
+        hf_prefixes=run.guidance and run.prefix_tokens > 0 and not engine_prefixes and not run.served_teacher,
         tokens_mb=b * run.seq_len,
         resp_mb=resp_mb,
         topk_all=run.sequences_per_rank * run.response_tokens * topk_per_token,
@@ -348,11 +349,15 @@ def _add_models(plan: MemoryPlan, z: _Sizes) -> None:
     sampler_copy = z.sampler_copy
     teacher_div = z.teacher_div
     # -- startup: the models as load_pair leaves them, before FSDP shards them --------------------
+    teacher_here = 0 if run.served_teacher else pt.total * teacher_bytes
     plan.add(
         "models_loaded",
         "startup",
-        ps.total * FP32 + pt.total * teacher_bytes + (ps.total * sampler_bytes if sampler_copy else 0),
-        "student whole in fp32, teacher whole" + (", the sampling copy" if sampler_copy else "") + " (before sharding)",
+        ps.total * FP32 + teacher_here + (ps.total * sampler_bytes if sampler_copy else 0),
+        "student whole in fp32"
+        + ("" if run.served_teacher else ", teacher whole")
+        + (", the sampling copy" if sampler_copy else "")
+        + " (before sharding)",
     )
 
     # -- persistent: lives through the whole step -------------------------------------------------
@@ -368,6 +373,8 @@ def _add_models(plan: MemoryPlan, z: _Sizes) -> None:
             ps.total * sampler_bytes,
             f"whole student in {run.sampler_dtype} on every rank",
         )
+    if run.served_teacher:
+        return
     plan.add(
         "teacher_weights",
         "persistent",
@@ -526,7 +533,7 @@ def _add_teacher_scoring(plan: MemoryPlan, z: _Sizes) -> None:
     topk_all = z.topk_all
     chunk = z.chunk
     # -- teacher scoring: every micro-batch scored before the update --------------------------------
-    if not (vllm and run.vllm_teacher_scoring):
+    if not (vllm and run.vllm_teacher_scoring) and not run.served_teacher:
         plan.add(
             "teacher_forward",
             "teacher_scoring",
