@@ -296,3 +296,14 @@ def test_sft_targets_from_a_served_teacher(make_config, tmp_path, serve):
     )  # fmt: skip
     history = train(cfg, output_dir=tmp_path).history
     assert len(history) == 2 and history[0]["tokens"] > 0
+
+
+def test_held_out_signals_are_off_with_one_warning(make_config, tmp_path, serve, caplog):
+    """heldout.size > 0 with a served teacher: the run goes on without held-out signals and says so once."""
+    server = serve()
+    cfg = served_config(make_config, server.url, steps=1, rollout={"batch_size": 2, "max_new_tokens": 4})
+    cfg.heldout.size = 4
+    with caplog.at_level("WARNING", logger="tropd_cli.train.heldout"):
+        history = train(cfg, output_dir=tmp_path).history
+    assert not any(k.startswith("heldout/") for k in history[0])
+    assert caplog.text.count("held-out signals are off") == 1

@@ -157,10 +157,10 @@ def _load_and_train(
         run.close()
 
 
-def _heldout_set(run: Run) -> heldout.HeldOut | None:
+def _heldout_set(run: Run, enabled: bool) -> heldout.HeldOut | None:
     """The held-out prompts and the teacher's responses to them, on rank 0 (None when off or empty)."""
     cfg, dist = run.cfg, run.dist
-    if not (dist.is_main and heldout.enabled(cfg, dist)):
+    if not (dist.is_main and enabled):
         return None
     examples = heldout.heldout_examples(cfg, run.examples)
     if not examples:
@@ -186,14 +186,15 @@ def _train_loop(
     resumed_from: Path | None,
 ) -> TrainResult:
     cfg, dist = run.cfg, run.dist
-    held = _heldout_set(run)  # rank 0; the teacher writes its held-out responses here
+    # Asked once (it warns when the signals are off): the same on every rank (they sync the sampler together).
+    measure_heldout = heldout.enabled(cfg, dist)
+    held = _heldout_set(run, measure_heldout)  # rank 0; the teacher writes its held-out responses here
     start, history = _resume(run, resumed_from, hooks)
     nonfinite = 0  # steps in a row in which every update was skipped
     # Held-out signals and eval_every are measured on the sampling copy when there is one (synced first): the
     # numerics the rollouts and `tropd eval` of the checkpoint use (bf16 where fast), at twice the speed of the
     # fp32 student on a CPU; under FSDP it is the only whole copy. A vLLM sampler is no HF model: the student.
     measured = run.student.model if run.samplers.hf_student is None else run.samplers.hf_student
-    measure_heldout = heldout.enabled(cfg, dist)  # the same on every rank (they sync the sampler together)
     # Before the first step (the sampling copy of a sharded student still equals the initial weights); its
     # numbers go into the first step's line as heldout/start/*. A resumed run has them in its history.
     before = held.measure_start(measured) if held is not None and start == 0 else None
