@@ -202,11 +202,11 @@ def sample(
             logp_temperature=logp_temperature,
         )
     model = cast(PreTrainedModel, model)
+    eos = [] if eos_token_id is None else eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
     was_training = model.training
     model.eval()
     try:
         if backend == "loop":
-            eos = [] if eos_token_id is None else eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
             return _sample_loop(
                 model,
                 input_ids,
@@ -243,7 +243,6 @@ def sample(
             return tokens
         raw = torch.stack(out.logits, dim=1).float()  # [B, T', V]: before any processor
         logp = torch.log_softmax(raw / logp_temperature, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
-        eos = [] if eos_token_id is None else eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
         logp_out.append(torch.where(completion_mask(tokens, eos or None), logp, 0.0))
         return tokens
     finally:

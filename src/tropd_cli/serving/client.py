@@ -30,8 +30,7 @@ import torch
 from tropd_cli.batch import TeacherScores
 from tropd_cli.config import ServerConfig
 from tropd_cli.errors import UserError
-from tropd_cli.rng import seeded
-from tropd_cli.rollout.vllm import row_budgets, teacher_scores_from_vllm
+from tropd_cli.rollout.vllm import request_sampling_kwargs, row_budgets, teacher_scores_from_vllm
 
 log = logging.getLogger(__name__)
 
@@ -243,24 +242,23 @@ class TeacherServer:
         if logprobs_out is not None:
             raise ValueError("a served teacher writes text; it is never the student's sampler")
         budgets = row_budgets(max_new_tokens, len(prompt_token_ids))
-        greedy = temperature <= 0
+        # The same per-row sampling settings a colocated engine gets (detokenize is an engine option, not an API one).
+        params = request_sampling_kwargs(
+            len(prompt_token_ids),
+            max_new_tokens=budgets,
+            min_new_tokens=min_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
+        )
 
         def write(row: int) -> list[int]:
             if budgets[row] <= 0:
                 return []
+            body = {k: v for k, v in params[row].items() if k != "detokenize"}
             (choice,) = self._completions(
-                {
-                    "prompt": [list(map(int, prompt_token_ids[row]))],
-                    "max_tokens": budgets[row],
-                    "min_tokens": min(max(min_new_tokens, 0), budgets[row]),
-                    "temperature": 0.0 if greedy else float(temperature),
-                    "top_p": 1.0 if greedy else float(top_p),
-                    "top_k": -1,
-                    "seed": seeded(seed, row) % 2**63,
-                    "stop_token_ids": [int(s) for s in stop_token_ids],
-                    "ignore_eos": True,
-                    "return_token_ids": True,
-                }
+                {"prompt": [list(map(int, prompt_token_ids[row]))], **body, "return_token_ids": True}
             )
             ids = choice.get("token_ids")
             if ids is None:
@@ -300,13 +298,10 @@ def _positions(choice: dict[str, Any], *, first: int) -> list[dict[int, float]]:
 
 
 def _largest_difference(a: list[dict[int, float]], b: list[dict[int, float]]) -> float:
-    worst = 0.0
-    for x, y in zip(a, b, strict=False):
-        for t in set(x) | set(y):
-            worst = max(
-                worst, abs(x.get(t, float("-inf")) - y.get(t, float("-inf"))) if t in x and t in y else float("inf")
-            )
-    return worst
+    """The largest log-prob difference between two probes (inf when they name different positions or tokens)."""
+    if len(a) != len(b) or any(x.keys() != y.keys() for x, y in zip(a, b, strict=True)):
+        return float("inf")
+    return max((abs(x[t] - y[t]) for x, y in zip(a, b, strict=True) for t in x), default=0.0)
 
 
 def _close(a: list[dict[int, float]], b: list[dict[int, float]]) -> bool:

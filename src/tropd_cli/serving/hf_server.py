@@ -214,24 +214,19 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def build(args: argparse.Namespace) -> HFTeacher:
+    from transformers import AutoTokenizer
+
     from tropd_cli.config import ModelConfig
-    from tropd_cli.models import default_cache_dir, load_model
+    from tropd_cli.models import BUILDERS, default_cache_dir, load_model
 
     spec = json.loads(args.model_config) if args.model_config else {}
     cfg = ModelConfig(**{"name": args.model, "dtype": args.dtype, **spec})
     loaded = load_model(cfg, device=torch.device("cpu"), cache_dir=default_cache_dir(args.cache_dir), frozen=True)
     tokenizer = loaded.tokenizer
-    if args.tokenizer:
-        from transformers import AutoTokenizer
-
-        other = ModelConfig(name=args.tokenizer)
-        from tropd_cli.models import BUILDERS
-
-        tokenizer = (
-            BUILDERS[args.tokenizer](other)[1]
-            if args.tokenizer in BUILDERS
-            else AutoTokenizer.from_pretrained(args.tokenizer)
-        )
+    if args.tokenizer in BUILDERS:  # (fault) a registry builder's tokenizer
+        tokenizer = BUILDERS[args.tokenizer](ModelConfig(name=args.tokenizer))[1]
+    elif args.tokenizer:  # (fault) a tokenizer directory or hub id
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     return HFTeacher(
         loaded.model,
         tokenizer,
